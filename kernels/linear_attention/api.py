@@ -1,0 +1,77 @@
+"""Public entry point of the linear-attention kernels: validates shapes, picks a backend."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels.linear_attention import reference
+
+BACKENDS = ("xla", "tpu", "gpu")
+
+
+def default_backend() -> str:
+  """The lowering used when ``backend=None``: Pallas on TPU and GPU, XLA elsewhere."""
+  platform = jax.default_backend()
+  return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "xla")
+
+
+def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None):
+  """Checks SPEC section 1 shapes; raises ValueError/TypeError naming the offending value."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+      raise TypeError(f"{name} must be an array, got {type(x).__name__}")
+    if x.ndim != 4:
+      raise ValueError(f"{name} must have shape (B, N, H, D), got {x.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+  if q.shape != k.shape:
+    raise ValueError(f"q and k must have the same shape, got q {q.shape} and k {k.shape}")
+  if v.shape[:3] != q.shape[:3]:
+    raise ValueError(f"v must share (B, N, H) with q, got v {v.shape} and q {q.shape}")
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  if log_decay is not None:
+    allowed = {1: (h,), 3: (bsz, n, h), 4: (bsz, n, h, dk)}
+    want = allowed.get(log_decay.ndim)
+    if want is None or tuple(log_decay.shape) != want:
+      raise ValueError(
+          f"log_decay must have shape (H,)={(h,)}, (B, N, H)={(bsz, n, h)} or "
+          f"(B, N, H, Dk)={(bsz, n, h, dk)}, got {tuple(log_decay.shape)}")
+    if not jnp.issubdtype(log_decay.dtype, jnp.floating):
+      raise TypeError(f"log_decay must be a float array, got dtype {log_decay.dtype}")
+  if initial_state is not None and tuple(initial_state.shape) != (bsz, h, dk, dv):
+    raise ValueError(f"initial_state must have shape (B, H, Dk, Dv)={(bsz, h, dk, dv)}, "
+                     f"got {tuple(initial_state.shape)}")
+  if chunk_size is not None:
+    if not isinstance(chunk_size, int) or chunk_size <= 0:
+      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if n % chunk_size:
+      raise ValueError(f"sequence length N={n} is not a multiple of chunk_size={chunk_size}")
+
+
+def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
+                           chunk_size=64, backend=None, interpret=None):
+  """Causal chunked linear attention (SPEC sections 2-3) on one device.
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries <= 0.
+    scale: multiplies q.
+    initial_state: None (zeros) or ``(B, H, Dk, Dv)``.
+    chunk_size: tokens per chunk; must divide N.
+    backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device).
+    interpret: run Pallas kernels in interpret mode (CPU testing); None means "when not on
+      the backend's own hardware".
+
+  Returns:
+    ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
+  """
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  backend = default_backend() if backend is None else backend
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+  if backend == "xla":
+    return reference.chunk_linear_attention_xla(
+        q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+  raise NotImplementedError(f"backend {backend!r} is not available yet")

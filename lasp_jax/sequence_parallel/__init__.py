@@ -1,0 +1,1 @@
+"""Sequence-parallel attention ops: LASP-2 (linear), LASP-2H (softmax), layouts."""

@@ -1,0 +1,260 @@
+"""LASP-2: sequence-parallel linear attention with one all-gather of a memory state (SPEC 2-5).
+
+Three entry points:
+- ``linear_attention``: one device, the chunked form (SPEC section 3).
+- ``lasp2``: the per-shard op, for use inside the caller's own ``jax.shard_map``.
+- ``lasp2_attention``: the same on global ``(B, N, H, D)`` arrays over a mesh axis.
+
+Per device the forward pass is:
+1. the local zero-initial state of each segment and its total log-decay (a cheap matmul),
+2. ONE all-gather of those, fused into one float32 buffer of ``W * S * B * H * Dk * (Dv + 1)``
+   floats (``S`` segments per device: 1 contiguous, 2 zigzag; the ``+1`` column only when the decay
+   is data dependent), issued before and independent of the intra-chunk work so XLA can overlap them,
+3. the incoming state of each segment, a decayed exclusive prefix over earlier segments,
+4. output = local chunked attention from zero (the kernels) + ``scale * (q * exp(b)) S_in``.
+
+The backward pass is autodiff: the transpose of the all-gather is one reduce-scatter of the same
+size, so one state-sized collective per direction, none that grows with N.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+import kernels
+from kernels.linear_attention import reference as ref
+from kernels.linear_attention.api import validate_inputs
+from lasp_jax.sequence_parallel import layout as layout_lib
+from lasp_jax.sequence_parallel import sharding
+
+BACKENDS = ("auto", "xla", "tpu", "gpu")
+
+
+def _kernel_backend(backend: str) -> str:
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+  return kernels.linear_attention.default_backend() if backend == "auto" else backend
+
+
+def _check_decay_mode(log_decay, causal):
+  if log_decay is not None and not causal:
+    raise ValueError("log_decay must be None when causal=False: a decay has no meaning for "
+                     "bidirectional attention")
+
+
+def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial_state=None,
+                     return_final_state=False, chunk_size=64, backend="auto"):
+  """Linear attention on one device (SPEC sections 2-3).
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries <= 0; causal only.
+    causal: causal recurrence (token i sees j <= i) or bidirectional (sees all tokens).
+    scale: multiplies q (1.0 is the paper's unnormalised linear attention).
+    initial_state: None or ``(B, H, Dk, Dv)``; causal only.
+    return_final_state: also return the state after the last token, float32 ``(B, H, Dk, Dv)``.
+    chunk_size: tokens per chunk; must divide N.
+    backend: ``"auto"`` (Pallas on TPU/GPU, XLA on CPU), ``"xla"``, ``"tpu"`` or ``"gpu"``.
+
+  Returns:
+    ``o (B, N, H, Dv)`` in q's dtype, or ``(o, final_state)``.
+  """
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  _check_decay_mode(log_decay, causal)
+  if causal:
+    o, s_final = kernels.chunk_linear_attention(
+        q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+        backend=_kernel_backend(backend))
+  else:
+    if initial_state is not None:
+      raise ValueError("initial_state must be None when causal=False")
+    s_final = jnp.einsum("bnhk,bnhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
+    o = (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(jnp.float32), s_final)).astype(q.dtype)
+  return (o, s_final) if return_final_state else o
+
+
+def _to_segments(x, nseg):
+  """``(B, C, ...) -> (S * B, C / S, ...)``, segment-major."""
+  if x is None or nseg == 1:
+    return x
+  b, c = x.shape[:2]
+  x = x.reshape(b, nseg, c // nseg, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(nseg * b, c // nseg, *x.shape[3:])
+
+
+def _from_segments(x, nseg):
+  if nseg == 1:
+    return x
+  sb, l = x.shape[:2]
+  x = x.reshape(nseg, sb // nseg, l, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(sb // nseg, nseg * l, *x.shape[3:])
+
+
+def _segment_decays(log_decay, nb, seg_len, heads):
+  """Per-token decay sums of each segment: ``(b_i from start, sum_{u>j} to end, gamma)``.
+
+  All three are direct sums of log-decays (<= 0), shaped ``(SB, L, H, Dg)``, ``(SB, L, H, Dg)``,
+  ``(SB, H, Dg)`` (``Dg`` is 1 or Dk); None for no decay.
+  """
+  if log_decay is None:
+    return None, None, None
+  if log_decay.ndim == 1:  # constant per head: closed forms, nothing data dependent to gather
+    g = log_decay.astype(jnp.float32)[None, None, :, None]
+    pos = jnp.arange(seg_len, dtype=jnp.float32)[None, :, None, None]
+    b = (pos + 1.0) * g
+    to_end = (seg_len - 1.0 - pos) * g
+    gamma = jnp.broadcast_to(seg_len * g[:, 0], (nb, heads, 1))
+    return jnp.broadcast_to(b, (nb, seg_len, heads, 1)), jnp.broadcast_to(
+        to_end, (nb, seg_len, heads, 1)), gamma
+  g = ref.per_token_log_decay(log_decay, nb, seg_len, heads)
+  return (ref.cumsum_inclusive(g, axis=1), ref.cumsum_reverse_exclusive(g, axis=1),
+          jnp.sum(g, axis=1))
+
+
+def _incoming_states(states, gammas, my_positions):
+  """Decayed exclusive prefix over global segment order (SPEC 4, step 3).
+
+  Args:
+    states: ``(P, B, H, Dk, Dv)`` local zero-initial states in global segment order.
+    gammas: ``(P, B, H, Dg)`` total log-decay of each segment, or None.
+    my_positions: the global positions ``p`` of this shard's segments (length S, may be traced).
+
+  Returns:
+    ``(S, B, H, Dk, Dv)``: ``S_in(p) = sum_{s<p} exp(sum_{s<u<p} gamma_u) St_s``.
+  """
+  num = states.shape[0]
+  idx = jnp.arange(num)
+  p = jnp.stack([jnp.asarray(x) for x in my_positions])[:, None]           # (S, 1)
+  before = idx[None, :] < p                                                  # (S, P): s < p
+  if gammas is None:
+    w = before.astype(jnp.float32)[:, :, None, None, None]
+  else:
+    # log weight of s: the direct sum of gamma_u over s < u < p (no differences of prefix sums).
+    between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < p[:, :, None])
+    log_w = jnp.sum(jnp.where(between[..., None, None, None], gammas[None, None], 0.0), axis=2)
+    w = ref.masked_exp(log_w, before[:, :, None, None, None])                # (S, P, B, H, Dg)
+  return jnp.einsum("spbhk,pbhkv->sbhkv", jnp.broadcast_to(w, w.shape[:-1] + (states.shape[3],)),
+                    states)
+
+
+def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
+          layout="contiguous", backend="auto"):
+  """LASP-2 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
+
+  Args:
+    q, k: ``(B, C, H, Dk)``; v: ``(B, C, H, Dv)``: this device's shard of the sequence.
+    log_decay: None, ``(H,)`` (replicated), ``(B, C, H)`` or ``(B, C, H, Dk)`` (sharded like q).
+    axis_name: the mesh axis the sequence is split over.
+    layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5); the shard holds 1 or 2 segments.
+    Others as ``linear_attention``.
+
+  Returns:
+    ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation.
+  """
+  validate_inputs(q, k, v, log_decay)
+  _check_decay_mode(log_decay, causal)
+  nseg = layout_lib.segments_per_shard(layout)
+  bsz, c_local, heads, dk = q.shape
+  if c_local % (nseg * chunk_size):
+    raise ValueError(
+        f"local sequence length {c_local} is not a multiple of "
+        f"{'2 * ' if nseg == 2 else ''}chunk_size={chunk_size}")
+  f32 = jnp.float32
+  w_size = jax.lax.axis_size(axis_name)
+  me = jax.lax.axis_index(axis_name)
+
+  if not causal:
+    with jax.named_scope("lasp2_bidirectional"):
+      st = jnp.einsum("bnhk,bnhv->bhkv", k.astype(f32), v.astype(f32))
+      total = jnp.sum(jax.lax.all_gather(st, axis_name), axis=0)
+      return (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(f32), total)).astype(q.dtype)
+
+  seg_len = c_local // nseg
+  q_s, k_s, v_s = (_to_segments(x, nseg) for x in (q, k, v))
+  g_s = log_decay if log_decay is None or log_decay.ndim == 1 else _to_segments(log_decay, nseg)
+  nb = nseg * bsz
+  b_in, to_end, gamma = _segment_decays(g_s, nb, seg_len, heads)
+  data_dependent = log_decay is not None and log_decay.ndim > 1
+
+  with jax.named_scope("lasp2_state_exchange"):
+    k_dec = k_s.astype(f32) if to_end is None else k_s.astype(f32) * jnp.exp(to_end)
+    st = jnp.einsum("blhk,blhv->bhkv", k_dec, v_s.astype(f32))               # (SB, H, Dk, Dv)
+    if data_dependent:  # fuse gamma into the state buffer: one collective, not two
+      buf = jnp.concatenate([st, jnp.broadcast_to(gamma, st.shape[:3])[..., None]], axis=-1)
+    else:
+      buf = st
+    buf = buf.reshape(nseg, bsz, *buf.shape[1:])
+    gathered = jax.lax.all_gather(buf, axis_name)                           # (W, S, B, H, Dk, *)
+    gathered = gathered.reshape(w_size * nseg, *gathered.shape[2:])
+    order = layout_lib.segment_order(layout, w_size)
+    gathered = jnp.take(gathered, jnp.asarray(order), axis=0)               # global order
+    if data_dependent:
+      states, gammas = gathered[..., :-1], gathered[..., -1]
+      if gamma.shape[-1] == 1:
+        gammas = gammas[..., :1]
+    else:
+      states = gathered
+      gammas = None if gamma is None else jnp.broadcast_to(
+          gamma[:bsz][None], (w_size * nseg,) + gamma[:bsz].shape)
+    positions = [layout_lib.segment_global_index(layout, me, w_size, s) for s in range(nseg)]
+    s_in = _incoming_states(states, gammas, positions)                      # (S, B, H, Dk, Dv)
+    s_in = s_in.reshape(nb, *s_in.shape[2:])
+
+  with jax.named_scope("lasp2_local"):
+    o_local, _ = kernels.chunk_linear_attention(
+        q_s, k_s, v_s, g_s, scale=scale, chunk_size=chunk_size, backend=_kernel_backend(backend))
+
+  with jax.named_scope("lasp2_combine"):
+    q_dec = q_s.astype(f32) if b_in is None else q_s.astype(f32) * jnp.exp(b_in)
+    o = o_local.astype(f32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
+  return _from_segments(o.astype(q.dtype), nseg)
+
+
+def _decay_spec(log_decay, batch_axis, seq_axis):
+  if log_decay is None:
+    return None
+  if log_decay.ndim == 1:
+    return P(None)
+  return P(batch_axis, seq_axis, *([None] * (log_decay.ndim - 2)))
+
+
+def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_axis=None,
+                    causal=True, scale=1.0, chunk_size=64, layout="contiguous", backend="auto"):
+  """LASP-2 on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; sharded or not (they are resharded).
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``.
+    mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes); None uses the ``jax.set_mesh`` context.
+    seq_axis: mesh axis that splits N; ``batch_axis``: optional mesh axis that splits B.
+    layout: the sequence axis of the inputs (and output) is in ``"contiguous"`` or ``"zigzag"``
+      order (``lasp_jax.zigzag``).
+    Others as ``linear_attention``.
+
+  Returns:
+    ``o (B, N, H, Dv)`` in q's dtype, sharded like q.
+  """
+  validate_inputs(q, k, v, log_decay)
+  _check_decay_mode(log_decay, causal)
+  mesh = sharding.resolve_mesh(mesh)
+  w = sharding.axis_size(mesh, seq_axis, "seq_axis")
+  nb = sharding.axis_size(mesh, batch_axis, "batch_axis")
+  bsz, n = q.shape[:2]
+  nseg = layout_lib.segments_per_shard(layout)
+  if n % (w * nseg * chunk_size):
+    raise ValueError(
+        f"sequence length N={n} must be a multiple of {'2 * ' if nseg == 2 else ''}"
+        f"axis size ({seq_axis!r}: {w}) * chunk_size ({chunk_size}) = {w * nseg * chunk_size}")
+  if bsz % nb:
+    raise ValueError(f"batch size B={bsz} is not a multiple of the {batch_axis!r} axis size {nb}")
+  _kernel_backend(backend)
+  x_spec = P(batch_axis, seq_axis, None, None)
+  fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
+                         chunk_size=chunk_size, layout=layout, backend=backend)
+  return sharding.shard_map(
+      fn, mesh, (x_spec, x_spec, x_spec, _decay_spec(log_decay, batch_axis, seq_axis)), x_spec,
+      (q, k, v, log_decay), check_vma=_kernel_backend(backend) == "xla")

@@ -1,0 +1,88 @@
+"""Independent float64 references, one per semantics, shared by every test of that semantics.
+
+- ``linear_recurrence``: SPEC section 2, token by token (the ground truth of every linear op).
+- ``softmax_attention``: dense float64 softmax attention with GQA, causal and segment masks.
+
+Both are written in jnp so that gradients come from float64 autodiff; call them under
+``jax.enable_x64(True)`` (``f64`` does that and converts inputs).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def f64(fn, *args, **kwargs):
+  """Runs ``fn`` in float64 on float64 copies of the array arguments; returns numpy arrays."""
+  with jax.enable_x64(True):
+    conv = [None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args]
+    out = fn(*conv, **kwargs)
+    return jax.tree.map(np.asarray, out)
+
+
+def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, causal=True):
+  """``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``, ``o_i = scale * q_i S_i`` (SPEC section 2).
+
+  Shapes as SPEC section 1. Returns ``(o, final_state)``. Bidirectional: ``o_i = scale q_i sum_j k_j^T v_j``.
+  """
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  if not causal:
+    s = jnp.einsum("bnhk,bnhv->bhkv", k, v)
+    return scale * jnp.einsum("bnhk,bhkv->bnhv", q, s), s
+  if log_decay is None:
+    a = jnp.ones((n, bsz, h, dk), q.dtype)
+  elif log_decay.ndim == 1:
+    a = jnp.broadcast_to(jnp.exp(log_decay)[None, None, :, None], (n, bsz, h, dk))
+  elif log_decay.ndim == 3:
+    a = jnp.broadcast_to(jnp.exp(jnp.moveaxis(log_decay, 1, 0))[..., None], (n, bsz, h, dk))
+  else:
+    a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
+  s0 = jnp.zeros((bsz, h, dk, dv), q.dtype) if initial_state is None else initial_state
+
+  def step(s, xs):
+    a_i, q_i, k_i, v_i = xs
+    s = a_i[..., None] * s + k_i[..., :, None] * v_i[..., None, :]
+    return s, scale * jnp.einsum("bhk,bhkv->bhv", q_i, s)
+
+  s_final, o = jax.lax.scan(step, s0, (a, *(jnp.moveaxis(x, 1, 0) for x in (q, k, v))))
+  return jnp.moveaxis(o, 0, 1), s_final
+
+
+def softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=None, q_positions=None,
+                      kv_positions=None):
+  """Dense softmax attention. ``q: (B, N, H, D)``, ``k, v: (B, M, Hkv, D)`` with ``H % Hkv == 0``.
+
+  Positions default to ``arange``; a query at position i sees keys at positions <= i (causal) in
+  the same segment. Rows with no visible key give 0.
+  """
+  bsz, n, h, d = q.shape
+  m, hkv = k.shape[1], k.shape[2]
+  scale = d ** -0.5 if scale is None else scale
+  rep = h // hkv
+  k = jnp.repeat(k, rep, axis=2)
+  v = jnp.repeat(v, rep, axis=2)
+  s = jnp.einsum("bnhd,bmhd->bhnm", q, k) * scale
+  mask = jnp.ones((bsz, 1, n, m), bool)
+  qp = jnp.arange(n) if q_positions is None else q_positions
+  kp = jnp.arange(m) if kv_positions is None else kv_positions
+  if causal:
+    mask = mask & (qp[:, None] >= kp[None, :])[None, None]
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids if isinstance(segment_ids, tuple) else (segment_ids, segment_ids)
+    mask = mask & (q_seg[:, None, :, None] == kv_seg[:, None, None, :])
+  s = jnp.where(mask, s, -jnp.inf)
+  smax = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(mask, jnp.exp(s - jnp.where(jnp.isfinite(smax), smax, 0.0)), 0.0)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  p = p / jnp.where(denom > 0, denom, 1.0)
+  return jnp.einsum("bhnm,bmhd->bnhd", p, v)
+
+
+def rel_err(x, ref):
+  """max |x - ref| / max |ref| (a scalar), in float64."""
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
