@@ -1,0 +1,5 @@
+"""Flash-style softmax attention (blockwise, online softmax); no knowledge of meshes."""
+
+from kernels.attention.flash import block_classes, flash_attention, pick_block
+
+__all__ = ["block_classes", "flash_attention", "pick_block"]
