@@ -1,0 +1,80 @@
+"""Baseline: LASP-1, the ring of states (causal linear attention, contiguous layout).
+
+LASP-1 is what LASP-2 replaces. Each device computes its local zero-initial state ``St_t`` and the
+local chunked attention exactly as LASP-2 does (the same kernels, so only the communication
+differs); the incoming state ``S_in(t)`` then travels device to device:
+
+    S_in(0) = 0,    S_out(t) = diag(exp(gamma_t)) S_in(t) + St_t,    S_in(t + 1) = S_out(t)
+
+realised as ``W - 1`` sequential ``ppermute`` steps of one float32 state ``(B, H, Dk, Dv)`` each
+(every device sends at every step in SPMD; after step ``s`` devices ``0..s+1`` hold their final
+``S_in``). Only the state travels: each device's own total decay ``gamma_t`` is local. The backward
+pass is autodiff, whose transpose of each ``ppermute`` is a ``ppermute`` the other way: ``W - 1``
+sequential steps back. SPEC section 9 lists the cost next to LASP-2's single all-gather.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+import kernels
+from kernels.linear_attention.api import validate_inputs
+from lasp_jax.baselines import _common
+from lasp_jax.sequence_parallel.lasp2 import _kernel_backend
+
+
+def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
+          backend="auto"):
+  """LASP-1 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
+
+  Args:
+    q, k: ``(B, C, H, Dk)``; v: ``(B, C, H, Dv)``: this device's contiguous shard.
+    log_decay: None, ``(H,)`` (replicated), ``(B, C, H)`` or ``(B, C, H, Dk)`` (sharded like q).
+    causal: must be True (LASP-1 is a causal method).
+    Others as ``lasp_jax.lasp2``.
+
+  Returns:
+    ``o (B, C, H, Dv)`` in q's dtype.
+  """
+  validate_inputs(q, k, v, log_decay)
+  _common.check_causal_linear(log_decay, causal, "lasp1")
+  bsz, c_local, heads, _ = q.shape
+  if c_local % chunk_size:
+    raise ValueError(f"local sequence length {c_local} is not a multiple of chunk_size={chunk_size}")
+  f32 = jnp.float32
+  w_size = jax.lax.axis_size(axis_name)
+  b_in, to_end, gamma = _common.local_decays(log_decay, bsz, c_local, heads)
+
+  with jax.named_scope("lasp1_state_ring"):
+    k_dec = k.astype(f32) if to_end is None else k.astype(f32) * jnp.exp(to_end)
+    st = jnp.einsum("bchk,bchv->bhkv", k_dec, v.astype(f32))                 # (B, H, Dk, Dv)
+    decay = None if gamma is None else jnp.exp(gamma)[..., None]             # (B, H, Dg, 1)
+    forward = [(i, i + 1) for i in range(w_size - 1)]   # device 0 receives nothing: zeros
+    s_out, s_in = st, jnp.zeros_like(st)
+    for _ in range(w_size - 1):
+      s_in = jax.lax.ppermute(s_out, axis_name, forward)
+      s_out = st + (s_in if decay is None else decay * s_in)
+
+  with jax.named_scope("lasp1_local"):
+    o_local, _ = kernels.chunk_linear_attention(
+        q, k, v, log_decay, scale=scale, chunk_size=chunk_size, backend=_kernel_backend(backend))
+
+  with jax.named_scope("lasp1_combine"):
+    q_dec = q.astype(f32) if b_in is None else q.astype(f32) * jnp.exp(b_in)
+    o = o_local.astype(f32) + scale * jnp.einsum("bchk,bhkv->bchv", q_dec, s_in)
+  return o.astype(q.dtype)
+
+
+def lasp1_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_axis=None,
+                    causal=True, scale=1.0, chunk_size=64, backend="auto"):
+  """LASP-1 on global arrays ``(B, N, H, D)`` (contiguous layout); arguments as
+  ``lasp_jax.lasp2_attention``. Returns ``o (B, N, H, Dv)`` sharded like q."""
+  validate_inputs(q, k, v, log_decay)
+  _common.check_causal_linear(log_decay, causal, "lasp1_attention")
+  mesh, _ = _common.mesh_sizes(mesh, seq_axis, batch_axis, q.shape[1], q.shape[0], chunk_size,
+                               "chunk_size")
+  kb = _kernel_backend(backend)
+  return _common.run_sharded(lasp1, mesh, seq_axis, batch_axis, q, k, v, log_decay,
+                             check_vma=kb == "xla", causal=causal, scale=scale,
+                             chunk_size=chunk_size, backend=backend)
