@@ -16,9 +16,11 @@ import numpy as np
 
 def f64(fn, *args, **kwargs):
   """Runs ``fn`` in float64 on float64 copies of the array arguments; returns numpy arrays."""
+  def conv(a):
+    return a if a is None or not hasattr(a, "shape") else jnp.asarray(np.asarray(a, np.float64))
+
   with jax.enable_x64(True):
-    conv = [None if a is None else jnp.asarray(np.asarray(a, np.float64)) for a in args]
-    out = fn(*conv, **kwargs)
+    out = fn(*map(conv, args), **{key: conv(a) for key, a in kwargs.items()})
     return jax.tree.map(np.asarray, out)
 
 
