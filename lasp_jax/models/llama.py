@@ -1,0 +1,189 @@
+"""Linear-Llama3: Llama-3 with linear attention, and its hybrids (SPEC section 7).
+
+    x = Embed(tokens)
+    for each layer l (kind from ``cfg.layer_pattern``: linear or softmax attention):
+      x = x + Attention_l(RMSNorm(x))
+      x = x + SwiGLU(RMSNorm(x))
+    logits = RMSNorm(x) W_out        (W_out = Embed^T when ``tie_embeddings``), float32
+
+Sequence parallelism comes from the ``jax.set_mesh`` context: when its mesh has ``cfg.seq_axis``,
+linear layers run LASP-2 and softmax layers LASP-2H over it, with tokens (and logits) in
+``cfg.layout`` order; without it the one-device ops run. The model itself never calls a collective.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from lasp_jax.models.config import ModelConfig
+from lasp_jax.models.layers import RMSNorm, SwiGLU, param, rope_positions
+from lasp_jax.models.linear_attention import LinearAttention
+from lasp_jax.models.sharding_rules import ShardingRules, make_context
+from lasp_jax.models.softmax_attention import SoftmaxAttention
+
+
+class DecoderLayer(nnx.Module):
+  """Pre-norm residual layer: attention (linear or softmax) then SwiGLU."""
+
+  def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
+    self.kind = cfg.layer_kinds[layer_idx]
+    dt = jnp.dtype(cfg.param_dtype)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    block = LinearAttention if self.kind == "linear" else SoftmaxAttention
+    self.attn = block(cfg, layer_idx, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, std=cfg.init_std, dtype=dt, rngs=rngs)
+
+  def __call__(self, x_BxNxD, ctx, positions_N):
+    h = self.attn_norm(x_BxNxD, ctx)
+    if self.kind == "linear":
+      h = self.attn(h, ctx)
+    else:
+      h = self.attn(h, ctx, positions_N)
+    x_BxNxD = x_BxNxD + h
+    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD, ctx), ctx)
+
+
+class LinearLlama(nnx.Module):
+  """The decoder. ``model(tokens_BxN) -> logits_BxNxV`` (float32), tokens in ``cfg.layout`` order."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    if not isinstance(config, ModelConfig):
+      raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+    cfg = self.config = config
+    dt = jnp.dtype(cfg.param_dtype)
+    self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt,
+                       std=cfg.init_std)
+    self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    if not cfg.tie_embeddings:
+      self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt,
+                           std=cfg.init_std)
+
+  def __call__(self, tokens_BxN):
+    cfg = self.config
+    if tokens_BxN.ndim != 2 or not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
+      raise ValueError(f"tokens must be an integer (B, N) array, got {tokens_BxN.dtype} "
+                       f"{tokens_BxN.shape}")
+    ctx = make_context(cfg)
+    n = tokens_BxN.shape[1]
+    if cfg.layout == "zigzag" and ctx.seq_shards > 1 and n % (2 * ctx.seq_shards):
+      raise ValueError(f"zigzag layout: sequence length {n} is not a multiple of "
+                       f"2 * {ctx.seq_shards} sequence shards")
+    act = ("act_batch", "act_seq", "act_embed")
+    tokens_BxN = ctx.constrain(tokens_BxN, ("act_batch", "act_seq"))
+    with jax.named_scope("embed"):
+      table = self.embed[...].astype(ctx.compute_dtype)
+      if ctx.mesh is not None:  # a replicated table: the lookup is then local to every device
+        table = ctx.constrain(table, (None, None))
+      x = ctx.take_rows(table, tokens_BxN, act)
+    positions_N = rope_positions(n, ctx, cfg.layout)
+    for layer in self.layers:
+      if cfg.remat:
+        x = nnx.remat(lambda lyr, y, p: lyr(y, ctx, p))(layer, x, positions_N)
+      else:
+        x = layer(x, ctx, positions_N)
+    x = self.final_norm(x, ctx)
+    with jax.named_scope("lm_head"):
+      out = ("act_batch", "act_seq", "act_vocab")
+      if cfg.tie_embeddings:
+        logits = ctx.einsum("bnd,vd->bnv", x, ctx.weight(self.embed, ("vocab", "embed")), out)
+      else:
+        logits = ctx.einsum("bnd,dv->bnv", x, ctx.weight(self.lm_head, ("embed", "vocab")), out)
+    return logits.astype(jnp.float32)
+
+
+def _is_var(x):
+  return isinstance(x, nnx.Variable)
+
+
+def param_shardings(model: LinearLlama, mesh):
+  """``NamedSharding`` of every parameter (a State shaped like ``nnx.state(model)``) on ``mesh``,
+  from the parameters' ``logical_axes`` and the config's ``ShardingRules``."""
+  rules = ShardingRules.from_config(model.config)
+
+  def one(var):
+    axes = var.get_metadata().get("logical_axes")
+    if axes is None:
+      raise ValueError(f"parameter of shape {var.shape} has no logical_axes metadata")
+    return NamedSharding(mesh, rules.spec(axes, mesh, var.shape))
+
+  return jax.tree.map(one, nnx.state(model), is_leaf=_is_var)
+
+
+def create_model(config: ModelConfig, *, mesh=None, seed: int = 0) -> LinearLlama:
+  """Builds the model with parameters placed and sharded on ``mesh`` (or the ``jax.set_mesh``
+  mesh; no mesh: default device) by the logical-axis rules (``ShardingRules``)."""
+  if mesh is None:
+    ctx_mesh = jax.sharding.get_abstract_mesh()
+    if ctx_mesh is not None and ctx_mesh.axis_names:
+      mesh = _concrete_mesh(ctx_mesh)
+  build = lambda: LinearLlama(config, rngs=nnx.Rngs(params=seed))  # noqa: E731
+  if mesh is None:
+    return build()
+  abstract = nnx.eval_shape(build)
+  graphdef, abs_state = nnx.split(abstract)
+  shardings = jax.tree.map(lambda v: v[...], param_shardings(abstract, mesh), is_leaf=_is_var)
+  state = jax.jit(lambda: jax.tree.map(lambda v: v[...], nnx.state(build()), is_leaf=_is_var),
+                  out_shardings=shardings)()
+  # Put the sharded values back into the abstract variables (keeps their metadata).
+  flat_vars = jax.tree.leaves(abs_state, is_leaf=_is_var)
+  flat_vals = jax.tree.leaves(state)
+  for var, val in zip(flat_vars, flat_vals):
+    var.set_value(val) if hasattr(var, "set_value") else var.__setitem__(..., val)
+  return nnx.merge(graphdef, abs_state)
+
+
+def _concrete_mesh(abstract_mesh):
+  """The concrete mesh behind the ``jax.set_mesh`` context (needed to place arrays)."""
+  get = getattr(jax.sharding, "get_mesh", None)
+  if get is not None:
+    m = get()
+    if m is not None and getattr(m, "axis_names", ()):
+      return m
+  raise ValueError("create_model needs mesh=... (no concrete mesh in the jax.set_mesh context)")
+
+
+def count_params(config: ModelConfig) -> int:
+  """Number of parameters (tied embeddings counted once), from the model's abstract shapes."""
+  abstract = nnx.eval_shape(lambda: LinearLlama(config, rngs=nnx.Rngs(params=0)))
+  return int(sum(x.size for x in jax.tree.leaves(nnx.state(abstract, nnx.Param))))
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+  """Training FLOPs per token (forward + backward = 3 x forward), for MFU.
+
+  Forward per token: ``2 * P_matmul`` (every weight matrix once, the LM head included, the
+  embedding lookup not), plus per layer the attention core:
+  - linear, chunked form with chunk ``c``: per head ``4 Dk Dv`` (state update and ``q S``) +
+    ``c (Dk + Dv)`` (the causal intra-chunk ``Q K^T`` and ``P V``, half of a ``c x c`` tile each);
+  - softmax, causal: per head ``2 D N`` (``Q K^T`` and ``P V`` over ``N / 2`` keys on average).
+  """
+  if not isinstance(seq_len, int) or seq_len <= 0:
+    raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
+  cfg = config
+  d, h, dh, hkv, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.kv_heads, cfg.ffn_dim
+  mlp = 3 * d * f
+  head = d * cfg.vocab_size
+  total = 2.0 * head
+  c = min(cfg.chunk_size, seq_len)
+  for kind in cfg.layer_kinds:
+    if kind == "softmax":
+      mm = d * h * dh * 2 + d * hkv * dh * 2
+      core = h * 2.0 * dh * seq_len
+    else:
+      v = cfg.linear_variant
+      dqk = cfg.feature_dim if v in ("based", "rebased") else dh
+      dk = {"based": 1 + dqk + dqk * dqk, "rebased": dqk * dqk}.get(v, dqk)
+      dv = dh + 1 if v in ("based", "rebased") else dh
+      mm = d * h * dqk * 2 + d * h * dh * 3
+      if v == "gla":
+        mm += d * cfg.gate_rank + cfg.gate_rank * h * dh
+      elif v == "simple_gla":
+        mm += d * h
+      core = h * (4.0 * dk * dv + c * (dk + dv))
+    total += 2.0 * (mm + mlp) + core
+  return 3.0 * total

@@ -1,0 +1,57 @@
+"""The softmax-attention layer of a hybrid: Llama-3 style, RoPE at true global positions, GQA.
+
+    q = RoPE(x W_q), k = RoPE(x W_k)        (B, N, H, D), (B, N, Hkv, D)
+    v = x W_v                               (B, N, Hkv, D)
+    o = softmax(q k^T / sqrt(D) + causal mask) v      LASP-2H over the mesh, or one device
+    y = o W_o
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lasp_jax.models.layers import apply_rope, param
+from lasp_jax.models.sharding_rules import Context
+
+
+def core_softmax(q, k, v, *, cfg, ctx: Context):
+  """Causal GQA attention: LASP-2H when the mesh has the sequence axis, else one device."""
+  scale = q.shape[-1] ** -0.5
+  if ctx.sequence_parallel:
+    from lasp_jax.sequence_parallel.lasp2h import lasp2h_attention
+    return lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
+                            causal=True, scale=scale, layout=cfg.layout)
+  # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
+  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+
+
+class SoftmaxAttention(nnx.Module):
+  """Llama-3 attention block (see the module docstring); ``cfg.kv_heads`` key/value heads."""
+
+  def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
+    self.cfg = cfg
+    self.layer_idx = layer_idx
+    d, h, hkv, dh = cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.dim_per_head
+    dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
+    self.w_q = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
+    self.w_k = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dt, std=std)
+    self.w_v = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dt, std=std)
+    self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
+
+  def __call__(self, x_BxNxD, ctx: Context, positions_N):
+    cfg = self.cfg
+    heads = ("act_batch", "act_seq", "act_heads", None)
+    with jax.named_scope("softmax_attention"):
+      q = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                     ctx.weight(self.w_q, ("embed", "q_heads", "head_dim")), heads)
+      k = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                     ctx.weight(self.w_k, ("embed", "kv_heads", "head_dim")), heads)
+      v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                     ctx.weight(self.w_v, ("embed", "kv_heads", "head_dim")), heads)
+      q = apply_rope(q, positions_N, cfg.rope_base)
+      k = apply_rope(k, positions_N, cfg.rope_base)
+      o = ctx.constrain(core_softmax(q, k, v, cfg=cfg, ctx=ctx), heads)
+      return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
+                        ("act_batch", "act_seq", "act_embed"))
