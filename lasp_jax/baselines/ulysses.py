@@ -5,7 +5,7 @@ all-to-all per input), attends locally over the whole sequence, and trades back 
 4 all-to-alls of ``B C H D (W - 1) / W`` elements forward (SPEC section 9), mirrored backward.
 Needs ``H % W == 0``. Contiguous layout.
 
-- ``ulysses_softmax``: local attention is the baselines' dense query-blocked softmax. With GQA,
+- ``ulysses_softmax``: local attention is the flash kernel (``kernels.attention``) LASP-2H uses. With GQA,
   key/value heads are repeated up to ``H`` first when ``Hkv % W != 0`` (more traffic, as
   Ulysses needs whole heads per device).
 - ``ulysses_linear``: local attention is ``lasp_jax.linear_attention`` (the chunked kernels);
@@ -17,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels.attention import flash
 from kernels.linear_attention.api import validate_inputs
 from lasp_jax.baselines import _common
 from lasp_jax.sequence_parallel.lasp2 import _kernel_backend, linear_attention
@@ -48,17 +49,15 @@ def ulysses_softmax(q, k, v, *, axis_name, causal=True, scale=None):
   Returns:
     ``o (B, C, H, D)`` in q's dtype.
   """
-  _common.check_softmax_inputs(q, k, v)
+  flash.validate_inputs(q, k, v)
   w_size = jax.lax.axis_size(axis_name)
-  heads, hkv, d = q.shape[2], k.shape[2], q.shape[3]
+  heads, hkv = q.shape[2], k.shape[2]
   _check_heads(heads, w_size)
-  scale = d ** -0.5 if scale is None else scale
   if hkv % w_size:
     k, v = (jnp.repeat(x, heads // hkv, axis=2) for x in (k, v))
   with jax.named_scope("ulysses_softmax"):
     q_h, k_h, v_h = (_seq_to_heads(x, axis_name) for x in (q, k, v))
-    pos = jnp.arange(q_h.shape[1], dtype=jnp.int32)
-    o_h = _common.local_softmax_attention(q_h, k_h, v_h, pos, pos, causal=causal, scale=scale)
+    o_h = flash.flash_attention(q_h, k_h, v_h, causal=causal, scale=scale)
     return _heads_to_seq(o_h, axis_name)
 
 
@@ -66,7 +65,7 @@ def ulysses_softmax_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=N
                               scale=None):
   """``ulysses_softmax`` on global arrays ``q (B, N, H, D)``, ``k, v (B, N, Hkv, D)``; mesh
   arguments as ``lasp_jax.lasp2_attention``."""
-  _common.check_softmax_inputs(q, k, v)
+  flash.validate_inputs(q, k, v)
   mesh, w = _common.mesh_sizes(mesh, seq_axis, batch_axis, q.shape[1], q.shape[0], 1, "")
   _check_heads(q.shape[2], w)
 

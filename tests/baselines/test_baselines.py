@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import lasp_jax
+from kernels.attention import flash
 
 from lasp_jax import baselines as bl
 from lasp_jax.baselines import _common
@@ -67,13 +68,20 @@ def _check(ops, ref, args, tol=TOL):
       assert rel_err(g, wg) < tol, (i, rel_err(g, wg))
 
 
+def _small_tiles(monkeypatch):
+  """Flash tiles of 8 tokens, so that each device's shard spans several (and tiles get skipped)."""
+  pick = flash.pick_block
+  monkeypatch.setattr(flash, "pick_block", lambda n, target=8: pick(n, min(target, 8)))
+
+
 def _lin_ref(q, k, v, g):
   return linear_recurrence(q, k, v, g)[0]
 
 
 @pytest.mark.parametrize("decay", ["none", "H", "BNH", "BNHD"])
-def test_linear_baselines_exact(mesh, decay):
+def test_linear_baselines_exact(mesh, monkeypatch, decay):
   """LASP-1 for every decay shape; ring (left product) where it applies; Ulysses for two."""
+  monkeypatch.setattr(_common, "QUERY_BLOCK", 8)   # two query blocks per device
   q, k, v = (_rand(i, (B, N, H, D)) for i in range(3))
   ops = [lambda q, k, v, g: bl.lasp1_attention(q, k, v, g, scale=0.5, chunk_size=8)]
   if decay in ("none", "H"):
@@ -93,10 +101,9 @@ def test_ulysses_linear_bidirectional(mesh):
   assert rel_err(out, want) < TOL
 
 
-@pytest.mark.parametrize("causal,layout,hkv", [(True, "contiguous", 2), (True, "zigzag", 4),
-                                               (False, "contiguous", 8)])
+@pytest.mark.parametrize("causal,layout,hkv", [(True, "contiguous", 2), (False, "zigzag", 4)])
 def test_ring_softmax_exact(mesh, monkeypatch, causal, layout, hkv):
-  monkeypatch.setattr(_common, "QUERY_BLOCK", 8)   # several query blocks per device
+  _small_tiles(monkeypatch)
   q = _rand(0, (B, N, H, D)) * 2
   k, v = (_rand(i, (B, N, hkv, D)) * 2 for i in (1, 2))
   pos = lasp_jax.zigzag(jnp.arange(N)[None], 8)[0] if layout == "zigzag" else None
@@ -110,7 +117,8 @@ def test_ring_softmax_exact(mesh, monkeypatch, causal, layout, hkv):
 
 
 @pytest.mark.parametrize("hkv", [2, 8])   # 2: K/V heads repeated up to H (Hkv % W != 0)
-def test_ulysses_softmax_exact(mesh, hkv):
+def test_ulysses_softmax_exact(mesh, monkeypatch, hkv):
+  _small_tiles(monkeypatch)
   q = _rand(0, (B, N, H, D)) * 2
   k, v = (_rand(i, (B, N, hkv, D)) * 2 for i in (1, 2))
   with jax.set_mesh(mesh):
