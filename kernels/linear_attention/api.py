@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention import reference
+from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
 BACKENDS = ("xla", "tpu", "gpu")
+_PALLAS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 
 
 def default_backend() -> str:
   """The lowering used when ``backend=None``: Pallas on TPU and GPU, XLA elsewhere."""
   platform = jax.default_backend()
   return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "xla")
+
+
+def _on_hardware(backend: str) -> bool:
+  return default_backend() == backend
 
 
 def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None):
@@ -62,16 +69,36 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
     chunk_size: tokens per chunk; must divide N.
     backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device).
     interpret: run Pallas kernels in interpret mode (CPU testing); None means "when not on
-      the backend's own hardware".
+      the backend's own hardware" (so ``backend="gpu"`` on a CPU-only host runs the GPU kernels
+      in the interpreter).
 
   Returns:
     ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
+
+  Raises:
+    ValueError: bad shapes (SPEC section 1), N not a multiple of ``chunk_size``, or (Pallas
+      backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
+      >= 16, ``"tpu"`` head dims that are multiples of 128 and a chunk size that is a multiple of
+      8 (float32) or 16 (bfloat16).
+    TypeError: non-float inputs, or (Pallas backends) q, k, v not all float32 or all bfloat16.
+
+  The per-channel (GLA) decay ``(B, N, H, Dk)`` always runs on the XLA path: inside a kernel its
+  intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
+  ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
   validate_inputs(q, k, v, log_decay, initial_state, chunk_size)
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-  if backend == "xla":
+  module = _PALLAS.get(backend)
+  per_channel = log_decay is not None and log_decay.ndim == 4
+  if module is None or per_channel:
     return reference.chunk_linear_attention_xla(
         q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
-  raise NotImplementedError(f"backend {backend!r} is not available yet")
+  if interpret is None:
+    interpret = not _on_hardware(backend)
+  block_sizes = dataclasses.replace(module.DEFAULT_BLOCK_SIZES, chunk_size=chunk_size)
+  fn = (pallas_tpu.chunk_linear_attention_tpu if backend == "tpu"
+        else pallas_gpu.chunk_linear_attention_gpu)
+  return fn(q, k, v, log_decay, scale=scale, initial_state=initial_state,
+            block_sizes=block_sizes, interpret=interpret)

@@ -1,0 +1,320 @@
+"""Benchmark of the chunked linear-attention kernels: Pallas vs the XLA path, side by side.
+
+Times forward and forward+backward (gradients of q, k, v and the decay) for each shape, prints a
+table and writes it as JSON. Imports only jax and numpy (runs on a bare GPU/TPU image).
+
+  PYTHONPATH=. python benchmarks/kernels.py                     # on whatever backend JAX has
+  PYTHONPATH=. python benchmarks/kernels.py --small             # CPU: toy shapes, interpret mode
+  PYTHONPATH=. python benchmarks/kernels.py --check             # also check the compiled kernels
+
+Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the implementation):
+- FLOPs: forward ``B H N (2 c (Dk + Dv) + 4 Dk Dv)`` (full c x c tiles, as computed), and
+  forward+backward three times that (the usual backward = 2 x forward convention).
+- bytes: the fewest possible: forward reads q, k, v (+ decay) and writes o; forward+backward adds
+  reading q, k, v, dO and writing dq, dk, dv.
+- roofline time = max(FLOPs / peak, bytes / bandwidth); ``roofline %`` = roofline time / time.
+Peaks default to an H200's measured 790 TFLOP/s (bf16) and 4300 GB/s; pass --peak-* elsewhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from kernels.linear_attention import pallas_gpu, pallas_tpu, reference  # noqa: E402
+from kernels.linear_attention._pallas_common import BlockSizes  # noqa: E402
+
+MAIN_SHAPE = (8, 8192, 16, 128, 128)
+OTHER_SHAPES = [(4, 16384, 16, 128, 128), (16, 4096, 32, 64, 64), (8, 8192, 16, 64, 128)]
+SMALL_SHAPES = [(1, 256, 2, 128, 128)]
+
+
+def _hardware():
+  platform = jax.default_backend()
+  return {"gpu": "gpu", "cuda": "gpu", "rocm": "gpu", "tpu": "tpu"}.get(platform, "cpu")
+
+
+def _pallas_fn(backend, block_sizes, interpret):
+  mod = pallas_gpu if backend == "gpu" else pallas_tpu
+  entry = (pallas_gpu.chunk_linear_attention_gpu if backend == "gpu"
+           else pallas_tpu.chunk_linear_attention_tpu)
+
+  def fn(q, k, v, g):
+    return entry(q, k, v, g, block_sizes=block_sizes, interpret=interpret)
+  del mod
+  return fn
+
+
+def _xla_fn(chunk):
+  def fn(q, k, v, g):
+    return reference.chunk_linear_attention_xla(q, k, v, g, chunk_size=chunk)
+  return fn
+
+
+def _inputs(shape, dtype, decay, seed=0):
+  bsz, n, h, dk, dv = shape
+  keys = jax.random.split(jax.random.PRNGKey(seed), 5)
+  q = (jax.random.normal(keys[0], (bsz, n, h, dk), jnp.float32) * dk ** -0.5).astype(dtype)
+  k = (jax.random.normal(keys[1], (bsz, n, h, dk), jnp.float32) * dk ** -0.5).astype(dtype)
+  v = jax.random.normal(keys[2], (bsz, n, h, dv), jnp.float32).astype(dtype)
+  do = jax.random.normal(keys[3], (bsz, n, h, dv), jnp.float32).astype(dtype)
+  if decay == "none":
+    g = None
+  elif decay == "head":
+    g = -jnp.linspace(0.01, 0.1, h, dtype=jnp.float32)
+  else:
+    g = jax.nn.log_sigmoid(jax.random.normal(keys[4], (bsz, n, h), jnp.float32) + 4.0)
+  return q, k, v, g, do
+
+
+def _timed(fn, args, iters, warmup=2):
+  out = fn(*args)
+  jax.block_until_ready(out)
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - t0)
+  return float(np.median(times))
+
+
+def _train_step(fn):
+  """fwd+bwd: the VJP of ``o`` (with a fixed cotangent) wrt q, k, v and the decay."""
+  def step(q, k, v, g, do):
+    (o, _), vjp = jax.vjp(fn, q, k, v, g)
+    return vjp((do, jnp.zeros((q.shape[0], q.shape[2], q.shape[3], v.shape[3]), jnp.float32)))
+  return step
+
+
+def _counts(shape, chunk, itemsize, decay):
+  bsz, n, h, dk, dv = shape
+  flops = bsz * h * n * (2 * chunk * (dk + dv) + 4 * dk * dv)
+  arr_k, arr_v = bsz * n * h * dk * itemsize, bsz * n * h * dv * itemsize
+  g_bytes = 0 if decay != "token" else bsz * n * h * 4
+  fwd_bytes = 2 * arr_k + 2 * arr_v + g_bytes
+  bwd_bytes = 4 * arr_k + 3 * arr_v + 2 * g_bytes   # read q k v dO, write dq dk dv (+ g, dg)
+  return flops, fwd_bytes, 3 * flops, fwd_bytes + bwd_bytes
+
+
+def bench_one(name, fn, shape, dtype, decay, chunk, iters, peaks):
+  q, k, v, g, do = _inputs(shape, dtype, decay)
+  row = dict(impl=name, shape=list(shape), dtype=jnp.dtype(dtype).name, decay=decay, chunk=chunk)
+  flops, fwd_bytes, tflops, t_bytes = _counts(shape, chunk, jnp.dtype(dtype).itemsize, decay)
+  try:
+    fwd = jax.jit(fn)
+    t_f = _timed(fwd, (q, k, v, g), iters)
+    step = jax.jit(_train_step(fn))
+    t_t = _timed(step, (q, k, v, g, do), iters)
+  except Exception as e:  # noqa: BLE001  (a failing variant must not kill the table)
+    row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return row
+  for tag, t, fl, by in (("fwd", t_f, flops, fwd_bytes), ("fwdbwd", t_t, tflops, t_bytes)):
+    roof = max(fl / (peaks[0] * 1e12), by / (peaks[1] * 1e9))
+    row[f"{tag}_ms"] = t * 1e3
+    row[f"{tag}_tflops"] = fl / t / 1e12
+    row[f"{tag}_gbs"] = by / t / 1e9
+    row[f"{tag}_roofline_pct"] = 100.0 * roof / t
+  return row
+
+
+def check_compiled(backend, interpret, shape=(2, 1024, 4, 128, 128)):
+  """Compiled (or interpreted) Pallas fwd+grads vs the XLA path and the float64 recurrence."""
+  from tests.references import f64, linear_recurrence, rel_err  # only for --check
+  rows = []
+  for dtype, decay in ((jnp.float32, "none"), (jnp.float32, "token"), (jnp.float32, "head"),
+                       (jnp.bfloat16, "token")):
+    q, k, v, g, do = _inputs(shape, dtype, decay, seed=1)
+    s0 = jax.random.normal(jax.random.PRNGKey(7), (shape[0], shape[2], shape[3], shape[4]))
+    dsf = jax.random.normal(jax.random.PRNGKey(8), s0.shape)
+    entry = (pallas_gpu.chunk_linear_attention_gpu if backend == "gpu"
+             else pallas_tpu.chunk_linear_attention_tpu)
+
+    def run_pallas(q, k, v, g, s0):
+      return entry(q, k, v, g, initial_state=s0, interpret=interpret)
+
+    def run_xla(q, k, v, g, s0):
+      with jax.default_matmul_precision("highest"):
+        return reference.chunk_linear_attention_xla(q, k, v, g, initial_state=s0, chunk_size=64)
+
+    def grads(fn):
+      def go(q, k, v, g, s0):
+        (o, sf), vjp = jax.vjp(fn, q, k, v, g, s0)
+        return (o, sf) + vjp((do.astype(o.dtype), dsf.astype(sf.dtype)))
+      return jax.jit(go)
+
+    try:
+      got = grads(run_pallas)(q, k, v, g, s0)
+    except Exception as e:  # noqa: BLE001  (report, keep going)
+      print(f"check {jnp.dtype(dtype).name} {decay}: Pallas FAILED {type(e).__name__}: {e}"[:2000])
+      rows.append(dict(dtype=jnp.dtype(dtype).name, decay=decay, error=str(e)[:2000]))
+      continue
+    xla = grads(run_xla)(q, k, v, g, s0)
+    want = f64(lambda *a: grads(lambda q, k, v, g, s0: linear_recurrence(
+        q, k, v, g, initial_state=s0))(*a), q, k, v, g, s0)
+    names = ["o", "final_state", "dq", "dk", "dv", "dg", "ds0"]
+    for nm, a, x, w in zip(names, got, xla, want):
+      if w is None or a is None:
+        continue
+      rows.append(dict(dtype=jnp.dtype(dtype).name, decay=decay, out=nm,
+                       pallas_vs_f64=rel_err(a, w), xla_vs_f64=rel_err(x, w),
+                       finite=bool(np.all(np.isfinite(np.asarray(a, np.float32))))))
+  print(f"\ncorrectness ({backend}, interpret={interpret}, shape {shape}): rel err vs float64")
+  print(f"{'dtype':9s} {'decay':6s} {'out':12s} {'pallas':>10s} {'xla':>10s} finite")
+  for r in rows:
+    if "error" in r:
+      continue
+    print(f"{r['dtype']:9s} {r['decay']:6s} {r['out']:12s} {r['pallas_vs_f64']:10.2e} "
+          f"{r['xla_vs_f64']:10.2e} {r['finite']}")
+  return rows
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--out", default="benchmarks/results/kernels.json")
+  p.add_argument("--small", action="store_true", help="toy shapes, Pallas in interpret mode")
+  p.add_argument("--backend", choices=("auto", "gpu", "tpu"), default="auto",
+                 help="which Pallas kernels (auto: the device's; gpu-style on CPU)")
+  p.add_argument("--iters", type=int, default=None)
+  p.add_argument("--check", action="store_true", help="correctness check of the kernels first")
+  p.add_argument("--no-sweep", action="store_true", help="only default block sizes")
+  p.add_argument("--no-others", action="store_true", help="only the main shape")
+  p.add_argument("--deadline", type=float, default=None,
+                 help="seconds after which no new measurement starts (the table so far is kept)")
+  p.add_argument("--shape", default=None, help="only this shape, 'B,N,H,Dk,Dv'")
+  p.add_argument("--chunk", type=int, default=None, help="chunk size of the default variant")
+  p.add_argument("--peak-tflops", type=float, default=790.0)
+  p.add_argument("--peak-gbs", type=float, default=4300.0)
+  args = p.parse_args(argv)
+  t_start = time.perf_counter()
+
+  hw = _hardware()
+  backend = ({"gpu": "gpu", "tpu": "tpu"}.get(hw, "gpu") if args.backend == "auto"
+             else args.backend)
+  interpret = hw != backend
+  if interpret and not args.small:
+    print(f"no {backend} device: running --small in interpret mode")
+    args.small = True
+  iters = args.iters or (2 if args.small else 10)
+  peaks = (args.peak_tflops, args.peak_gbs)
+  dtype = jnp.bfloat16
+  result = dict(jax_version=jax.__version__, device=str(jax.devices()[0].device_kind),
+                platform=jax.default_backend(), pallas_backend=backend, interpret=interpret,
+                peaks=dict(tflops=peaks[0], gbs=peaks[1]), rows=[])
+  def save():
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+      json.dump(result, f, indent=1)
+
+  if args.check:
+    result["check"] = check_compiled(backend, interpret,
+                                     (1, 128, 2, 128, 128) if args.small else (2, 512, 4, 128, 128))
+    save()
+
+  mod = pallas_gpu if backend == "gpu" else pallas_tpu
+  default = mod.DEFAULT_BLOCK_SIZES
+  if args.small:
+    default = dataclasses.replace(default, chunk_size=64)
+  if args.chunk:
+    default = dataclasses.replace(default, chunk_size=args.chunk)
+  variants = [("pallas", default)]
+  if backend == "gpu" and not args.small and not args.no_sweep:
+    variants += [
+        ("pallas split-bwd", dataclasses.replace(default, split_backward=True)),
+        ("pallas w8", dataclasses.replace(default, num_warps=8)),
+        ("pallas c128 w8", dataclasses.replace(default, chunk_size=128, num_warps=8)),
+        ("pallas bv128", dataclasses.replace(default, block_k=128, block_v=128, num_warps=8)),
+    ]
+  jobs = []
+  main_shapes = SMALL_SHAPES if args.small else [MAIN_SHAPE]
+  for shape in main_shapes:
+    for decay in ("none", "token"):
+      jobs.append((shape, decay, variants if decay == "none" else variants[:1]))
+  if not args.small and not args.no_others:
+    for shape in OTHER_SHAPES:
+      jobs.append((shape, "token", variants[:1]))
+  if args.shape:
+    jobs = [(tuple(int(x) for x in args.shape.split(",")), "none", variants[:1])]
+
+  def late():
+    if args.deadline is not None and time.perf_counter() - t_start > args.deadline:
+      result.setdefault("skipped", []).append(f"{shape} {decay} {name}")
+      print(f"deadline: skipping {shape} {decay} {name}")
+      return True
+    return False
+
+  for shape, decay, vs in jobs:
+    for name, bs in vs:
+      if late():
+        continue
+      row = bench_one(name, _pallas_fn(backend, bs, interpret), shape, dtype, decay,
+                      bs.chunk_size, iters, peaks)
+      row["block_sizes"] = dataclasses.asdict(bs)
+      result["rows"].append(row)
+      _print_row(row)
+      save()
+    name = "xla"
+    if late():
+      continue
+    row = bench_one("xla", _xla_fn(default.chunk_size), shape, dtype, decay, default.chunk_size,
+                    iters, peaks)
+    result["rows"].append(row)
+    _print_row(row)
+    save()
+
+  _print_table(result)
+  save()
+  print(f"wrote {args.out}")
+  return result
+
+
+def _fmt(row):
+  shape = "x".join(str(s) for s in row["shape"])
+  head = f"{row['impl']:17s} {shape:20s} {row['decay']:5s} c={row['chunk']:<4d}"
+  if "error" in row:
+    return head + " ERROR " + row["error"][:120]
+  return head + "".join(
+      f" {row[f'{t}_ms']:9.3f} {row[f'{t}_tflops']:7.1f} {row[f'{t}_gbs']:8.1f} "
+      f"{row[f'{t}_roofline_pct']:6.1f}%" for t in ("fwd", "fwdbwd"))
+
+
+def _print_row(row):
+  print(_fmt(row), flush=True)
+
+
+def _print_table(result):
+  print(f"\nchunked linear attention, {result['device']} ({result['platform']}), jax "
+        f"{result['jax_version']}, Pallas '{result['pallas_backend']}'"
+        f"{' (interpret)' if result['interpret'] else ''}, bf16")
+  print(f"{'impl':17s} {'BxNxHxDkxDv':20s} {'decay':5s} {'chunk':6s}"
+        f" {'fwd ms':>9s} {'TFLOP/s':>7s} {'GB/s':>8s} {'roof':>7s}"
+        f" {'f+b ms':>9s} {'TFLOP/s':>7s} {'GB/s':>8s} {'roof':>7s}")
+  for row in result["rows"]:
+    print(_fmt(row))
+  by_key = {}
+  for row in result["rows"]:
+    if "error" not in row:
+      by_key.setdefault((tuple(row["shape"]), row["decay"]), []).append(row)
+  for (shape, decay), rows in by_key.items():
+    xla = [r for r in rows if r["impl"] == "xla"]
+    pal = [r for r in rows if r["impl"] != "xla"]
+    if xla and pal:
+      best = min(pal, key=lambda r: r["fwdbwd_ms"])
+      print(f"speed-up {shape} {decay}: best Pallas ({best['impl']}) vs XLA: fwd "
+            f"{xla[0]['fwd_ms'] / best['fwd_ms']:.2f}x, fwd+bwd "
+            f"{xla[0]['fwdbwd_ms'] / best['fwdbwd_ms']:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

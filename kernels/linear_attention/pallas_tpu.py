@@ -1,0 +1,233 @@
+"""Chunked linear attention as Pallas Mosaic kernels (TPU; interpret mode on CPU for tests).
+
+Grid ``(B, H, N / chunk_size)`` with the chunk axis last and ``"arbitrary"`` (sequential): the
+float32 state (or its cotangent) lives in a VMEM scratch buffer across chunk steps, initialised at
+the first step and written out at the last, the pattern of JAX's TPU flash attention. Three kernels
+(math in ``_pallas_common``): forward; ``dq`` (forward over chunks, recomputing the state); ``dk, dv``
+(backward over chunks via a reversed index map, carrying ``dS``).
+
+Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
+kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
+head, ``(chunk_size, D)``. The decay comes in as a ``(B, H, N, 1)`` column; the kernel builds its row
+form ``b_j`` with an exact 0/1 matmul instead of a lane/sublane transpose. Checked tiling rules
+(:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which packs two rows per
+sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would waste the MXU).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from kernels.linear_attention import _pallas_common as common
+from kernels.linear_attention._pallas_common import F32, BlockSizes
+
+DEFAULT_BLOCK_SIZES = BlockSizes(chunk_size=128)
+LANES = 128
+
+
+def check_shapes(q, v, block_sizes: BlockSizes):
+  """Raises ValueError for shapes the Mosaic kernels cannot tile, naming the offending value."""
+  dk, dv = q.shape[-1], v.shape[-1]
+  c = block_sizes.chunk_size
+  sublanes = 16 if q.dtype == jnp.bfloat16 else 8
+  if c % sublanes:
+    raise ValueError(f"backend 'tpu' needs chunk_size to be a multiple of {sublanes} for "
+                     f"{jnp.dtype(q.dtype).name} inputs (sublane tiling), got {c}")
+  for name, val in (("head dim Dk", dk), ("head dim Dv", dv)):
+    if val % LANES:
+      raise ValueError(f"backend 'tpu' needs {name} to be a multiple of {LANES} (lane tiling), "
+                       f"got {val}")
+  if q.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f"backend 'tpu' takes float32 or bfloat16 inputs, got {q.dtype}")
+
+
+def _chunk_decay(b_ref, c):
+  """Decay forms from the ``(c, 1)`` column block: the row form via ``e_0 . b^T`` (exact)."""
+  col = b_ref[...]
+  wide = jnp.broadcast_to(col, (c, LANES))
+  first_lane = (jax.lax.broadcasted_iota(jnp.int32, (c, LANES), 1) == 0).astype(F32)
+  row = jax.lax.dot_general(first_lane, wide, (((1,), (1,)), ((), ())),
+                            precision=jax.lax.Precision.HIGHEST,
+                            preferred_element_type=F32)       # row[i, j] = b_j
+  last = b_ref[pl.ds(c - 1, 1), :]                            # (1, 1)
+  return common.Decay(col=col, row=row, last=last)
+
+
+def _split(refs, n_in, has_decay):
+  """Kernel refs are (inputs..., [b], outputs..., scratch)."""
+  b_ref = refs[n_in] if has_decay else None
+  return refs[:n_in], b_ref, refs[n_in + has_decay:]
+
+
+def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
+  (q_ref, k_ref, v_ref, s0_ref), b_ref, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
+  i = pl.program_id(2)
+
+  @pl.when(i == 0)
+  def _():
+    s_scr[...] = s0_ref[...]
+
+  decay = _chunk_decay(b_ref, c) if has_decay else None
+  o, s = common.forward_chunk(q_ref[...], k_ref[...], v_ref[...], s_scr[...], decay,
+                              scale=scale, dtype=dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
+  s_scr[...] = s
+
+  @pl.when(i == nc - 1)
+  def _():
+    sf_ref[...] = s
+
+
+def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
+  (k_ref, v_ref, do_ref, s0_ref), b_ref, (dq_ref, s_scr) = _split(refs, 4, has_decay)
+
+  @pl.when(pl.program_id(2) == 0)
+  def _():
+    s_scr[...] = s0_ref[...]
+
+  decay = _chunk_decay(b_ref, c) if has_decay else None
+  dq, s = common.dq_chunk(k_ref[...], v_ref[...], do_ref[...], s_scr[...], decay,
+                          scale=scale, dtype=dtype)
+  dq_ref[...] = dq.astype(dq_ref.dtype)
+  s_scr[...] = s
+
+
+def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
+  (q_ref, k_ref, v_ref, do_ref, dsf_ref), b_ref, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
+      refs, 5, has_decay)
+  j = pl.program_id(2)   # step j handles chunk nc - 1 - j (the index maps reverse it)
+
+  @pl.when(j == 0)
+  def _():
+    ds_scr[...] = dsf_ref[...]
+
+  decay = _chunk_decay(b_ref, c) if has_decay else None
+  dk, dv, ds = common.dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...],
+                                decay, scale=scale, dtype=dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  ds_scr[...] = ds
+
+  @pl.when(j == nc - 1)
+  def _():
+    ds0_ref[...] = ds
+
+
+# ------------------------------------------------------------------------- pallas_call builders
+
+
+def _chunk_spec(c, d, nc, reverse):
+  if reverse:
+    return pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, nc - 1 - i, 0))
+  return pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, i, 0))
+
+
+def _state_spec(dk, dv):
+  return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))
+
+
+def _bhnd(x):
+  return jnp.swapaxes(x, 1, 2)
+
+
+def _call(kernel, cfg, x_bhnd, b, ins, in_specs, out_specs, out_shape, scratch, reverse=False):
+  bsz, h, n, _ = x_bhnd.shape
+  c = cfg.block_sizes.chunk_size
+  nc = n // c
+  args = list(ins)
+  in_specs = list(in_specs)
+  if b is not None:
+    args.append(_bhnd(b)[..., None])                      # (B, H, N, 1)
+    in_specs.append(_chunk_spec(c, 1, nc, reverse))
+  return pl.pallas_call(
+      functools.partial(kernel, has_decay=b is not None, nc=nc, c=c, scale=cfg.scale,
+                        dtype=x_bhnd.dtype),
+      grid=(bsz, h, nc),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      scratch_shapes=scratch,
+      compiler_params=pltpu.CompilerParams(
+          dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=cfg.interpret,
+  )(*args)
+
+
+def forward(q, k, v, b, s0, cfg):
+  """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  c = cfg.block_sizes.chunk_size
+  nc = n // c
+  q_t, k_t, v_t = _bhnd(q), _bhnd(k), _bhnd(v)
+  o_t, s_final = _call(
+      _forward_kernel, cfg, q_t, b, (q_t, k_t, v_t, s0),
+      [_chunk_spec(c, dk, nc, False)] * 2 + [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
+      [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
+      [jax.ShapeDtypeStruct((bsz, h, n, dv), q.dtype),
+       jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
+      [pltpu.VMEM((dk, dv), F32)])
+  return _bhnd(o_t), s_final
+
+
+def dq(k, v, do, b, s0, cfg):
+  """``dq (B, N, H, Dk)``: float32 with a decay, else k's dtype."""
+  bsz, n, h, dk = k.shape
+  dv = v.shape[-1]
+  c = cfg.block_sizes.chunk_size
+  nc = n // c
+  k_t = _bhnd(k)
+  dq_t = _call(
+      _dq_kernel, cfg, k_t, b, (k_t, _bhnd(v), _bhnd(do), s0),
+      [_chunk_spec(c, dk, nc, False)] + [_chunk_spec(c, dv, nc, False)] * 2
+      + [_state_spec(dk, dv)],
+      _chunk_spec(c, dk, nc, False),
+      jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if b is not None else k.dtype),
+      [pltpu.VMEM((dk, dv), F32)])
+  return _bhnd(dq_t)
+
+
+def dkv(q, k, v, do, b, ds_final, cfg):
+  """``(dk, dv, d initial_state)``; dk float32 with a decay, dv in v's dtype, dS0 float32."""
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  c = cfg.block_sizes.chunk_size
+  nc = n // c
+  q_t = _bhnd(q)
+  dk_t, dv_t, ds0 = _call(
+      _dkv_kernel, cfg, q_t, b, (q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final),
+      [_chunk_spec(c, dk, nc, True)] * 2 + [_chunk_spec(c, dv, nc, True)] * 2
+      + [_state_spec(dk, dv)],
+      [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), _state_spec(dk, dv)],
+      [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if b is not None else k.dtype),
+       jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
+       jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
+      [pltpu.VMEM((dk, dv), F32)], reverse=True)
+  return _bhnd(dk_t), _bhnd(dv_t), ds0
+
+
+def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
+                               block_sizes: BlockSizes | None = None, interpret: bool = False):
+  """Causal chunked linear attention through the Mosaic kernels.
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; all float32 or all bfloat16.
+    log_decay: None, ``(H,)`` or ``(B, N, H)`` (the per-channel form goes to the XLA path in
+      ``api.chunk_linear_attention``).
+    scale: multiplies q. initial_state: None or ``(B, H, Dk, Dv)``.
+    block_sizes: tiling (only ``chunk_size`` is used); None uses ``DEFAULT_BLOCK_SIZES``.
+    interpret: run in the Pallas interpreter (CPU).
+
+  Returns:
+    ``(o (B, N, H, Dv) in q's dtype, final_state (B, H, Dk, Dv) float32)``.
+  """
+  bs = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
+  check_shapes(q, v, bs)
+  return common.run(q, k, v, log_decay, initial_state, common.Config(
+      forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale),
+      interpret=bool(interpret)))

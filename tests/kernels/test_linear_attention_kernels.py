@@ -1,0 +1,176 @@
+"""Pallas linear-attention kernels (TPU-style and GPU-style, interpret mode) vs the float64 recurrence.
+
+Shapes are tiny but always span several chunks, so the triangular mask inside each tile, the state
+carried between tiles and the reversed walk of the backward pass all matter.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kernels
+from kernels.linear_attention import pallas_gpu, pallas_tpu
+from tests.references import f64, linear_recurrence, rel_err
+
+# GPU tiles need powers of two >= 16; TPU tiles need head dims that are multiples of 128.
+HEAD_DIM = {"gpu": 32, "tpu": 128}
+
+
+def _data(seed, bsz, n, h, dk, dv, decay, dtype=jnp.float32):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((bsz, n, h, dk)) * dk ** -0.5
+  k = rng.standard_normal((bsz, n, h, dk)) * dk ** -0.5
+  v = rng.standard_normal((bsz, n, h, dv))
+  s0 = rng.standard_normal((bsz, h, dk, dv)) * 0.5
+  g = {"none": None,
+       "head": -rng.uniform(0.05, 0.5, (h,)),
+       "token": np.log(rng.uniform(0.3, 1.0, (bsz, n, h)))}[decay]
+  cast = lambda x: None if x is None else jnp.asarray(x, dtype)  # noqa: E731
+  return cast(q), cast(k), cast(v), (None if g is None else jnp.asarray(g, jnp.float32)), \
+      jnp.asarray(s0, jnp.float32)
+
+
+def _loss(fn, weights):
+  """A scalar that touches every output and the final state with distinct weights."""
+  w_o, w_s = weights
+
+  def loss(q, k, v, g, s0):
+    o, s = fn(q, k, v, g, s0)
+    return jnp.sum(o.astype(jnp.float32) * w_o) + jnp.sum(s * w_s)
+  return loss
+
+
+def _check(backend, q, k, v, g, s0, chunk, tol):
+  scale = 0.8
+
+  def kernel(q, k, v, g, s0):
+    return kernels.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=s0,
+                                          chunk_size=chunk, backend=backend, interpret=True)
+
+  def ref(q, k, v, g, s0):
+    return linear_recurrence(q, k, v, g, scale=scale, initial_state=s0)
+
+  rng = np.random.default_rng(1)
+  weights = (rng.standard_normal(v.shape), rng.standard_normal(s0.shape))
+  argnums = (0, 1, 2, 4) if g is None else (0, 1, 2, 3, 4)
+  o, s = kernel(q, k, v, g, s0)
+  grads = jax.grad(_loss(kernel, weights), argnums=argnums)(q, k, v, g, s0)
+  o_ref, s_ref = f64(ref, q, k, v, g, s0)
+  grads_ref = f64(lambda *a: jax.grad(_loss(ref, weights), argnums=argnums)(*a), q, k, v, g, s0)
+
+  assert o.dtype == q.dtype and s.dtype == jnp.float32
+  names = ["o", "final_state"] + [["dq", "dk", "dv", "dg", "ds0"][i] for i in argnums]
+  for name, got, want in zip(names, (o, s, *grads), (o_ref, s_ref, *grads_ref)):
+    got = np.asarray(got, np.float64)
+    assert np.all(np.isfinite(got)), name
+    assert got.shape == want.shape, name
+    assert rel_err(got, want) < tol, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("backend,decay,chunk,n", [
+    ("gpu", "none", 16, 64),
+    ("gpu", "head", 32, 96),
+    ("gpu", "token", 16, 64),
+    ("tpu", "none", 16, 48),
+    ("tpu", "head", 8, 32),
+    ("tpu", "token", 16, 48),
+])
+def test_float32_forward_state_and_grads(backend, decay, chunk, n):
+  d = HEAD_DIM[backend]
+  bsz, heads = {"none": (2, 1), "head": (1, 2), "token": (1, 1)}[decay]
+  _check(backend, *_data(0, bsz, n, heads, d, d, decay), chunk, 2e-4)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_bfloat16_token_decay(backend):
+  d = HEAD_DIM[backend]
+  _check(backend, *_data(2, 1, 64, 1, d, d, "token", jnp.bfloat16), 16, 3e-2)
+
+
+def test_gpu_split_backward_and_channel_blocks_are_exact():
+  """Dk/Dv split over two programs each, dk and dv from separate kernels."""
+  q, k, v, g, s0 = _data(3, 1, 64, 1, 32, 32, "token")
+  bs = pallas_gpu.BlockSizes(chunk_size=16, block_k=16, block_v=16, split_backward=True)
+
+  def fn(q, k, v, g, s0):
+    return pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0, block_sizes=bs,
+                                                 interpret=True)
+  weights = (np.cos(np.arange(v.size)).reshape(v.shape), np.ones(s0.shape))
+  got = jax.grad(_loss(fn, weights), argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+  want = f64(lambda *a: jax.grad(_loss(lambda q, k, v, g, s0: linear_recurrence(
+      q, k, v, g, initial_state=s0), weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0)
+  for a, b in zip(got, want):
+    assert rel_err(a, b) < 2e-4
+
+
+def test_interpret_defaults_to_cpu_and_per_channel_decay_uses_xla():
+  q, k, v, _, _ = _data(4, 1, 32, 1, 16, 16, "none")
+  o, s = kernels.chunk_linear_attention(q, k, v, chunk_size=16, backend="gpu")  # interpret=None
+  o_ref, s_ref = f64(linear_recurrence, q, k, v)
+  assert rel_err(o, o_ref) < 2e-4 and rel_err(s, s_ref) < 2e-4
+  g4 = jnp.asarray(np.log(np.random.default_rng(5).uniform(0.5, 1.0, (1, 32, 1, 16))), jnp.float32)
+  for backend in ("gpu", "tpu"):
+    o, s = kernels.chunk_linear_attention(q, k, v, g4, chunk_size=16, backend=backend)
+    o_ref, s_ref = f64(linear_recurrence, q, k, v, g4)
+    assert rel_err(o, o_ref) < 2e-4 and rel_err(s, s_ref) < 2e-4
+
+
+@pytest.mark.parametrize("backend,dk,dv,chunk,n,dtype,match", [
+    ("gpu", 32, 32, 16, 40, jnp.float32, "multiple of chunk_size"),
+    ("tpu", 128, 128, 16, 40, jnp.float32, "multiple of chunk_size"),
+    ("gpu", 24, 32, 16, 32, jnp.float32, "Dk to be a power of two >= 16.*got 24"),
+    ("gpu", 32, 48, 16, 32, jnp.float32, "Dv to be a power of two >= 16.*got 48"),
+    ("gpu", 32, 32, 8, 32, jnp.float32, "chunk_size to be a power of two >= 16.*got 8"),
+    ("tpu", 64, 128, 16, 32, jnp.float32, "Dk to be a multiple of 128.*got 64"),
+    ("tpu", 128, 96, 16, 32, jnp.float32, "Dv to be a multiple of 128.*got 96"),
+    ("tpu", 128, 128, 12, 36, jnp.float32, "multiple of 8 for float32"),
+    ("tpu", 128, 128, 8, 32, jnp.bfloat16, "multiple of 16 for bfloat16"),
+])
+def test_bad_shapes_raise_value_error(backend, dk, dv, chunk, n, dtype, match):
+  q = jnp.zeros((1, n, 1, dk), dtype)
+  v = jnp.zeros((1, n, 1, dv), dtype)
+  with pytest.raises(ValueError, match=match):
+    kernels.chunk_linear_attention(q, q, v, chunk_size=chunk, backend=backend, interpret=True)
+
+
+def test_mixed_dtypes_raise_type_error():
+  q = jnp.zeros((1, 32, 1, 32), jnp.float32)
+  with pytest.raises(TypeError, match="all float32 or all bfloat16"):
+    kernels.chunk_linear_attention(q, q, q.astype(jnp.bfloat16), chunk_size=16, backend="gpu")
+
+
+@pytest.mark.parametrize("backend,platform,target", [
+    ("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")])
+def test_lowers_for_the_real_hardware(backend, platform, target):
+  """Cross-lowers fwd+bwd (bf16, per-token decay, the benchmark's head dim) for the device: this
+  runs the Triton / Mosaic lowering of every kernel, which interpret mode never touches."""
+  mod = pallas_gpu if backend == "gpu" else pallas_tpu
+  entry = getattr(mod, f"chunk_linear_attention_{backend}")
+  sds = jax.ShapeDtypeStruct
+
+  def step(q, k, v, g, s0):
+    def loss(q, k, v, g, s0):
+      o, s = entry(q, k, v, g, initial_state=s0)
+      return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    return jax.grad(loss, argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
+
+  x = sds((2, 256, 2, 128), jnp.bfloat16)
+  exported = jax.export.export(
+      jax.jit(step), platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(target)])(
+          x, x, x, sds((2, 256, 2), jnp.float32), sds((2, 2, 128, 128), jnp.float32))
+  assert exported.mlir_module().count(target.split("$")[-1]) >= 3   # fwd, dq, dkv
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_lasp2_with_pallas_backend_matches_recurrence(backend):
+  """lasp2_attention(backend=...) on 4 simulated devices: kernels in interpret mode in shard_map."""
+  from lasp_jax import lasp2_attention
+  d = HEAD_DIM[backend]
+  q, k, v, g, _ = _data(6, 1, 128, 1, d, d, "token")
+  mesh = jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+  with jax.set_mesh(mesh):
+    o = lasp2_attention(q, k, v, g, mesh=mesh, chunk_size=16, backend=backend)
+  o_ref, _ = f64(linear_recurrence, q, k, v, g)
+  assert rel_err(o, o_ref) < 2e-4
