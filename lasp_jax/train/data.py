@@ -1,0 +1,216 @@
+"""Training data: synthetic MQAR, a UTF-8 text file as bytes, or a flat binary of token ids.
+
+Every example is a pure function of ``(seed, example index)`` (Grain ``MapDataset``s: a seeded
+global shuffle of windows, or a seeded ``random_map`` for MQAR), and the examples of step ``s`` are
+``[s * A * B, (s + 1) * A * B)`` (``A`` micro-batches of ``B`` sequences). So the data position is the
+step: resuming at step ``s`` replays exactly what an uninterrupted run would have seen.
+
+A batch is three arrays of shape ``(A, B, N)``: ``inputs`` (int32 tokens), ``targets`` (the next
+tokens) and ``mask`` (float32, 1 where the loss counts: every token for text, the query answers for
+MQAR). They are global ``jax.Array``s sharded ``P(None, batch_axes, "sp")``, in the model's layout
+(zigzag order along N when the model's layout is zigzag), and each process reads only the rows its
+own devices hold.
+"""
+
+from __future__ import annotations
+
+import os
+import grain
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lasp_jax.sequence_parallel.layout import segment_order
+from lasp_jax.train.config import DataConfig, resolve_path
+from lasp_jax.train.mesh import SEQ_AXIS, batch_axes
+
+Example = dict[str, np.ndarray]
+
+
+# ----------------------------------------------------------------------------------------------
+# Sources: each is a grain.MapDataset of examples {inputs, targets, mask}, each (N,).
+
+def mqar_vocab(vocab_size: int, num_kv_pairs: int) -> tuple[int, int]:
+  """``(first value token, number of keys)``: keys are ``1 .. nk``, values ``nk+1 .. V-1``, 0 unused."""
+  nk = (vocab_size - 1) // 2
+  if nk < num_kv_pairs or vocab_size - 1 - nk < 2:
+    raise ValueError(f"MQAR with data.mqar.num_kv_pairs={num_kv_pairs} needs a vocabulary of at "
+                     f"least {2 * num_kv_pairs + 1} tokens; the model's vocab_size is {vocab_size}")
+  return 1 + nk, nk
+
+
+def mqar_example(rng: np.random.Generator, seq_len: int, vocab_size: int,
+                 num_kv_pairs: int) -> Example:
+  """One multi-query associative recall sequence.
+
+  ``k_1 v_1 .. k_n v_n`` (distinct keys, random values), then query pairs ``k v`` to the end, the
+  keys drawn again from the n context keys. The loss counts only the answers: the targets at the
+  query keys, whose right value is given only in the context (or an earlier query).
+  """
+  n = num_kv_pairs
+  first_value, nk = mqar_vocab(vocab_size, n)
+  total = seq_len + 1
+  if total < 2 * n + 2:
+    raise ValueError(f"data.seq_len={seq_len} is too short for data.mqar.num_kv_pairs={n}: it "
+                     f"needs at least {2 * n + 1}")
+  keys = rng.choice(nk, size=n, replace=False) + 1
+  values = rng.integers(first_value, vocab_size, size=n)
+  num_queries = (total - 2 * n + 1) // 2
+  which = rng.integers(0, n, size=num_queries)
+  queries = np.stack([keys[which], values[which]], axis=1).reshape(-1)
+  x = np.concatenate([np.stack([keys, values], axis=1).reshape(-1), queries])[:total]
+  mask = np.zeros(seq_len, np.float32)
+  mask[2 * n::2] = 1.0                       # targets at query keys are the answers
+  return {"inputs": x[:-1].astype(np.int32), "targets": x[1:].astype(np.int32), "mask": mask}
+
+
+def mqar_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> grain.MapDataset:
+  n, L = cfg.mqar.num_kv_pairs, cfg.seq_len
+  mqar_example(np.random.default_rng(0), L, vocab_size, n)   # validate now, not in the loop
+  return grain.MapDataset.range(2**62).random_map(
+      lambda i, rng: mqar_example(rng, L, vocab_size, n), seed=seed)
+
+
+def load_tokens(cfg: DataConfig) -> np.ndarray:
+  """The whole token stream, memory-mapped: bytes of a text file, or a flat uint16/uint32 file."""
+  path = resolve_path(cfg.path)
+  if not os.path.isfile(path):
+    raise ValueError(f"data.path={cfg.path!r} is not a file (looked at {path!r})")
+  if cfg.source == "text":
+    return np.memmap(path, dtype=np.uint8, mode="r")
+  itemsize = np.dtype(cfg.token_dtype).itemsize
+  size = os.path.getsize(path)
+  if size % itemsize:
+    raise ValueError(f"data.path={cfg.path!r}: {size} bytes is not a whole number of "
+                     f"{cfg.token_dtype} tokens")
+  return np.memmap(path, dtype=cfg.token_dtype, mode="r")
+
+
+def window_dataset(tokens: np.ndarray, cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
+  """Non-overlapping windows of ``seq_len + 1`` tokens, shuffled anew each epoch (train split)."""
+  L = cfg.seq_len
+  num_windows = (len(tokens) - 1) // L
+  num_eval = int(round(num_windows * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
+  if cfg.eval_fraction > 0:
+    num_eval = max(num_eval, 1)
+  num_train = num_windows - num_eval
+  if num_train < 1:
+    raise ValueError(f"data.path={cfg.path!r} holds {len(tokens)} tokens: too few for one training "
+                     f"window of data.seq_len={L} + 1 (with eval_fraction={cfg.eval_fraction})")
+  if split == "eval" and num_eval == 0:
+    raise ValueError("evaluation on text/tokens needs data.eval_fraction > 0")
+  start, count = (0, num_train) if split == "train" else (num_train, num_eval)
+
+  def window(w: int) -> Example:
+    s = (start + int(w)) * L
+    x = np.asarray(tokens[s:s + L + 1], dtype=np.int32)
+    return {"inputs": x[:-1], "targets": x[1:], "mask": np.ones(L, np.float32)}
+
+  ds = grain.MapDataset.range(count)
+  if split == "train":
+    ds = ds.shuffle(seed=seed)
+  return ds.repeat().map(window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Batches on the mesh.
+
+def zigzag_permutation(seq_len: int, num_shards: int) -> np.ndarray:
+  """``perm`` with ``x[..., perm] == lasp_jax.zigzag(x, num_shards)`` along the sequence axis.
+
+  Host-side numpy (the data pipeline must not compile a JAX program per chunk).
+  """
+  chunk = seq_len // (2 * num_shards)
+  storage = np.argsort(segment_order("zigzag", num_shards))   # natural chunk held at each slot
+  return (storage[:, None] * chunk + np.arange(chunk)[None, :]).reshape(-1)
+
+
+class Batches:
+  """Global, sharded batches ``(A, B, N)`` for a step, in the model's layout.
+
+  ``split="train"`` gives step ``s``'s batch; ``split="eval"`` gives a fixed set of eval batches.
+  """
+
+  def __init__(self, cfg: DataConfig, *, vocab_size: int, mesh, layout: str, micro_batches: int = 1,
+               split: str = "train"):
+    self.cfg, self.mesh, self.layout, self.split = cfg, mesh, layout, split
+    self.vocab_size = vocab_size
+    self.A, self.B, self.N = micro_batches, cfg.batch_size, cfg.seq_len
+    axes = batch_axes(mesh)
+    num_batch_shards = int(np.prod([dict(zip(mesh.axis_names, mesh.axis_sizes))[a] for a in axes]))
+    self.W = dict(zip(mesh.axis_names, mesh.axis_sizes))[SEQ_AXIS]
+    if self.B % num_batch_shards:
+      raise ValueError(f"data.batch_size={self.B} is not divisible by the {num_batch_shards} batch "
+                       f"shards of the mesh (axes {axes})")
+    multiple = 2 * self.W if layout == "zigzag" else self.W
+    if self.N % multiple:
+      raise ValueError(f"data.seq_len={self.N} must be divisible by {multiple} ({layout} layout over "
+                       f"sp={self.W} devices)")
+    self.sharding = NamedSharding(mesh, P(None, axes if axes else None, SEQ_AXIS))
+    self.shape = (self.A, self.B, self.N)
+    # Rows (micro, row) this process must read: those its own devices hold.
+    index_map = self.sharding.addressable_devices_indices_map(self.shape)
+    rows = set()
+    for idx in index_map.values():
+      for a in range(self.A)[idx[0]]:
+        for b in range(self.B)[idx[1]]:
+          rows.add((a, b))
+    self.local_rows = sorted(rows)
+    self.perm = zigzag_permutation(self.N, self.W) if layout == "zigzag" else None
+    # eval: a different seed so that MQAR eval sequences are never trained on.
+    seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
+    if cfg.source == "mqar":
+      self.dataset = mqar_dataset(cfg, vocab_size, seed)
+    else:
+      tokens = load_tokens(cfg)
+      self.dataset = window_dataset(tokens, cfg, split, seed)
+
+  def examples_per_step(self) -> int:
+    return self.A * self.B
+
+  def _example(self, index: int) -> Example:
+    ex = self.dataset[index]
+    if self.perm is not None:
+      ex = {k: v[self.perm] for k, v in ex.items()}
+    return ex
+
+  def host_batch(self, start: int) -> dict[str, dict[tuple[int, int], np.ndarray]]:
+    """This process's rows of the batch of examples ``start ..``: ``{name: {(micro, row): (N,)}}``."""
+    base = start
+    out = {"inputs": {}, "targets": {}, "mask": {}}
+    for a, b in self.local_rows:
+      ex = self._example(base + a * self.B + b)
+      for k in out:
+        out[k][(a, b)] = ex[k]
+    top = max(int(v.max()) for v in out["inputs"].values()) if out["inputs"] else 0
+    top = max(top, max((int(v.max()) for v in out["targets"].values()), default=0))
+    if top >= self.vocab_size:
+      raise ValueError(f"token id {top} in {self.cfg.source} data (path {self.cfg.path!r}) is >= "
+                       f"the model's vocab_size {self.vocab_size}")
+    return out
+
+  def get(self, start: int) -> dict[str, jax.Array]:
+    """Examples ``start .. start + A * B`` as global sharded arrays ``{inputs, targets, mask}``,
+    each (A, B, N); the loop passes ``start = step * A * B`` (the data position)."""
+    host = self.host_batch(start)
+    return {k: self._assemble(rows) for k, rows in host.items()}
+
+  def _assemble(self, rows: dict) -> jax.Array:
+    def cb(idx) -> np.ndarray:
+      a_range, b_range = range(self.A)[idx[0]], range(self.B)[idx[1]]
+      block = np.stack([np.stack([rows[(a, b)] for b in b_range]) for a in a_range])
+      return block[:, :, idx[2]]
+    return jax.make_array_from_callback(self.shape, self.sharding, cb)
+
+  def __len__(self) -> int:
+    return len(self.dataset)
+
+
+def natural_order(x: np.ndarray, perm: np.ndarray | None) -> np.ndarray:
+  """Undo the layout permutation along the last axis (for inspection and tests)."""
+  if perm is None:
+    return x
+  out = np.empty_like(x)
+  out[..., perm] = x
+  return out
+

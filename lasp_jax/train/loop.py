@@ -1,0 +1,298 @@
+"""The training run: config -> mesh -> data -> model -> optimiser -> checkpoints and metrics.
+
+``run(config)`` is the whole job. The model is split once (``nnx.split``) and one ``jax.jit``-ed pure
+function of ``(params, opt_state, batch)`` does a full optimiser step, micro-batches included, so
+the Python cost per step is one call. Everything runs inside ``with jax.set_mesh(mesh)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import threading
+import time
+import warnings
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import yaml
+from flax import nnx
+
+from lasp_jax.train import optim
+from lasp_jax.train.checkpoint import Checkpointer
+from lasp_jax.train.config import TrainConfig
+from lasp_jax.train.data import Batches
+from lasp_jax.train.mesh import SEQ_AXIS, batch_axes, build_mesh, setup_devices
+from lasp_jax.train.metrics import RunLog, peak_flops_per_device
+
+
+def _models():
+  """The models package (a function so that tests can substitute a stand-in)."""
+  from lasp_jax import models  # pylint: disable=import-outside-toplevel
+  return models
+
+
+def model_config(cfg: TrainConfig, mesh):
+  """The preset plus overrides, with the mesh's sequence and batch axes filled in."""
+  models = _models()
+  over = dict(cfg.model.overrides)
+  axes = batch_axes(mesh)
+  for key, want in (("seq_axis", SEQ_AXIS), ("batch_axes", axes)):
+    if key in over and tuple(np.atleast_1d(over[key])) != tuple(np.atleast_1d(want)):
+      raise ValueError(f"model.{key}={over[key]!r} disagrees with the mesh {dict(mesh.shape)}, "
+                       f"which needs {want!r}; leave model.{key} unset")
+  over["seq_axis"], over["batch_axes"] = SEQ_AXIS, axes
+  base = models.get_config(cfg.model.preset)
+  return models.ModelConfig.from_dict({**base.to_dict(), **over})
+
+
+# ----------------------------------------------------------------------------------------------
+# The step functions (pure, jitted once).
+
+def _sums(graphdef, rest, params, inputs, targets, mask):
+  """Sum of masked token NLLs and ``(token count, correct count)`` for one micro-batch (B, N)."""
+  model = nnx.merge(graphdef, params, rest)
+  logits = model(inputs).astype(jnp.float32)
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(nll * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+
+
+def make_train_step(graphdef, tx, lr_schedule):
+  """``step(params, rest, opt_state, batch, step) -> (params, opt_state, metrics)``.
+
+  ``batch`` arrays are (A, B, N). The gradient is of the summed NLL over all ``A`` micro-batches
+  divided by their token count: accumulation gives the same update as one batch of ``A * B``.
+  ``rest`` is the model's non-parameter state (passed, not closed over, so that one compiled step
+  serves every run of the same model and optimiser in a process).
+  """
+  def step(params, rest, opt_state, batch, step):
+    vg = jax.value_and_grad(lambda p, x, y, m: _sums(graphdef, rest, p, x, y, m), has_aux=True)
+    xs, ys, ms = batch["inputs"], batch["targets"], batch["mask"]
+    if xs.shape[0] == 1:
+      (loss_sum, (count, correct)), grads = vg(params, xs[0], ys[0], ms[0])
+    else:
+      def body(carry, xym):
+        g_acc, l_acc, c_acc, k_acc = carry
+        (l, (c, k)), g = vg(params, *xym)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c, k_acc + k), None
+      zeros = jax.tree.map(jnp.zeros_like, params)
+      z = jnp.zeros((), jnp.float32)
+      (grads, loss_sum, count, correct), _ = jax.lax.scan(body, (zeros, z, z, z), (xs, ys, ms))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: g / denom, grads)
+    grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
+    updates, opt_state = tx.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "grad_norm": grad_norm,
+               "tokens": count, "lr": lr_schedule(step)}
+    return params, opt_state, metrics
+
+  return jax.jit(step, donate_argnums=(0, 2))
+
+
+def make_eval_step(graphdef):
+  """``eval(params, rest, batch) -> (loss_sum, count, correct)`` over a batch (1, B, N)."""
+  def ev(params, rest, batch):
+    loss_sum, (count, correct) = _sums(graphdef, rest, params, batch["inputs"][0],
+                                       batch["targets"][0], batch["mask"][0])
+    return loss_sum, count, correct
+  return jax.jit(ev)
+
+
+_STEP_CACHE: dict = {}
+
+
+def _step_functions(graphdef, optim_cfg, total_steps):
+  """``(init_opt_state, lr_schedule, train_step, eval_step)``, built once per model structure and optimiser
+  config in a process: a second run (a resume, a test) reuses the compiled programs."""
+  key = (graphdef, optim_cfg, total_steps)
+  if key not in _STEP_CACHE:
+    tx, lr_schedule = optim.build(optim_cfg, total_steps)
+    _STEP_CACHE.clear()              # keep at most one model's programs alive
+    _STEP_CACHE[key] = (jax.jit(tx.init), lr_schedule, make_train_step(graphdef, tx, lr_schedule),
+                        make_eval_step(graphdef))
+  return _STEP_CACHE[key]
+
+
+# ----------------------------------------------------------------------------------------------
+# Stopping on SIGTERM / SIGINT at the next step boundary, with a checkpoint.
+
+class _StopOnSignal:
+  """First SIGTERM/SIGINT: finish the step, save, stop. A second SIGINT interrupts at once."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, prev in self._previous.items():
+      signal.signal(sig, prev)
+
+  def any_process(self) -> bool:
+    """True when any process got a signal (all processes must stop at the same step)."""
+    local = self.received is not None
+    if jax.process_count() == 1:
+      return local
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def _flops_per_token(model_cfg, seq_len: int) -> float | None:
+  fn = getattr(_models(), "flops_per_token", None)
+  return float(fn(model_cfg, seq_len)) if fn is not None else None
+
+
+def _count_params(params) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
+  """Trains as ``cfg`` says, resuming from the run's latest checkpoint; returns a summary.
+
+  ``on_step(step, record)`` is called after each step's record is written (tests, notebooks).
+  """
+  setup_devices(cfg.mesh)
+  mesh = build_mesh(cfg.mesh)
+  mcfg = model_config(cfg, mesh)
+  A = cfg.optim.grad_accum
+  run_dir = cfg.run_dir
+  ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
+  is_main = jax.process_index() == 0
+  if is_main:
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+      yaml.safe_dump({**cfg.to_dict(), "resolved_model": mcfg.to_dict()}, f, sort_keys=False)
+
+  with jax.set_mesh(mesh):
+    train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+                         micro_batches=A, split="train")
+    do_eval = cfg.log.eval_every > 0 and (cfg.data.source == "mqar" or cfg.data.eval_fraction > 0)
+    eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+                         micro_batches=1, split="eval") if do_eval else None)
+
+    model = _models().create_model(mcfg, mesh=mesh, seed=cfg.seed)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model
+    init_opt, lr_schedule, train_step, eval_step = _step_functions(graphdef, cfg.optim, cfg.steps)
+    opt_state = init_opt(params)
+    num_params = _count_params(params)
+
+    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
+    step, next_example = 0, 0
+    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
+    if latest is not None:
+      restored, meta = ckpt.restore(latest, {"params": params, "opt_state": opt_state})
+      params, opt_state = restored["params"], restored["opt_state"]
+      step, next_example = int(meta["step"]), int(meta["data"]["next_example"])
+      same = {k: meta["data"].get(k) == v for k, v in (("source", cfg.data.source),
+                                                         ("seed", cfg.data.seed))}
+      if not all(same.values()):
+        warnings.warn(f"resuming {ckpt_dir} at step {step} with different data settings than it "
+                      f"was saved with ({meta['data']}): the data order will not continue exactly")
+
+    eval_step = eval_step if do_eval else None
+    tokens_per_step = A * cfg.data.batch_size * cfg.data.seq_len
+    fpt = _flops_per_token(mcfg, cfg.data.seq_len)
+    peak = peak_flops_per_device(cfg.log.peak_tflops_per_device)
+    chance = 1.0 / cfg.data.mqar.num_kv_pairs if cfg.data.source == "mqar" else None
+
+    log = RunLog(run_dir, total_steps=cfg.steps, start_step=step, tensorboard=cfg.log.tensorboard,
+                 progress=cfg.log.progress, every=cfg.log.every)
+    log.message(f"{cfg.name}: {num_params / 1e6:.3g}M params, mesh {dict(mesh.shape)} over "
+                f"{jax.device_count()} {jax.devices()[0].platform} devices in "
+                f"{jax.process_count()} process(es), data {cfg.data.source}, "
+                f"{'resuming at step ' + str(step) if step else 'from scratch'} -> {ckpt_dir}")
+
+    def meta(s, nxt):
+      return {"step": s, "data": {"next_example": nxt, "source": cfg.data.source,
+                                  "seed": cfg.data.seed}, "config": cfg.to_dict()}
+
+    def evaluate(s):
+      tot = np.zeros(3)
+      for e in range(cfg.log.eval_batches):
+        tot += np.array([float(v) for v in eval_step(params, rest, eval_data.get(e * eval_data.B))])
+      count = max(tot[1], 1.0)
+      rec = {"step": s, "loss": tot[0] / count}
+      if chance is not None:
+        rec["accuracy"], rec["chance"] = tot[2] / count, chance
+      log.write(rec, kind="eval")
+      return rec
+
+    summary = {"start_step": step, "steps": step, "losses": [], "evals": [], "stopped_by": None}
+    last_saved = step if latest is not None else None
+    try:
+      with _StopOnSignal() as stop:
+        batch = train_data.get(next_example) if step < cfg.steps else None
+        t0 = time.perf_counter()
+        while step < cfg.steps:
+          params, opt_state, metrics = train_step(params, rest, opt_state, batch, np.int32(step))
+          step += 1
+          next_example += train_data.examples_per_step()
+          # Prepare the next batch on the host while the device works on this step.
+          batch = train_data.get(next_example) if step < cfg.steps else None
+          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          lr = m["lr"]
+          t1 = time.perf_counter()
+          dt, t0 = t1 - t0, t1
+          rec = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"],
+                 "step_time": dt, "tok_s": tokens_per_step / dt}
+          if chance is not None:
+            rec["accuracy"] = m["accuracy"]
+          if fpt is not None:
+            rec["tflops_s"] = fpt * tokens_per_step / dt / 1e12
+            if peak is not None:
+              rec["mfu"] = fpt * tokens_per_step / dt / (peak * jax.device_count())
+          log.write(rec)
+          summary["losses"].append(m["loss"])
+          summary["steps"] = step
+          if not math.isfinite(m["loss"]):
+            raise FloatingPointError(
+                f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, lr {lr:.4g}); "
+                f"stopping. The last checkpoint is step {last_saved} in {ckpt_dir}. Try a lower "
+                f"optim.lr, a longer optim.warmup_steps or model.compute_dtype=float32.")
+          if on_step is not None:
+            on_step(step, rec)
+          if eval_step is not None and step % cfg.log.eval_every == 0:
+            summary["evals"].append(evaluate(step))
+          stopping = stop.any_process()
+          if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping \
+              or step == cfg.steps:
+            ckpt.save(step, {"params": params, "opt_state": opt_state}, meta(step, next_example))
+            last_saved = step
+          if stopping:
+            summary["stopped_by"] = stop.received or "signal on another process"
+            log.message(f"stopped by {summary['stopped_by']} at step {step}; checkpoint saved in "
+                        f"{ckpt_dir}; run the same command again to resume")
+            break
+      if eval_step is not None and step == cfg.steps and (not summary["evals"] or
+                                                           summary["evals"][-1]["step"] != step):
+        summary["evals"].append(evaluate(step))
+    finally:
+      ckpt.close()
+      log.close()
+  summary.update(run_dir=run_dir, num_params=num_params, mesh=dict(mesh.shape),
+                 model=dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None)
+  if is_main:
+    with open(os.path.join(run_dir, "summary.json"), "w", encoding="utf-8") as f:
+      json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1, default=str)
+  return summary

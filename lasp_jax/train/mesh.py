@@ -1,0 +1,98 @@
+"""Devices and the mesh: simulated CPU devices, multi-host start-up, and the (data, fsdp, sp) mesh.
+
+``setup_devices`` must run before JAX initialises its backends (the first ``jax.devices()``): it sets the
+number of simulated CPU devices and, for multi-process runs, calls ``jax.distributed.initialize``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+
+from lasp_jax.train.config import MeshConfig
+
+SEQ_AXIS = "sp"
+
+
+def _env_says_distributed() -> bool:
+  """True when the environment describes a multi-process job (explicit address, pods, SLURM, MPI)."""
+  if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+    return True
+  hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if "," in hosts:
+    return True
+  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+    try:
+      if int(os.environ.get(var, "1")) > 1:
+        return True
+    except ValueError:
+      pass
+  return False
+
+
+def _backends_started() -> bool:
+  try:
+    from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+    return bool(getattr(xla_bridge, "_backends", {}))
+  except ImportError:  # pragma: no cover - private module moved; assume not started
+    return False
+
+
+def setup_devices(cfg: MeshConfig) -> None:
+  """Platform, simulated CPU device count and ``jax.distributed``; a no-op when already done."""
+  distributed = cfg.distributed == "on" or (
+      cfg.distributed == "auto" and (cfg.coordinator_address is not None or _env_says_distributed()))
+  if _backends_started():
+    # Already initialised (a test process, or a second run in one process): check, don't change.
+    return
+  if cfg.platform != "auto":
+    jax.config.update("jax_platforms", cfg.platform)
+  if cfg.platform in ("auto", "cpu"):
+    # Only affects the CPU backend; on a GPU/TPU host the accelerator stays the default.
+    jax.config.update("jax_num_cpu_devices", cfg.num_cpu_devices)
+  if distributed:
+    if cfg.platform == "cpu":
+      jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    kwargs = {}
+    if cfg.coordinator_address is not None:
+      kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes is not None:
+      kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id is not None:
+      kwargs["process_id"] = cfg.process_id
+    if cfg.platform == "cpu":
+      kwargs["initialization_timeout"] = cfg.init_timeout_s
+    jax.distributed.initialize(**kwargs)
+
+
+def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+  """``{axis: size}`` in mesh order, -1 resolved; ValueError when the product misses the devices."""
+  sizes = {"data": cfg.data}
+  if cfg.fsdp != 1:
+    sizes["fsdp"] = cfg.fsdp
+  sizes[SEQ_AXIS] = cfg.sp
+  known = int(np.prod([s for s in sizes.values() if s != -1]))
+  for k, s in sizes.items():
+    if s == -1:
+      if num_devices % known:
+        raise ValueError(f"mesh.{k}=-1: {num_devices} devices are not divisible by the other axes' "
+                         f"product {known} ({sizes})")
+      sizes[k] = num_devices // known
+  if int(np.prod(list(sizes.values()))) != num_devices:
+    raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, but there "
+                     f"are {num_devices} ({jax.process_count()} process(es)); set mesh.data / mesh.sp "
+                     f"(one of them may be -1)")
+  return sizes
+
+
+def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
+  """The global mesh over every device of every process (Explicit axes)."""
+  sizes = axis_sizes(cfg, jax.device_count())
+  return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
+
+
+def batch_axes(mesh) -> tuple[str, ...]:
+  """The mesh axes the batch is split over: every axis but the sequence axis."""
+  return tuple(a for a in mesh.axis_names if a != SEQ_AXIS)

@@ -1,0 +1,39 @@
+"""Sequence-parallel training from a config.
+
+  python train.py                                   # configs/tiny.yaml: MQAR on 8 simulated CPUs
+  python train.py configs/linear_llama3_1b.yaml data.path=tokens.bin
+  python train.py configs/tiny.yaml optim.lr=1e-3 --mesh.data 2 --mesh.sp 4
+  python train.py plot runs/tiny                    # loss curve -> runs/tiny/loss.png
+
+Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
+"""
+
+import sys
+
+
+def main(argv):
+  if argv and argv[0] in ("-h", "--help"):
+    print(__doc__)
+    return 0
+  if argv and argv[0] == "plot":
+    from lasp_jax.train.plot import plot_run
+    if len(argv) not in (2, 3):
+      print("usage: python train.py plot <run_dir> [out.png]", file=sys.stderr)
+      return 2
+    print(plot_run(*argv[1:]))
+    return 0
+  from lasp_jax.train import load_config, run
+  path = None
+  if argv and not argv[0].startswith("-") and "=" not in argv[0]:
+    path, argv = argv[0], argv[1:]
+  try:
+    cfg = load_config(path, argv)
+  except ValueError as e:
+    print(f"config error: {e}", file=sys.stderr)
+    return 2
+  summary = run(cfg)
+  return 0 if summary["stopped_by"] is None else 130
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
