@@ -1,4 +1,4 @@
-"""LASP-2H on 8 simulated CPU devices: collective bytes from compiled HLO, zigzag vs contiguous time.
+"""LASP-2H on 8 simulated CPU devices: collective bytes from compiled HLO, zigzag/contiguous time.
 
     python benchmarks/lasp2h.py [--out benchmarks/lasp2h.json] [--compare-dpa]
 

@@ -1,27 +1,33 @@
 """Flash-style softmax attention in pure jnp: blockwise over keys with an online softmax.
 
 Queries ``(B, Nq, H, D)`` attend to keys/values ``(B, Nk, Hkv, D)`` (grouped-query: query head ``h``
-uses key head ``h // (H / Hkv)``), masked by *positions* (a query at position i sees keys at positions
-<= i when causal) and optionally by segment ids (packed documents). Positions are arbitrary integer
-vectors, so the same kernel serves a device's own queries against keys gathered from the whole
-sequence in any layout (contiguous or zigzag): the mask is always by true global positions.
+uses key head ``h // (H / Hkv)``), masked by *positions* (a query at position i sees keys at
+positions <= i when causal) and optionally by segment ids (packed documents). Positions are
+arbitrary integer vectors, so the same kernel serves a device's own queries against keys gathered
+from the whole sequence in any layout (contiguous or zigzag): the mask is always by true global
+positions.
 
 Work: the score matrix is cut into ``block_q x block_k`` tiles; tiles with no visible entry are
 *skipped* (a ``lax.switch`` branch that does nothing, so the work really is not done, which is what
-makes the zigzag layout balance causal attention), tiles with every entry visible are computed without
-a mask, and only the tiles that straddle the causal diagonal or a document boundary are masked. At no
-time is more than one ``(B, H, block_q, block_k)`` tile of scores alive.
+makes the zigzag layout balance causal attention), tiles with every entry visible are computed
+without a mask, and only the tiles that straddle the causal diagonal or a document boundary are
+masked. At no time is more than one ``(B, H, block_q, block_k)`` tile of scores alive.
 
 Backward: a ``custom_vjp`` that saves only ``o`` and the row logsumexp and recomputes each tile's
 probabilities from them (FlashAttention-2's backward), with the loop over key blocks outside so that
-``dK, dV`` of a key block are accumulated in registers-sized carries.
+``dK, dV`` of a key block are accumulated in tile-sized loop carries.
 
-Backend choice: this XLA path is used on every backend. Measured on this project's CPU machine
-(benchmarks/lasp2h.py, ``--compare-dpa``): ``jax.nn.dot_product_attention`` (implementation="xla")
-materialises the full score matrix (it is not flash, and its memory is ``O(Nq * Nk)``), and its cuDNN
-implementation only knows the standard causal mask (query i sees key j <= i in local index), which
-cannot express true-position masks of a zigzag shard against gathered keys without a dense
-``(Nq, Nk)`` mask. A Pallas kernel would be the next step on GPU/TPU; it is not written yet.
+Backend choice: this XLA path, on every backend, for now. Measured on this project's 2-core CPU
+machine, shared with other jobs (``python benchmarks/lasp2h.py --compare-dpa``; one device, causal,
+B=1 N=4096 H=4 D=64 f32, forward+backward): ``jax.nn.dot_product_attention(implementation="xla")``
+took 7.6 s with 1032 MiB of temporaries (it builds the full score matrix: not flash), this kernel
+1.6 s with 36 MiB. On GPU the
+cuDNN implementation of ``jax.nn.dot_product_attention`` is flash, but its masks are the standard
+causal one in *local* indices, sliding windows and sequence lengths: a device's queries at true
+positions (an offset that is the traced device index, or two zigzag segments) against the gathered
+keys, and segment ids, need a dense ``(Nq, Nk)`` mask or bias, which is what flash must avoid. So
+it is not a correct choice for LASP-2H as specified; not measured on GPU here (no GPU in this
+task). A Pallas kernel is the next step for GPU/TPU speed.
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 DEFAULT_BLOCK = 512
 _NEG_INF = -jnp.inf
@@ -90,7 +95,8 @@ def block_classes(q_positions, kv_positions, block_q, block_k, *, causal=True,
     qs, ks = xp.asarray(q_segment_ids), xp.asarray(kv_segment_ids)
     qs_min, qs_max = _block_reduce(qs, block_q, xp.min), _block_reduce(qs, block_q, xp.max)
     ks_min, ks_max = _block_reduce(ks, block_k, xp.min), _block_reduce(ks, block_k, xp.max)
-    overlap = (qs_min[:, :, None] <= ks_max[:, None, :]) & (ks_min[:, None, :] <= qs_max[:, :, None])
+    overlap = ((qs_min[:, :, None] <= ks_max[:, None, :])
+               & (ks_min[:, None, :] <= qs_max[:, :, None]))
     one_doc = ((qs_min == qs_max)[:, :, None] & (ks_min == ks_max)[:, None, :]
                & (qs_min[:, :, None] == ks_min[:, None, :]))
     any_visible = any_visible & xp.any(overlap, axis=0)
@@ -110,7 +116,8 @@ def validate_inputs(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=
       raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
   bsz, nq, h, d = q.shape
   if k.shape != v.shape:
-    raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and "
+                     f"v {tuple(v.shape)}")
   if k.shape[0] != bsz or k.shape[3] != d:
     raise ValueError(f"k must have shape (B={bsz}, Nk, Hkv, D={d}), got {tuple(k.shape)}")
   hkv = k.shape[2]
@@ -126,7 +133,8 @@ def validate_inputs(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=
       raise TypeError(f"{name} must be an integer array, got dtype {pos.dtype}")
   if (q_segment_ids is None) != (kv_segment_ids is None):
     raise ValueError("q_segment_ids and kv_segment_ids must be given together")
-  for name, seg, n in (("q_segment_ids", q_segment_ids, nq), ("kv_segment_ids", kv_segment_ids, nk)):
+  for name, seg, n in (("q_segment_ids", q_segment_ids, nq),
+                       ("kv_segment_ids", kv_segment_ids, nk)):
     if seg is None:
       continue
     if tuple(seg.shape) != (bsz, n):

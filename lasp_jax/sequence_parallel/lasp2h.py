@@ -6,12 +6,12 @@ Per device, forward:
    given. The gathered keys stay in storage order; their true global positions are known statically
    from the layout, so nothing is permuted.
 2. Flash attention of the local queries against the gathered keys (``kernels.attention``), masked by
-   true global positions (``layout.local_positions``) and segment ids. Tiles that causality masks out
-   entirely are skipped, so in the zigzag layout every device does the same work.
+   true global positions (``layout.local_positions``) and segment ids. Tiles that causality masks
+   out entirely are skipped, so in the zigzag layout every device does the same work.
 
-Backward (a ``custom_vjp`` around both steps): the kernel's flash backward gives float32 ``dK, dV`` for
-the whole gathered sequence; ONE reduce-scatter of them (stacked, float32 so that W partial sums of
-bfloat16 gradients do not lose precision) hands each device the gradient of its own keys.
+Backward (a ``custom_vjp`` around both steps): the kernel's flash backward gives float32 ``dK, dV``
+for the whole gathered sequence; ONE reduce-scatter of them (stacked, float32 so that W partial sums
+of bfloat16 gradients do not lose precision) hands each device the gradient of its own keys.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _validate(q, k, v, segment_ids, layout, num_shards=None, where="local"):
 
 
 def _gathered_positions(layout, num_shards, local_len):
-  """True global positions ``(W * C,)`` of the all-gathered sequence (storage order), on the host."""
+  """True global positions ``(W * C,)`` of the all-gathered sequence in storage order (host)."""
   nseg = layout_lib.segments_per_shard(layout)
   seg_len = local_len // nseg
   ar = np.arange(seg_len, dtype=np.int32)

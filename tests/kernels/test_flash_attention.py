@@ -113,7 +113,8 @@ def test_block_classes_match_the_dense_mask():
 
 
 @pytest.mark.parametrize("bad, match", [
-    (dict(k=jnp.zeros((2, 64, 3, 8)), v=jnp.zeros((2, 64, 3, 8))), "H=4 must be a multiple of key/value heads Hkv=3"),
+    (dict(k=jnp.zeros((2, 64, 3, 8)), v=jnp.zeros((2, 64, 3, 8))),
+     "H=4 must be a multiple of key/value heads Hkv=3"),
     (dict(v=jnp.zeros((2, 64, 2, 4))), "k and v must have the same shape"),
     (dict(q=jnp.zeros((2, 48, 4))), r"q must have shape \(B, N, H, D\)"),
     (dict(q_segment_ids=jnp.zeros((2, 48), jnp.int32)), "must be given together"),

@@ -1,4 +1,4 @@
-"""LASP-2H on 8 simulated devices against the float64 dense softmax reference (forward, gradients)."""
+"""LASP-2H on 8 simulated devices against the float64 dense softmax reference, fwd and gradients."""
 
 import functools
 

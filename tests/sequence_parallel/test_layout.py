@@ -36,7 +36,7 @@ def test_local_positions_are_the_true_positions(name):
 
 def test_errors():
   x = jnp.zeros((1, 24, 2))
-  with pytest.raises(ValueError, match="sequence length 24 .* not divisible by 2 \\* num_shards = 16"):
+  with pytest.raises(ValueError, match=r"length 24 .* not divisible by 2 \* num_shards = 16"):
     lasp_jax.zigzag(x, 8)
   with pytest.raises(ValueError, match="sequence length 24 .* not divisible"):
     lasp_jax.unzigzag(x, 8)
