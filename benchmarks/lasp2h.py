@@ -1,6 +1,6 @@
 """LASP-2H on 8 simulated CPU devices: collective bytes from compiled HLO, zigzag/contiguous time.
 
-    python benchmarks/lasp2h.py [--out benchmarks/lasp2h.json] [--compare-dpa]
+    python benchmarks/lasp2h.py [--out benchmarks/results/lasp2h.json] [--compare-dpa]
 
 1. Collectives of ``lasp2h_attention`` per call (forward, and forward+backward) at two sequence
    lengths, counted in the compiled HLO (``lasp_jax.comm``) with inputs already sharded as in
@@ -167,7 +167,8 @@ def compare_dpa(*, n, bsz, heads, dim, reps):
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "lasp2h.json"))
+  ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                "results", "lasp2h.json"))
   ap.add_argument("--seq-lens", type=int, nargs=2, default=[16384, 65536])
   ap.add_argument("--time-n", type=int, default=16384)
   ap.add_argument("--reps", type=int, default=1)
@@ -221,6 +222,7 @@ def main():
     for name in ("dot_product_attention_xla", "flash_blockwise"):
       print(f"{name:>28} {c[name]['s']:>8.3f} s  temp {c[name]['temp_bytes'] / 2**20:>8.1f} MiB")
 
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(result, f, indent=1)
   print(f"\nwrote {args.out}")
