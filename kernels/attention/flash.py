@@ -51,13 +51,15 @@ class _Config(NamedTuple):
 
 
 def pick_block(n: int, target: int = DEFAULT_BLOCK) -> int:
-  """The largest divisor of ``n`` that is <= ``target`` (``n`` itself when ``n <= target``)."""
+  """The largest divisor of ``n`` that is <= ``target`` (``n`` itself when ``n <= target``).
+
+  When that divisor is below ``target / 8`` (an awkward ``n`` such as a prime), ``n`` itself: one
+  large tile costs memory, but thousands of tiny ones would cost a loop step per tile pair.
+  """
   if n <= target:
     return n
-  for b in range(target, 0, -1):
-    if n % b == 0:
-      return b
-  return 1
+  best = next(b for b in range(target, 0, -1) if n % b == 0)
+  return n if best < target // 8 else best
 
 
 def _block_reduce(x, block, fn):

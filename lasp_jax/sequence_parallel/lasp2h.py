@@ -32,10 +32,10 @@ from lasp_jax.sequence_parallel import sharding
 class _Plan(NamedTuple):
   axis_name: str
   layout: str
-  kernel: tuple  # flash config
+  kernel: tuple  # the kernel's static config, from flash.make_config
 
 
-def _validate(q, k, v, segment_ids, layout, num_shards=None, where="local"):
+def _validate(q, k, v, segment_ids, layout, num_shards=None):
   """Shapes, dtypes, layout; ``num_shards`` given for global arrays (checks N's divisibility)."""
   layout_lib.check_layout(layout)
   flash.validate_inputs(q, k, v)
