@@ -6,6 +6,7 @@ table and writes it as JSON. Imports only jax and numpy (runs on a bare GPU/TPU 
   PYTHONPATH=. python benchmarks/kernels.py                     # on whatever backend JAX has
   PYTHONPATH=. python benchmarks/kernels.py --small             # CPU: toy shapes, interpret mode
   PYTHONPATH=. python benchmarks/kernels.py --check             # also check the compiled kernels
+  PYTHONPATH=. python benchmarks/kernels.py --compile-sm90      # no GPU: Triton compile for sm_90
 
 Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the implementation):
 - FLOPs: forward ``B H N (2 c (Dk + Dv) + 4 Dk Dv)`` (full c x c tiles, as computed), and
@@ -129,24 +130,39 @@ def bench_one(name, fn, shape, dtype, decay, chunk, iters, peaks):
   return row
 
 
-def check_compiled(backend, interpret, shape=(2, 1024, 4, 128, 128)):
-  """Compiled (or interpreted) Pallas fwd+grads vs the XLA path and the float64 recurrence."""
+CHECK_CONFIGS = (  # (dtype, decay, shape B N H Dk Dv, chunk): float32 IEEE dots compile slowly at
+    # Dk = 128 with Triton, so the tight float32 checks use a small head dim.
+    (jnp.float32, "none", (2, 512, 4, 32, 32), 16),
+    (jnp.float32, "token", (2, 512, 4, 32, 32), 16),
+    (jnp.float32, "head", (2, 512, 4, 32, 32), 32),
+    (jnp.bfloat16, "none", (2, 512, 4, 128, 128), 64),
+    (jnp.bfloat16, "token", (2, 512, 4, 128, 128), 64),
+    (jnp.bfloat16, "head", (2, 512, 4, 128, 128), 64),
+)
+SMALL_CHECK_CONFIGS = ((jnp.float32, "token", (1, 64, 1, 32, 32), 16),
+                       (jnp.bfloat16, "token", (1, 64, 1, 32, 32), 16))
+
+
+def check_compiled(backend, interpret, configs):
+  """Pallas fwd+grads (compiled, or interpreted on CPU) vs the XLA path and the float64 recurrence."""
   from tests.references import f64, linear_recurrence, rel_err  # only for --check
   rows = []
-  for dtype, decay in ((jnp.float32, "none"), (jnp.float32, "token"), (jnp.float32, "head"),
-                       (jnp.bfloat16, "token")):
+  for dtype, decay, shape, chunk in configs:
     q, k, v, g, do = _inputs(shape, dtype, decay, seed=1)
     s0 = jax.random.normal(jax.random.PRNGKey(7), (shape[0], shape[2], shape[3], shape[4]))
     dsf = jax.random.normal(jax.random.PRNGKey(8), s0.shape)
+    mod = pallas_gpu if backend == "gpu" else pallas_tpu
+    bs = dataclasses.replace(mod.DEFAULT_BLOCK_SIZES, chunk_size=chunk)
     entry = (pallas_gpu.chunk_linear_attention_gpu if backend == "gpu"
              else pallas_tpu.chunk_linear_attention_tpu)
 
     def run_pallas(q, k, v, g, s0):
-      return entry(q, k, v, g, initial_state=s0, interpret=interpret)
+      return entry(q, k, v, g, initial_state=s0, block_sizes=bs, interpret=interpret)
 
     def run_xla(q, k, v, g, s0):
       with jax.default_matmul_precision("highest"):
-        return reference.chunk_linear_attention_xla(q, k, v, g, initial_state=s0, chunk_size=64)
+        return reference.chunk_linear_attention_xla(q, k, v, g, initial_state=s0,
+                                                    chunk_size=chunk)
 
     def grads(fn):
       def go(q, k, v, g, s0):
@@ -154,11 +170,12 @@ def check_compiled(backend, interpret, shape=(2, 1024, 4, 128, 128)):
         return (o, sf) + vjp((do.astype(o.dtype), dsf.astype(sf.dtype)))
       return jax.jit(go)
 
+    tag = dict(dtype=jnp.dtype(dtype).name, decay=decay, shape=list(shape), chunk=chunk)
     try:
       got = grads(run_pallas)(q, k, v, g, s0)
     except Exception as e:  # noqa: BLE001  (report, keep going)
-      print(f"check {jnp.dtype(dtype).name} {decay}: Pallas FAILED {type(e).__name__}: {e}"[:2000])
-      rows.append(dict(dtype=jnp.dtype(dtype).name, decay=decay, error=str(e)[:2000]))
+      print(f"check {tag}: Pallas FAILED {type(e).__name__}: {e}"[:2000])
+      rows.append(dict(tag, error=str(e)[:2000]))
       continue
     xla = grads(run_xla)(q, k, v, g, s0)
     want = f64(lambda *a: grads(lambda q, k, v, g, s0: linear_recurrence(
@@ -167,16 +184,84 @@ def check_compiled(backend, interpret, shape=(2, 1024, 4, 128, 128)):
     for nm, a, x, w in zip(names, got, xla, want):
       if w is None or a is None:
         continue
-      rows.append(dict(dtype=jnp.dtype(dtype).name, decay=decay, out=nm,
-                       pallas_vs_f64=rel_err(a, w), xla_vs_f64=rel_err(x, w),
+      rows.append(dict(tag, out=nm, pallas_vs_f64=rel_err(a, w), xla_vs_f64=rel_err(x, w),
+                       pallas_vs_xla=rel_err(a, x),
                        finite=bool(np.all(np.isfinite(np.asarray(a, np.float32))))))
-  print(f"\ncorrectness ({backend}, interpret={interpret}, shape {shape}): rel err vs float64")
-  print(f"{'dtype':9s} {'decay':6s} {'out':12s} {'pallas':>10s} {'xla':>10s} finite")
+  print(f"\ncorrectness ({backend}, interpret={interpret}): max|err| / max|ref|")
+  print(f"{'dtype':9s} {'decay':6s} {'BxNxHxDkxDv':16s} {'c':>4s} {'out':12s} {'pal-f64':>9s} "
+        f"{'xla-f64':>9s} {'pal-xla':>9s} finite")
   for r in rows:
     if "error" in r:
       continue
-    print(f"{r['dtype']:9s} {r['decay']:6s} {r['out']:12s} {r['pallas_vs_f64']:10.2e} "
-          f"{r['xla_vs_f64']:10.2e} {r['finite']}")
+    print(f"{r['dtype']:9s} {r['decay']:6s} {'x'.join(map(str, r['shape'])):16s} {r['chunk']:4d} "
+          f"{r['out']:12s} {r['pallas_vs_f64']:9.2e} {r['xla_vs_f64']:9.2e} "
+          f"{r['pallas_vs_xla']:9.2e} {r['finite']}")
+  return rows
+
+
+SM90_SHARED_LIMIT = 232448   # bytes of shared memory one H100/H200 block may use
+
+
+def compile_sm90(variants, shape=MAIN_SHAPE, dtype=jnp.bfloat16):
+  """Without a GPU: lowers every Triton kernel of fwd+bwd through Pallas and compiles the Triton IR
+  for sm_90 with the ``triton`` package (must be installed), reporting shared memory per kernel.
+
+  Reaches into JAX internals (the Pallas Triton lowering) to get the IR; a diagnostic only.
+  """
+  import triton  # noqa: PLC0415  (optional dependency of this mode only)
+  from triton.backends.compiler import GPUTarget
+  from jax._src.pallas.triton import lowering as tlow
+  import tempfile
+
+  captured = []
+  original = tlow.lower_jaxpr_to_triton_module
+
+  def capture(*a, **kw):
+    res = original(*a, **kw)
+    captured.append(res.module.operation.get_asm(enable_debug_info=False))
+    return res
+
+  rows = []
+  bsz, n, h, dk, dv = shape
+  sds = jax.ShapeDtypeStruct
+  tlow.lower_jaxpr_to_triton_module = capture
+  try:
+    for name, bs in variants:
+      for decay in (False, True):
+        captured.clear()
+
+        def step(q, k, v, g, s0, bs=bs):
+          def loss(q, k, v, g, s0):
+            o, s = pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0,
+                                                         block_sizes=bs)
+            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+          return jax.grad(loss, argnums=(0, 1, 2, 4))(q, k, v, g, s0)
+
+        x = sds((bsz, n, h, dk), dtype)
+        jax.export.export(
+            jax.jit(step), platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
+                x, x, sds((bsz, n, h, dv), dtype),
+                sds((bsz, n, h), jnp.float32) if decay else None,
+                sds((bsz, h, dk, dv), jnp.float32))
+        for src in captured:
+          kname = src.split("@", 1)[1].split(" ", 1)[0].split("(", 1)[0]
+          with tempfile.NamedTemporaryFile("w", suffix=".ttir", delete=False) as f:
+            f.write(src)
+          row = dict(variant=name, decay=decay, kernel=kname)
+          try:
+            kern = triton.compile(f.name, target=GPUTarget("cuda", 90, 32), options=dict(
+                num_warps=bs.num_warps or 4, num_stages=bs.num_stages or 2))
+            row.update(shared=int(kern.metadata.shared),
+                       fits=int(kern.metadata.shared) <= SM90_SHARED_LIMIT,
+                       wgmma="wgmma" in kern.asm["ptx"])
+          except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+          os.unlink(f.name)
+          rows.append(row)
+          print(row, flush=True)
+  finally:
+    tlow.lower_jaxpr_to_triton_module = original
   return rows
 
 
@@ -194,6 +279,9 @@ def main(argv=None):
                  help="seconds after which no new measurement starts (the table so far is kept)")
   p.add_argument("--shape", default=None, help="only this shape, 'B,N,H,Dk,Dv'")
   p.add_argument("--chunk", type=int, default=None, help="chunk size of the default variant")
+  p.add_argument("--compile-sm90", action="store_true",
+                 help="no GPU needed: compile each variant's Triton kernels for sm_90 (needs the "
+                      "triton package) and report shared memory; no timing")
   p.add_argument("--peak-tflops", type=float, default=790.0)
   p.add_argument("--peak-gbs", type=float, default=4300.0)
   args = p.parse_args(argv)
@@ -203,7 +291,7 @@ def main(argv=None):
   backend = ({"gpu": "gpu", "tpu": "tpu"}.get(hw, "gpu") if args.backend == "auto"
              else args.backend)
   interpret = hw != backend
-  if interpret and not args.small:
+  if interpret and not args.small and not args.compile_sm90:
     print(f"no {backend} device: running --small in interpret mode")
     args.small = True
   iters = args.iters or (2 if args.small else 10)
@@ -219,7 +307,7 @@ def main(argv=None):
 
   if args.check:
     result["check"] = check_compiled(backend, interpret,
-                                     (1, 128, 2, 128, 128) if args.small else (2, 512, 4, 128, 128))
+                                     SMALL_CHECK_CONFIGS if args.small else CHECK_CONFIGS)
     save()
 
   mod = pallas_gpu if backend == "gpu" else pallas_tpu
@@ -229,13 +317,18 @@ def main(argv=None):
   if args.chunk:
     default = dataclasses.replace(default, chunk_size=args.chunk)
   variants = [("pallas", default)]
-  if backend == "gpu" and not args.small and not args.no_sweep:
+  if backend == "gpu" and (not args.small or args.compile_sm90) and not args.no_sweep:
     variants += [
         ("pallas split-bwd", dataclasses.replace(default, split_backward=True)),
         ("pallas w8", dataclasses.replace(default, num_warps=8)),
-        ("pallas c128 w8", dataclasses.replace(default, chunk_size=128, num_warps=8)),
+        ("pallas c128 w8 split", dataclasses.replace(default, chunk_size=128, num_warps=8,
+                                                     split_backward=True)),
         ("pallas bv128", dataclasses.replace(default, block_k=128, block_v=128, num_warps=8)),
     ]
+  if args.compile_sm90:
+    result["compile_sm90"] = compile_sm90(variants)
+    save()
+    return result
   jobs = []
   main_shapes = SMALL_SHAPES if args.small else [MAIN_SHAPE]
   for shape in main_shapes:

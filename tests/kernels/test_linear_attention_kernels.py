@@ -174,3 +174,17 @@ def test_lasp2_with_pallas_backend_matches_recurrence(backend):
     o = lasp2_attention(q, k, v, g, mesh=mesh, chunk_size=16, backend=backend)
   o_ref, _ = f64(linear_recurrence, q, k, v, g)
   assert rel_err(o, o_ref) < 2e-4
+
+
+def test_benchmark_smoke(tmp_path):
+  """benchmarks/kernels.py at toy size on CPU (XLA path + GPU-style kernels in interpret mode)."""
+  import json
+
+  from benchmarks import kernels as bench
+  out = tmp_path / "kernels.json"
+  bench.main(["--small", "--shape", "1,64,1,32,32", "--chunk", "16", "--iters", "1",
+              "--out", str(out)])
+  rows = json.loads(out.read_text())["rows"]
+  assert {r["impl"] for r in rows} == {"pallas", "xla"}
+  for r in rows:
+    assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwd_gbs"] > 0
