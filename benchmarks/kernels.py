@@ -238,12 +238,18 @@ def compile_sm90(variants, shape=MAIN_SHAPE, dtype=jnp.bfloat16):
           return jax.grad(loss, argnums=(0, 1, 2, 4))(q, k, v, g, s0)
 
         x = sds((bsz, n, h, dk), dtype)
-        jax.export.export(
-            jax.jit(step), platforms=["cuda"],
-            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(
-                x, x, sds((bsz, n, h, dv), dtype),
-                sds((bsz, n, h), jnp.float32) if decay else None,
-                sds((bsz, h, dk, dv), jnp.float32))
+        # JAX 0.11's Triton lowering reads the compute capability off the (abstract) device.
+        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
+                                             platform="cuda")
+        with jax.sharding.use_abstract_mesh(
+            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+          jax.export.export(
+              jax.jit(step), platforms=["cuda"],
+              disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
+                  "__gpu$xla.gpu.triton")])(
+                      x, x, sds((bsz, n, h, dv), dtype),
+                      sds((bsz, n, h), jnp.float32) if decay else None,
+                      sds((bsz, h, dk, dv), jnp.float32))
         for src in captured:
           kname = src.split("@", 1)[1].split(" ", 1)[0].split("(", 1)[0]
           with tempfile.NamedTemporaryFile("w", suffix=".ttir", delete=False) as f:
