@@ -126,7 +126,7 @@ def create_model(config: ModelConfig, *, mesh=None, seed: int = 0) -> LinearLlam
     return build()
   abstract = nnx.eval_shape(build)
   graphdef, abs_state = nnx.split(abstract)
-  shardings = jax.tree.map(lambda v: v[...], param_shardings(abstract, mesh), is_leaf=_is_var)
+  shardings = param_shardings(abstract, mesh)
   state = jax.jit(lambda: jax.tree.map(lambda v: v[...], nnx.state(build()), is_leaf=_is_var),
                   out_shardings=shardings)()
   # Put the sharded values back into the abstract variables (keeps their metadata).

@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasp_jax.sequence_parallel import sharding as sharding_lib
 
@@ -94,7 +94,15 @@ class Context:
   def constrain(self, x, logical):
     if self.mesh is None:
       return x
-    return sharding_lib.reshard(x, self.mesh, self.rules.spec(logical, self.mesh, x.shape))
+    return self._reshard(x, self.rules.spec(logical, self.mesh, x.shape))
+
+  def _reshard(self, x, spec):
+    # sharding_lib.reshard decides Explicit vs Auto from the axes the *target* spec names, so a
+    # replicated target (P()) of an array sharded on Explicit axes would hit the Auto path.
+    if self.explicit:
+      target = NamedSharding(self.mesh, spec) if isinstance(self.mesh, jax.sharding.Mesh) else spec
+      return jax.reshard(x, target)
+    return sharding_lib.reshard(x, self.mesh, spec)
 
   def weight(self, param, logical):
     """A weight in the compute dtype, gathered over the FSDP axis (the all-gather of FSDP)."""
@@ -102,7 +110,7 @@ class Context:
     if self.mesh is None:
       return w
     spec = self.rules.spec(logical, self.mesh, w.shape, drop=_as_tuple(self.rules.embed))
-    return sharding_lib.reshard(w, self.mesh, spec)
+    return self._reshard(w, spec)
 
   def einsum(self, eq, x, w, out_logical):
     """``jnp.einsum`` whose output is sharded as ``out_logical`` (explicit meshes need it said)."""
@@ -112,7 +120,7 @@ class Context:
     spec = self.rules.spec(out_logical, self.mesh, out_shape)
     if self.explicit:
       return jnp.einsum(eq, x, w, out_sharding=spec)
-    return sharding_lib.reshard(jnp.einsum(eq, x, w), self.mesh, spec)
+    return self._reshard(jnp.einsum(eq, x, w), spec)
 
   def take_rows(self, table, idx, out_logical):
     """``table[idx]`` (an embedding lookup) with its output sharded as ``out_logical``."""
@@ -121,7 +129,7 @@ class Context:
     spec = self.rules.spec(out_logical, self.mesh, idx.shape + table.shape[1:])
     if self.explicit:
       return table.at[idx].get(out_sharding=spec)
-    return sharding_lib.reshard(jnp.take(table, idx, axis=0), self.mesh, spec)
+    return self._reshard(jnp.take(table, idx, axis=0), spec)
 
 
 def _einsum_out_shape(eq, x_shape, w_shape):

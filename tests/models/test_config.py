@@ -1,0 +1,132 @@
+"""ModelConfig validation, presets, parameter counts, FLOPs, and the variants' closed forms."""
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lasp_jax import models
+from lasp_jax.models import linear_attention as la
+
+
+@pytest.mark.parametrize("changes, needle", [
+    (dict(linear_variant="mamba"), "'mamba'"),
+    (dict(layer_pattern="LLXN"), "'X'"),
+    (dict(layer_pattern=""), "layer_pattern"),
+    (dict(d_model=30, num_heads=4), "num_heads=4 does not divide d_model=30"),
+    (dict(num_heads=4, num_kv_heads=3), "num_kv_heads=3"),
+    (dict(feature_map="cosine"), "'cosine'"),
+    (dict(compute_dtype="float16"), "'float16'"),
+    (dict(layout="ring"), "'ring'"),
+    (dict(num_layers=0), "num_layers"),
+    (dict(chunk_size=-16), "-16"),
+    (dict(batch_axes=("data", "sp")), "'sp'"),
+])
+def test_bad_config_names_the_value(changes, needle):
+  with pytest.raises(ValueError, match=re.escape(needle)):
+    models.ModelConfig(**changes)
+
+
+def test_head_dim_set_explicitly_lifts_divisibility():
+  cfg = models.ModelConfig(d_model=30, num_heads=4, head_dim=8)
+  assert cfg.dim_per_head == 8
+
+
+def test_dict_round_trip_and_unknown_keys():
+  cfg = models.get_config("tiny_hybrid", layout="zigzag", batch_axes=("data", "fsdp"))
+  d = cfg.to_dict()
+  assert d["batch_axes"] == ["data", "fsdp"]  # YAML-friendly
+  assert models.ModelConfig.from_dict(d) == cfg
+  with pytest.raises(ValueError, match="'d_modle'"):
+    models.ModelConfig.from_dict({"d_modle": 64})
+  with pytest.raises(ValueError, match="'bogus'"):
+    models.get_config("bogus")
+
+
+def test_layer_pattern_repeats_to_depth():
+  cfg = models.ModelConfig(num_layers=6, layer_pattern="LLLN")
+  assert cfg.layer_kinds == ("linear",) * 3 + ("softmax",) + ("linear",) * 2
+
+
+def _closed_form_count(cfg):
+  v, d, h, hkv, dh, f = (cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.kv_heads,
+                         cfg.dim_per_head, cfg.ffn_dim)
+  linear = 5 * d * h * dh + dh        # q, k, v, output gate, output; per-head output norm
+  softmax = 2 * d * h * dh + 2 * d * hkv * dh
+  common = 2 * d + 3 * d * f          # two RMSNorms, SwiGLU
+  layers = sum((linear if k == "linear" else softmax) + common for k in cfg.layer_kinds)
+  return v * d * (1 if cfg.tie_embeddings else 2) + layers + d
+
+
+def test_1b_preset_shapes_and_parameter_count():
+  cfg = models.get_config("linear_llama3_1b")
+  assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.ffn_dim) == (
+      16, 2048, 16, 128, 8192)
+  n = models.count_params(cfg)
+  assert n == _closed_form_count(cfg)
+  # 128256*2048 tied embedding + 16 * (5*2048^2 + 128 + 2*2048 + 3*2048*8192) + 2048
+  assert n == 1_403_588_608
+  hybrid = models.get_config("linear_llama3_1b_hybrid")
+  assert hybrid.layer_kinds.count("softmax") == 4
+  assert models.count_params(hybrid) == _closed_form_count(hybrid)
+
+
+@pytest.mark.parametrize("variant", ["gla", "simple_gla", "based", "rebased"])
+def test_count_params_matches_the_built_model(variant):
+  cfg = models.get_config("tiny_hybrid", linear_variant=variant, tie_embeddings=True)
+  state = nnx.state(nnx.eval_shape(lambda: models.LinearLlama(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+  sizes = [x.size for x in jax.tree.leaves(state)]
+  # three linear layers (d 32, 4 heads of 8, rank 4, feature_dim 4): gates and ReBased's affine
+  extra = {"gla": 3 * (32 * 4 + 4 * 32 + 32), "simple_gla": 3 * (32 * 4 + 4), "based": 0,
+           "rebased": 3 * 2 * 4 * 4}[variant]
+  dqk_delta = {"based": 3 * 2 * 32 * 4 * (4 - 8), "rebased": 3 * 2 * 32 * 4 * (4 - 8)}
+  base = _closed_form_count(cfg) + extra + dqk_delta.get(variant, 0)
+  assert models.count_params(cfg) == sum(sizes) == base
+
+
+def test_flops_per_token():
+  cfg = models.get_config("linear_llama3_1b")
+  d, h, dh, f, v, c = 2048, 16, 128, 8192, 128256, cfg.chunk_size
+  per_layer = 2 * (5 * d * h * dh + 3 * d * f) + h * (4 * dh * dh + c * 2 * dh)
+  want = 3 * (2 * d * v + 16 * per_layer)
+  assert models.flops_per_token(cfg, 8192) == pytest.approx(want)
+  # Linear attention: the cost per token does not grow with the sequence; softmax layers do.
+  assert models.flops_per_token(cfg, 65536) == models.flops_per_token(cfg, 8192)
+  hyb = models.get_config("linear_llama3_1b_hybrid")
+  grow = models.flops_per_token(hyb, 16384) - models.flops_per_token(hyb, 8192)
+  assert grow == pytest.approx(3 * 4 * h * 2 * dh * 8192)
+  with pytest.raises(ValueError, match="seq_len"):
+    models.flops_per_token(cfg, 0)
+
+
+def test_decay_constants():
+  ret = np.asarray(la.retention_log_decay(4))
+  np.testing.assert_allclose(ret, np.log(1 - 2.0 ** (-5 - np.arange(4))), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(la.alibi_slopes(8)), 2.0 ** -np.arange(1, 9), rtol=1e-6)
+  assert la.alibi_slopes(6).shape == (6,)
+  first = np.asarray(la.lightning_log_decay(8, 0, 4))
+  last = np.asarray(la.lightning_log_decay(8, 3, 4))
+  np.testing.assert_allclose(first, -(2.0 ** -np.arange(1, 9)) * (1 + 1e-5), rtol=1e-6)
+  assert np.all(first < last) and np.all(last < 0)  # deeper layers decay less, never zero
+
+
+def test_feature_map_kernels():
+  q, k = jax.random.normal(jax.random.key(0), (2, 1, 1, 1, 5))
+  dot = jnp.sum(q * k)
+  phi = jnp.sum(la.taylor_features(q) * la.taylor_features(k))
+  assert la.taylor_features(q).shape[-1] == 1 + 5 + 25
+  np.testing.assert_allclose(phi, 1 + dot + dot ** 2 / 2, rtol=1e-5)
+  gamma = jax.random.normal(jax.random.key(1), (1, 5))
+  beta = jax.random.normal(jax.random.key(2), (1, 5))
+
+  def tilde(x):
+    x = (x - x.mean()) / jnp.sqrt(x.var() + 1e-5)
+    return gamma * x + beta
+
+  phi = jnp.sum(la.rebased_features(q, gamma, beta) * la.rebased_features(k, gamma, beta))
+  np.testing.assert_allclose(phi, jnp.sum(tilde(q) * tilde(k)) ** 2, rtol=1e-5)
+  assert math.isfinite(float(phi))
