@@ -46,6 +46,10 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     if blk is not None and not (_is_pow2_at_least_16(blk) and full % blk == 0):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 dividing {full}, "
                        f"got {blk}")
+  for name, x in (("q", q), ("v", v)):
+    if x.size >= 2 ** 31:  # the Triton lowering computes element offsets in int32
+      raise ValueError(f"backend 'gpu' indexes with int32 offsets: {name} has {x.size} elements "
+                       f"(shape {x.shape}), at most 2**31 - 1 allowed; split the batch")
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     raise TypeError(f"backend 'gpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 

@@ -200,3 +200,9 @@ def test_benchmark_smoke(tmp_path):
   assert {r["impl"] for r in rows} == {"pallas", "xla"}
   for r in rows:
     assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwd_gbs"] > 0
+
+
+def test_gpu_rejects_arrays_past_int32_offsets():
+  x = jax.ShapeDtypeStruct((16, 1 << 20, 8, 128), jnp.bfloat16)   # 2**34 elements, never allocated
+  with pytest.raises(ValueError, match="int32 offsets"):
+    pallas_gpu.check_shapes(x, x, pallas_gpu.DEFAULT_BLOCK_SIZES)
