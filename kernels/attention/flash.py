@@ -20,8 +20,8 @@ probabilities from them (FlashAttention-2's backward), with the loop over key bl
 Backend choice: this XLA path, on every backend, for now. Measured on this project's 2-core CPU
 machine, shared with other jobs (``python benchmarks/lasp2h.py --compare-dpa``; one device, causal,
 B=1 N=4096 H=4 D=64 f32, forward+backward): ``jax.nn.dot_product_attention(implementation="xla")``
-took 7.6 s with 1032 MiB of temporaries (it builds the full score matrix: not flash), this kernel
-1.6 s with 36 MiB. On GPU the
+took 7.6 to 14.4 s (three runs) with 1032 MiB of temporaries (it builds the full score matrix: not
+flash), this kernel 1.6 to 2.2 s with 36 MiB. On GPU the
 cuDNN implementation of ``jax.nn.dot_product_attention`` is flash, but its masks are the standard
 causal one in *local* indices, sliding windows and sequence lengths: a device's queries at true
 positions (an offset that is the traced device index, or two zigzag segments) against the gathered
