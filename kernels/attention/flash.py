@@ -21,13 +21,13 @@ Backend choice: this XLA path, on every backend, for now. Measured on this proje
 machine, shared with other jobs (``python benchmarks/lasp2h.py --compare-dpa``; one device, causal,
 B=1 N=4096 H=4 D=64 f32, forward+backward): ``jax.nn.dot_product_attention(implementation="xla")``
 took 7.6 to 14.4 s (three runs) with 1032 MiB of temporaries (it builds the full score matrix: not
-flash), this kernel 1.6 to 2.2 s with 36 MiB. On GPU the
-cuDNN implementation of ``jax.nn.dot_product_attention`` is flash, but its masks are the standard
-causal one in *local* indices, sliding windows and sequence lengths: a device's queries at true
-positions (an offset that is the traced device index, or two zigzag segments) against the gathered
-keys, and segment ids, need a dense ``(Nq, Nk)`` mask or bias, which is what flash must avoid. So
-it is not a correct choice for LASP-2H as specified; not measured on GPU here (no GPU in this
-task). A Pallas kernel is the next step for GPU/TPU speed.
+flash), this kernel 1.6 to 2.2 s with 36 MiB. On GPU the cuDNN implementation of
+``jax.nn.dot_product_attention`` is flash, but its masks are the standard causal one in *local*
+indices, sliding windows and sequence lengths: a device's queries at true positions (an offset that
+is the traced device index, or two zigzag segments) against the gathered keys, and segment ids, need
+a dense ``(Nq, Nk)`` mask or bias, which is what flash must avoid. So it is not a correct choice for
+LASP-2H as specified; not measured on GPU here (no GPU in this task). A Pallas kernel is the next
+step for GPU/TPU speed.
 """
 
 from __future__ import annotations
