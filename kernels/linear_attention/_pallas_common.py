@@ -209,7 +209,7 @@ class Config:
   dkv: Callable
   block_sizes: BlockSizes
   scale: float
-  interpret: bool
+  interpret: object   # bool, or pltpu.InterpretParams (hashable) for the TPU kernels
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))

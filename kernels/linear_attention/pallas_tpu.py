@@ -212,7 +212,8 @@ def dkv(q, k, v, do, b, ds_final, cfg):
 
 
 def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
-                               block_sizes: BlockSizes | None = None, interpret: bool = False):
+                               block_sizes: BlockSizes | None = None,
+                               interpret: bool | pltpu.InterpretParams = False):
   """Causal chunked linear attention through the Mosaic kernels.
 
   Args:
@@ -221,13 +222,16 @@ def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_st
       ``api.chunk_linear_attention``).
     scale: multiplies q. initial_state: None or ``(B, H, Dk, Dv)``.
     block_sizes: tiling (only ``chunk_size`` is used); None uses ``DEFAULT_BLOCK_SIZES``.
-    interpret: run in the Pallas interpreter (CPU).
+    interpret: run in the Pallas interpreter (CPU): True for the plain one, or a
+      ``pltpu.InterpretParams`` for the TPU-semantics one (simulated DMAs and pipelining, race
+      detection; ~5x slower, and it hung inside shard_map in JAX 0.10).
 
   Returns:
     ``(o (B, N, H, Dv) in q's dtype, final_state (B, H, Dk, Dv) float32)``.
   """
   bs = DEFAULT_BLOCK_SIZES if block_sizes is None else block_sizes
   check_shapes(q, v, bs)
+  if not isinstance(interpret, pltpu.InterpretParams):
+    interpret = bool(interpret)
   return common.run(q, k, v, log_decay, initial_state, common.Config(
-      forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale),
-      interpret=bool(interpret)))
+      forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale), interpret=interpret))
