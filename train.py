@@ -4,6 +4,7 @@
   python train.py configs/linear_llama3_1b.yaml data.path=tokens.bin
   python train.py configs/tiny.yaml optim.lr=1e-3 --mesh.data 2 --mesh.sp 4
   python train.py plot runs/tiny                    # loss curve -> runs/tiny/loss.png
+  python train.py speed [config] [overrides]        # tokens/s: sequence over all devices vs 1
 
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
@@ -23,6 +24,8 @@ def main(argv):
     print(plot_run(*argv[1:]))
     return 0
   from lasp_jax.train import load_config, run
+  speed = bool(argv) and argv[0] == "speed"
+  argv = argv[1:] if speed else argv
   path = None
   if argv and not argv[0].startswith("-") and "=" not in argv[0]:
     path, argv = argv[0], argv[1:]
@@ -31,6 +34,10 @@ def main(argv):
   except ValueError as e:
     print(f"config error: {e}", file=sys.stderr)
     return 2
+  if speed:
+    from lasp_jax.train import speed as speed_lib
+    print(speed_lib.report(cfg, speed_lib.compare(cfg)))
+    return 0
   summary = run(cfg)
   return 0 if summary["stopped_by"] is None else 130
 

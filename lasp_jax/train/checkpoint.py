@@ -17,7 +17,8 @@ class Checkpointer:
   """Keeps the last ``keep`` checkpoints of a run under ``directory``."""
 
   def __init__(self, directory: str, keep: int):
-    self.directory = os.path.abspath(directory)
+    # Orbax also takes gs:// and other remote paths; only local ones are made absolute.
+    self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))

@@ -31,6 +31,7 @@ class MeshConfig:
   fsdp: int = 1                      # the axis is only created when > 1 (or -1)
   sp: int = -1
   platform: Literal["auto", "cpu", "gpu", "tpu"] = "auto"
+  num_devices: int | None = None     # use only the first N devices (one process); None: all
   num_cpu_devices: int = 8           # simulated devices per process when the platform is cpu
   distributed: Literal["auto", "on", "off"] = "auto"
   coordinator_address: str | None = None   # "host:port"; else from the environment
@@ -43,6 +44,7 @@ class MeshConfig:
 class MqarConfig:
   """Multi-query associative recall: ``k1 v1 .. kn vn`` then queries ``k v`` (keys drawn again)."""
   num_kv_pairs: int = 8
+  vocab_size: int | None = None      # MQAR uses token ids below this (None: the model's vocab)
 
 
 @dataclass(frozen=True)
@@ -136,6 +138,8 @@ def validate(c: TrainConfig) -> None:
     raise ValueError(f"at most one mesh axis may be -1, got data={c.mesh.data} fsdp={c.mesh.fsdp} "
                      f"sp={c.mesh.sp}")
   _positive("mesh.num_cpu_devices", c.mesh.num_cpu_devices)
+  if c.mesh.num_devices is not None:
+    _positive("mesh.num_devices", c.mesh.num_devices)
   _positive("data.seq_len", c.data.seq_len)
   _positive("data.batch_size", c.data.batch_size)
   if c.data.source in ("text", "tokens") and not c.data.path:
@@ -143,6 +147,8 @@ def validate(c: TrainConfig) -> None:
   if not 0.0 <= c.data.eval_fraction < 1.0:
     raise ValueError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction!r}")
   _positive("data.mqar.num_kv_pairs", c.data.mqar.num_kv_pairs)
+  if c.data.mqar.vocab_size is not None:
+    _positive("data.mqar.vocab_size", c.data.mqar.vocab_size)
   _positive("optim.lr", c.optim.lr)
   _positive("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
   _positive("optim.grad_accum", c.optim.grad_accum)
@@ -304,6 +310,12 @@ def _model_section(d: Mapping[str, Any] | None) -> ModelSection:
       raise ValueError(f"unknown config key(s) {['model.' + k for k in unknown]}; valid model keys: "
                        f"['preset', {', '.join(repr(k) for k in hints)}]")
     overrides = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in overrides.items()}
+    from lasp_jax import models  # pylint: disable=import-outside-toplevel
+    try:                              # the model's own checks, now rather than at run time
+      base = models.get_config(str(preset))
+      models.ModelConfig.from_dict({**base.to_dict(), **overrides})
+    except (ValueError, TypeError) as e:
+      raise ValueError(f"model (preset {preset!r}): {e}") from None
   return ModelSection(preset=str(preset), overrides=overrides)
 
 

@@ -66,6 +66,11 @@ def mqar_example(rng: np.random.Generator, seq_len: int, vocab_size: int,
 
 def mqar_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> grain.MapDataset:
   n, L = cfg.mqar.num_kv_pairs, cfg.seq_len
+  if cfg.mqar.vocab_size is not None:
+    if cfg.mqar.vocab_size > vocab_size:
+      raise ValueError(f"data.mqar.vocab_size={cfg.mqar.vocab_size} exceeds the model's vocab_size "
+                       f"{vocab_size}")
+    vocab_size = cfg.mqar.vocab_size
   mqar_example(np.random.default_rng(0), L, vocab_size, n)   # validate now, not in the loop
   return grain.MapDataset.range(2**62).random_map(
       lambda i, rng: mqar_example(rng, L, vocab_size, n), seed=seed)

@@ -49,7 +49,15 @@ def model_config(cfg: TrainConfig, mesh):
                        f"which needs {want!r}; leave model.{key} unset")
   over["seq_axis"], over["batch_axes"] = SEQ_AXIS, axes
   base = models.get_config(cfg.model.preset)
-  return models.ModelConfig.from_dict({**base.to_dict(), **over})
+  mcfg = models.ModelConfig.from_dict({**base.to_dict(), **over})
+  w = dict(zip(mesh.axis_names, mesh.axis_sizes))[SEQ_AXIS]
+  segments = 2 if mcfg.layout == "zigzag" else 1
+  if cfg.data.seq_len % (w * segments * mcfg.chunk_size):
+    raise ValueError(
+        f"data.seq_len={cfg.data.seq_len} must be a multiple of {w * segments * mcfg.chunk_size}: "
+        f"sp={w} devices x {segments} segment(s) ({mcfg.layout} layout) x model.chunk_size="
+        f"{mcfg.chunk_size}; change data.seq_len, model.chunk_size or mesh.sp")
+  return mcfg
 
 
 # ----------------------------------------------------------------------------------------------

@@ -88,9 +88,18 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
 
 
 def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
-  """The global mesh over every device of every process (Explicit axes)."""
-  sizes = axis_sizes(cfg, jax.device_count())
-  return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
+  """The global mesh over every device of every process (Explicit axes), or over the first
+  ``cfg.num_devices`` devices of a single process."""
+  if cfg.num_devices is None:
+    sizes = axis_sizes(cfg, jax.device_count())
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
+  if jax.process_count() > 1 or cfg.num_devices > jax.device_count():
+    raise ValueError(f"mesh.num_devices={cfg.num_devices} needs one process with at least that many "
+                     f"devices; there are {jax.device_count()} in {jax.process_count()} process(es)")
+  sizes = axis_sizes(cfg, cfg.num_devices)
+  devices = np.array(jax.devices()[:cfg.num_devices]).reshape(tuple(sizes.values()))
+  explicit = (jax.sharding.AxisType.Explicit,) * len(sizes)
+  return jax.sharding.Mesh(devices, tuple(sizes.keys()), axis_types=explicit)
 
 
 def batch_axes(mesh) -> tuple[str, ...]:

@@ -47,6 +47,10 @@ def test_overrides_all_syntaxes_and_types():
     (["mesh.data=-1", "mesh.sp=-1"], "mesh"),
     (["data.source=text"], "data.path"),
     (["optim.b2=1.5"], "optim.b2"),
+    (["model.preset=huge"], "'huge'"),
+    (["model.linear_variant=fancy"], "'fancy'"),
+    (["model.d_model=0"], "d_model"),
+    (["data.mqar.vocab_size=0"], "data.mqar.vocab_size"),
     (["steps"], "'steps'"),
     (["--steps"], "--steps"),
     (["optim=3"], "optim"),
@@ -80,3 +84,16 @@ def test_to_dict_round_trips():
   cfg = C.load_config(None, ["model.num_layers=3", "optim.lr=2e-3"])
   again = C.from_dict(cfg.to_dict())
   assert again == cfg
+
+
+def test_run_rejects_shapes_that_do_not_fit_the_mesh(tmp_path):
+  from lasp_jax.train import loop
+  base = [f"run_dir={tmp_path}", "log.progress=false", "model.layout=zigzag", "mesh.sp=8"]
+  with pytest.raises(ValueError, match="data.seq_len=128 must be a multiple of 256.*chunk_size=16"):
+    loop.run(C.load_config(None, base + ["data.seq_len=128", "model.chunk_size=16"]))
+  with pytest.raises(ValueError, match="data.batch_size=3"):
+    loop.run(C.load_config(None, base + ["mesh.data=2", "mesh.sp=4", "data.batch_size=3"]))
+  with pytest.raises(ValueError, match="needs 16 devices"):
+    loop.run(C.load_config(None, base + ["mesh.data=2", "mesh.sp=8"]))
+  with pytest.raises(ValueError, match="model.seq_axis"):
+    loop.run(C.load_config(None, base + ["model.seq_axis=seq"]))
