@@ -144,7 +144,7 @@ SMALL_CHECK_CONFIGS = ((jnp.float32, "token", (1, 64, 1, 32, 32), 16),
 
 
 def check_compiled(backend, interpret, configs):
-  """Pallas fwd+grads (compiled, or interpreted on CPU) vs the XLA path and the float64 recurrence."""
+  """Pallas fwd+grads (compiled, or interpreted on CPU) vs the XLA path and float64 recurrence."""
   from tests.references import f64, linear_recurrence, rel_err  # only for --check
   rows = []
   for dtype, decay, shape, chunk in configs:

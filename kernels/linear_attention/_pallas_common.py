@@ -94,10 +94,13 @@ def _decayed_keys(k, decay):
   return k.astype(F32) if decay is None else k.astype(F32) * jnp.exp(decay.last - decay.col)
 
 
+def _decay_state(s, decay):
+  return s if decay is None else jnp.exp(decay.last) * s
+
+
 def _state_step(s, k, v, decay, dtype):
   """``S_new = e^{b_last} S + (k * e^{b_last - b})^T v``."""
-  kv = _mm(_decayed_keys(k, decay), v, "tn", dtype)
-  return kv + (s if decay is None else jnp.exp(decay.last) * s)
+  return _mm(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
 
 
 def forward_chunk(q, k, v, s, decay, *, scale, dtype):
@@ -111,7 +114,7 @@ def forward_chunk(q, k, v, s, decay, *, scale, dtype):
 
 
 def dq_chunk(k, v, do, s, decay, *, scale, dtype):
-  """One chunk of the ``dq`` pass: returns ``(dq (c, Dk') f32, S_new)``; ``k``/``s`` may be a Dk slice."""
+  """One chunk of the ``dq`` pass: ``(dq (c, Dk') f32, S_new)``; ``k``/``s`` may be a Dk slice."""
   c = do.shape[0]
   mask = causal_mask(c)
   da = _weights(_mm(do, v, "nt", dtype), decay, mask)
@@ -135,7 +138,7 @@ def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype):
     dk_state = dk_state * jnp.exp(decay.last - decay.col)
   dk = scale * _mm(da, q, "tn", dtype) + dk_state
   q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + (ds if decay is None else jnp.exp(decay.last) * ds)
+  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
   return dk, dv, ds_prev
 
 
@@ -151,7 +154,7 @@ def dk_chunk(q, v, do, ds, decay, *, scale, dtype):
     dk_state = dk_state * jnp.exp(decay.last - decay.col)
   dk = scale * _mm(da, q, "tn", dtype) + dk_state
   q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + (ds if decay is None else jnp.exp(decay.last) * ds)
+  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
   return dk, ds_prev
 
 
@@ -164,7 +167,7 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
   a = _weights(_mm(q, k, "nt", dtype), decay, mask)
   dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
   q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + (ds if decay is None else jnp.exp(decay.last) * ds)
+  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
   return dv, ds_prev
 
 

@@ -6,18 +6,25 @@ axis sequentially the way Mosaic does). Three kernels (math in ``_pallas_common`
 
 - forward, grid ``(B, H, Dv / block_v)``: each program keeps a ``(Dk, block_v)`` slice of the state;
 - ``dq``, grid ``(B, H, Dk / block_k)``: recomputes a ``(block_k, Dv)`` slice of the state forward;
-- ``dk, dv``, grid ``(B, H)``: walks the chunks backward carrying ``dS (Dk, Dv)``.
+- ``dk, dv``, grid ``(B, H)``: walks the chunks backward carrying ``dS (Dk, Dv)``; or, with
+  ``BlockSizes.split_backward``, a ``dk`` kernel over Dk blocks (rows of ``dS``) and a ``dv`` kernel
+  over Dv blocks (columns of ``dS``).
+
+Every kernel of every variant that ``benchmarks/kernels.py`` runs compiles for sm_90 (wgmma) within
+the shared-memory limit (``benchmarks/kernels.py --compile-sm90``); GPU speed is not measured yet.
 
 Triton needs every loaded tile to have power-of-two sides and its dot operands sides >= 16, so
 ``chunk_size``, ``Dk``, ``Dv`` and the block sizes must be powers of two >= 16
-(:func:`check_shapes`). Pallas' Triton backend is deprecated from JAX 0.11 (Mosaic GPU succeeds it)
-but still ships; these kernels run on JAX 0.10 and 0.11.
+(:func:`check_shapes`); element offsets are int32, so an array may hold at most 2**31 - 1 elements.
+Float32 inputs use IEEE-precision dots (exact, but slow to compile and to run at Dk = 128).
+Pallas' Triton backend is deprecated from JAX 0.11 (Mosaic GPU succeeds it) but still ships; these
+kernels run on JAX 0.10 and 0.11.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from functools import partial as _partial
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +49,8 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     if not _is_pow2_at_least_16(val):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 (Triton tiles), "
                        f"got {val}")
-  for name, blk, full in (("block_k", block_sizes.block_k, dk), ("block_v", block_sizes.block_v, dv)):
+  for name, blk, full in (("block_k", block_sizes.block_k, dk),
+                          ("block_v", block_sizes.block_v, dv)):
     if blk is not None and not (_is_pow2_at_least_16(blk) and full % blk == 0):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 dividing {full}, "
                        f"got {blk}")
@@ -190,7 +198,7 @@ def forward(q, k, v, b, s0, cfg):
     in_specs.append(_decay_spec(n))
     args.append(b)
   return pl.pallas_call(
-      _partial(_forward_kernel, **_static(q, b, cfg)),
+      functools.partial(_forward_kernel, **_static(q, b, cfg)),
       grid=(bsz, h, dv // bv),
       in_specs=in_specs,
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
@@ -213,7 +221,7 @@ def dq(k, v, do, b, s0, cfg):
     in_specs.append(_decay_spec(n))
     args.append(b)
   return pl.pallas_call(
-      _partial(_dq_kernel, **_static(k, b, cfg)),
+      functools.partial(_dq_kernel, **_static(k, b, cfg)),
       grid=(bsz, h, dk // bk),
       in_specs=in_specs,
       out_specs=_seq(n, bk, True),
@@ -236,7 +244,7 @@ def dkv(q, k, v, do, b, ds_final, cfg):
     in_specs.append(_decay_spec(n))
     args.append(b)
   return pl.pallas_call(
-      _partial(_dkv_kernel, **_static(q, b, cfg)),
+      functools.partial(_dkv_kernel, **_static(q, b, cfg)),
       grid=(bsz, h),
       in_specs=in_specs,
       out_specs=[_seq(n, dk), _seq(n, dv), _state(dk, dv)],
@@ -259,7 +267,7 @@ def _dk_split(q, v, do, b, ds_final, cfg):
     in_specs.append(_decay_spec(n))
     args.append(b)
   return (pl.pallas_call(
-      _partial(_dk_kernel, **_static(q, b, cfg)),
+      functools.partial(_dk_kernel, **_static(q, b, cfg)),
       grid=(bsz, h, dk // bk),
       in_specs=in_specs,
       out_specs=_seq(n, bk, True),
@@ -280,7 +288,7 @@ def _dv_split(q, k, do, b, ds_final, cfg):
     in_specs.append(_decay_spec(n))
     args.append(b)
   return tuple(pl.pallas_call(
-      _partial(_dv_kernel, **_static(q, b, cfg)),
+      functools.partial(_dv_kernel, **_static(q, b, cfg)),
       grid=(bsz, h, dv // bv),
       in_specs=in_specs,
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],

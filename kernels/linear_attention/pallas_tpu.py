@@ -3,13 +3,13 @@
 Grid ``(B, H, N / chunk_size)`` with the chunk axis last and ``"arbitrary"`` (sequential): the
 float32 state (or its cotangent) lives in a VMEM scratch buffer across chunk steps, initialised at
 the first step and written out at the last, the pattern of JAX's TPU flash attention. Three kernels
-(math in ``_pallas_common``): forward; ``dq`` (forward over chunks, recomputing the state); ``dk, dv``
-(backward over chunks via a reversed index map, carrying ``dS``).
+(math in ``_pallas_common``): forward; ``dq`` (forward over chunks, recomputing the state);
+``dk, dv`` (backward over chunks via a reversed index map, carrying ``dS``).
 
 Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
 kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
-head, ``(chunk_size, D)``. The decay comes in as a ``(B, H, N, 1)`` column; the kernel builds its row
-form ``b_j`` with an exact 0/1 matmul instead of a lane/sublane transpose. Checked tiling rules
+head, ``(chunk_size, D)``. The decay comes in as a ``(B, H, N, 1)`` column; the kernel builds its
+row form ``b_j`` with an exact 0/1 matmul instead of a lane/sublane transpose. Checked tiling rules
 (:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which packs two rows per
 sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would waste the MXU).
 """

@@ -1,4 +1,4 @@
-"""Pallas linear-attention kernels (TPU-style and GPU-style, interpret mode) vs the float64 recurrence.
+"""Pallas linear-attention kernels (TPU-style, GPU-style; interpret mode) vs the float64 recurrence.
 
 Shapes are tiny but always span several chunks, so the triangular mask inside each tile, the state
 carried between tiles and the reversed walk of the backward pass all matter.
@@ -220,10 +220,11 @@ def test_tpu_kernels_under_tpu_semantics_interpreter():
         q, k, v, g, initial_state=s0, block_sizes=bs,
         interpret=pltpu.InterpretParams(detect_races=True))
   weights = (np.cos(np.arange(v.size)).reshape(v.shape), np.ones(s0.shape))
-  got = (*fn(q, k, v, g, s0), *jax.grad(_loss(fn, weights), argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0))
+  all_args = (0, 1, 2, 3, 4)
+  got = (*fn(q, k, v, g, s0), *jax.grad(_loss(fn, weights), argnums=all_args)(q, k, v, g, s0))
   ref = lambda q, k, v, g, s0: linear_recurrence(q, k, v, g, initial_state=s0)  # noqa: E731
   want = (*f64(ref, q, k, v, g, s0),
-          *f64(lambda *a: jax.grad(_loss(ref, weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0))
+          *f64(lambda *a: jax.grad(_loss(ref, weights), argnums=all_args)(*a), q, k, v, g, s0))
   for a, b in zip(got, want):   # uninitialised memory reads as NaN in this interpreter
     assert np.all(np.isfinite(np.asarray(a))) and rel_err(a, b) < 2e-4
   try:  # where the race detector reports (a private module; skip the check if it moved)
