@@ -8,10 +8,12 @@ the first step and written out at the last, the pattern of JAX's TPU flash atten
 
 Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
 kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
-head, ``(chunk_size, D)``. The decay comes in as a ``(B, H, N, 1)`` column; the kernel builds its
-row form ``b_j`` with an exact 0/1 matmul instead of a lane/sublane transpose. Checked tiling rules
-(:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which packs two rows per
-sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would waste the MXU).
+head, ``(chunk_size, D)``. The decay comes in as one ``(1, chunk_size)`` row per chunk; the kernel
+builds the column form ``b_i`` with an exact 0/1 matmul instead of a lane/sublane transpose.
+Checked tiling rules (:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which
+packs two rows per sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would
+waste the MXU). Only the plain and the TPU-semantics interpreters and the Mosaic lowering have run
+these kernels; no TPU compile or timing yet.
 """
 
 from __future__ import annotations
@@ -47,14 +49,23 @@ def check_shapes(q, v, block_sizes: BlockSizes):
 
 
 def _chunk_decay(b_ref, c):
-  """Decay forms from the ``(c, 1)`` column block: the row form via ``e_0 . b^T`` (exact)."""
-  col = b_ref[...]
-  wide = jnp.broadcast_to(col, (c, LANES))
-  first_lane = (jax.lax.broadcasted_iota(jnp.int32, (c, LANES), 1) == 0).astype(F32)
-  row = jax.lax.dot_general(first_lane, wide, (((1,), (1,)), ((), ())),
-                            precision=jax.lax.Precision.HIGHEST,
-                            preferred_element_type=F32)       # row[i, j] = b_j
-  last = b_ref[pl.ds(c - 1, 1), :]                            # (1, 1)
+  """Decay forms from the chunk's ``(1, c)`` row of ``b`` (lanes), without relayouts.
+
+  The column form ``b_i`` comes from an exact 0/1 matmul,
+  ``col_mat[i, j] = sum_l row8[l, i] e0[l, j] = b_i`` (a transposed-lhs MXU op, float32 at full
+  precision), then a lane max of equal values; the last entry from a masked lane sum. No unaligned
+  slices or lane/sublane transposes.
+  """
+  row = b_ref[...]                                                        # (1, c): b_j
+  sublanes = 8
+  row8 = jnp.broadcast_to(row, (sublanes, c))
+  e0 = (jax.lax.broadcasted_iota(jnp.int32, (sublanes, c), 0) == 0).astype(F32)
+  col_mat = jax.lax.dot_general(row8, e0, (((0,), (0,)), ((), ())),
+                                precision=jax.lax.Precision.HIGHEST,
+                                preferred_element_type=F32)               # (c, c): b_i
+  col = jnp.max(col_mat, axis=1, keepdims=True)                           # (c, 1)
+  is_last = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
+  last = jnp.sum(jnp.where(is_last, row, 0.0), axis=1, keepdims=True)     # (1, 1)
   return common.Decay(col=col, row=row, last=last)
 
 
@@ -127,6 +138,12 @@ def _chunk_spec(c, d, nc, reverse):
   return pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, i, 0))
 
 
+def _decay_spec(c, nc, reverse):
+  if reverse:
+    return pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, nc - 1 - i, 0, 0))
+  return pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, i, 0, 0))
+
+
 def _state_spec(dk, dv):
   return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))
 
@@ -142,8 +159,10 @@ def _call(kernel, cfg, x_bhnd, b, ins, in_specs, out_specs, out_shape, scratch, 
   args = list(ins)
   in_specs = list(in_specs)
   if b is not None:
-    args.append(_bhnd(b)[..., None])                      # (B, H, N, 1)
-    in_specs.append(_chunk_spec(c, 1, nc, reverse))
+    # One (1, c) row per chunk: a block whose last two dims equal the array's, padded to 8
+    # sublanes in HBM (a (B, H, N, 1) column would be padded to 128 lanes).
+    args.append(_bhnd(b).reshape(bsz, h, nc, 1, c))
+    in_specs.append(_decay_spec(c, nc, reverse))
   return pl.pallas_call(
       functools.partial(kernel, has_decay=b is not None, nc=nc, c=c, scale=cfg.scale,
                         dtype=x_bhnd.dtype),
