@@ -78,8 +78,8 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
   Raises:
     ValueError: bad shapes (SPEC section 1), N not a multiple of ``chunk_size``, or (Pallas
       backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
-      >= 16, ``"tpu"`` head dims that are multiples of 128 and a chunk size that is a multiple of
-      8 (float32) or 16 (bfloat16).
+      >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` head dims that are
+      multiples of 128 and a chunk size that is a multiple of 8 (float32) or 16 (bfloat16).
     TypeError: non-float inputs, or (Pallas backends) q, k, v not all float32 or all bfloat16.
 
   The per-channel (GLA) decay ``(B, N, H, Dk)`` always runs on the XLA path: inside a kernel its
