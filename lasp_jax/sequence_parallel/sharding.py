@@ -32,10 +32,18 @@ def axis_size(mesh, axis_name: str | None, role: str = "axis") -> int:
 
 
 def _is_explicit(mesh, spec: P) -> bool:
+  """Whether ``jax.reshard`` (Explicit axes) rather than a sharding constraint (Auto) applies.
+
+  Decided by the axes ``spec`` names, or for a spec naming none (replicated) by the mesh itself:
+  ``with_sharding_constraint`` to ``P()`` on an Explicit mesh is refused.
+  """
   types = dict(zip(mesh.axis_names, getattr(mesh, "axis_types", ())))
   used = [a for part in spec if part is not None
           for a in (part if isinstance(part, tuple) else (part,))]
-  return any(types.get(a) == jax.sharding.AxisType.Explicit for a in used)
+  explicit = jax.sharding.AxisType.Explicit
+  if not used:
+    return any(t == explicit for t in types.values())
+  return any(types.get(a) == explicit for a in used)
 
 
 def reshard(x, mesh, spec: P):
