@@ -17,7 +17,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from lasp_jax.sequence_parallel import sharding as sharding_lib
 
@@ -97,11 +97,6 @@ class Context:
     return self._reshard(x, self.rules.spec(logical, self.mesh, x.shape))
 
   def _reshard(self, x, spec):
-    # sharding_lib.reshard decides Explicit vs Auto from the axes the *target* spec names, so a
-    # replicated target (P()) of an array sharded on Explicit axes would hit the Auto path.
-    if self.explicit:
-      target = NamedSharding(self.mesh, spec) if isinstance(self.mesh, jax.sharding.Mesh) else spec
-      return jax.reshard(x, target)
     return sharding_lib.reshard(x, self.mesh, spec)
 
   def weight(self, param, logical):
