@@ -227,7 +227,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     log = RunLog(run_dir, total_steps=cfg.steps, start_step=step, tensorboard=cfg.log.tensorboard,
                  progress=cfg.log.progress, every=cfg.log.every)
     log.message(f"{cfg.name}: {num_params / 1e6:.3g}M params, mesh {dict(mesh.shape)} over "
-                f"{jax.device_count()} {jax.devices()[0].platform} devices in "
+                f"{mesh.size} {jax.devices()[0].platform} devices in "
                 f"{jax.process_count()} process(es), data {cfg.data.source}, "
                 f"{'resuming at step ' + str(step) if step else 'from scratch'} -> {ckpt_dir}")
 
@@ -240,9 +240,9 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
       for e in range(cfg.log.eval_batches):
         tot += np.array([float(v) for v in eval_step(params, rest, eval_data.get(e * eval_data.B))])
       count = max(tot[1], 1.0)
-      rec = {"step": s, "loss": tot[0] / count}
+      rec = {"step": s, "loss": float(tot[0] / count)}
       if chance is not None:
-        rec["accuracy"], rec["chance"] = tot[2] / count, chance
+        rec["accuracy"], rec["chance"] = float(tot[2] / count), chance
       log.write(rec, kind="eval")
       return rec
 
@@ -251,8 +251,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     try:
       with _StopOnSignal() as stop:
         batch = train_data.get(next_example) if step < cfg.steps else None
-        t0 = time.perf_counter()
         while step < cfg.steps:
+          t0 = time.perf_counter()   # step time: dispatch to metrics (not eval or checkpoints)
           params, opt_state, metrics = train_step(params, rest, opt_state, batch, np.int32(step))
           step += 1
           next_example += train_data.examples_per_step()
@@ -260,8 +260,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
           batch = train_data.get(next_example) if step < cfg.steps else None
           m = {k: float(v) for k, v in jax.device_get(metrics).items()}
           lr = m["lr"]
-          t1 = time.perf_counter()
-          dt, t0 = t1 - t0, t1
+          dt = time.perf_counter() - t0
           rec = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"],
                  "step_time": dt, "tok_s": tokens_per_step / dt}
           if chance is not None:
@@ -269,7 +268,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
           if fpt is not None:
             rec["tflops_s"] = fpt * tokens_per_step / dt / 1e12
             if peak is not None:
-              rec["mfu"] = fpt * tokens_per_step / dt / (peak * jax.device_count())
+              rec["mfu"] = fpt * tokens_per_step / dt / (peak * mesh.size)
           log.write(rec)
           summary["losses"].append(m["loss"])
           summary["steps"] = step

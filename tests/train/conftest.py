@@ -2,18 +2,8 @@
 
 import pytest
 
-from lasp_jax.train import load_config, loop
-
-# The comparison config: a data x sp mesh, zigzag layout, gradient accumulation; tiny everywhere.
-COMMON = ["steps=6", "checkpoint.every=100", "log.eval_every=0", "model.preset=tiny_hybrid",
-          "model.num_layers=2", "model.layer_pattern=LN", "model.layout=zigzag", "mesh.data=2",
-          "mesh.sp=4", "model.chunk_size=8", "data.seq_len=64", "data.batch_size=2",
-          "data.mqar.num_kv_pairs=4", "optim.grad_accum=2", "optim.warmup_steps=2"]
-QUIET = ["log.progress=false", "log.tensorboard=false"]
-
-
-def config(run_dir, *args):
-  return load_config(None, [f"run_dir={run_dir}", *QUIET, *COMMON, *args])
+from lasp_jax.train import loop
+from tests.train.runs import config
 
 
 @pytest.fixture(scope="session")

@@ -97,3 +97,11 @@ def test_run_rejects_shapes_that_do_not_fit_the_mesh(tmp_path):
     loop.run(C.load_config(None, base + ["mesh.data=2", "mesh.sp=8"]))
   with pytest.raises(ValueError, match="model.seq_axis"):
     loop.run(C.load_config(None, base + ["model.seq_axis=seq"]))
+
+
+def test_command_line_reports_config_errors(capsys):
+  import train  # the top-level script
+  assert train.main(["configs/tiny.yaml", "optim.lr=fast", "--steps", "3"]) == 2
+  assert "optim.lr" in capsys.readouterr().err
+  assert train.main(["--optim.nope", "1"]) == 2
+  assert "optim.nope" in capsys.readouterr().err

@@ -10,7 +10,7 @@ import numpy as np
 
 from lasp_jax.train.config import REPO_ROOT
 from lasp_jax.train.metrics import read_jsonl
-from tests.train.conftest import COMMON, QUIET  # noqa: E402
+from tests.train.runs import COMMON, QUIET
 
 TIMEOUT_S = 480      # generous: a loaded 2-core CI machine; a hang still ends
 

@@ -9,7 +9,7 @@ import pytest
 
 from lasp_jax.train import load_config, loop, plot_run
 from lasp_jax.train.metrics import read_jsonl
-from tests.train.conftest import QUIET, config
+from tests.train.runs import QUIET, config
 
 SHAKESPEARE = "../shared/data/tinyshakespeare.txt"   # relative to the repository root
 
