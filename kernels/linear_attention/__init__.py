@@ -1,7 +1,8 @@
 """Chunked linear attention: Pallas kernels (TPU, GPU) and the pure-jnp XLA path."""
 
-from kernels.linear_attention.api import chunk_linear_attention, default_backend, validate_inputs
+from kernels.linear_attention.api import (chunk_linear_attention, default_backend, resolve_backend,
+                                          validate_inputs)
 from kernels.linear_attention.reference import chunk_linear_attention_xla
 
-__all__ = ["chunk_linear_attention", "chunk_linear_attention_xla", "default_backend",
+__all__ = ["chunk_linear_attention", "chunk_linear_attention_xla", "default_backend", "resolve_backend",
            "validate_inputs"]

@@ -19,6 +19,25 @@ def default_backend() -> str:
   return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "xla")
 
 
+def resolve_backend(backend, q, v, log_decay=None, chunk_size=64) -> str:
+  """The lowering for these inputs. ``"auto"``/None: the default device's Pallas kernel when it
+  can tile them (head dims, chunk size, dtype, decay form), else the XLA path; an explicit backend
+  is returned as is (and raises later if it cannot tile them)."""
+  if backend not in (None, "auto"):
+    if backend not in BACKENDS:
+      raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
+    return backend
+  backend = default_backend()
+  module = _PALLAS.get(backend)
+  if module is None or (log_decay is not None and log_decay.ndim == 4):
+    return "xla"
+  try:
+    module.check_shapes(q, v, dataclasses.replace(module.DEFAULT_BLOCK_SIZES, chunk_size=chunk_size))
+  except (ValueError, TypeError):
+    return "xla"
+  return backend
+
+
 def _on_hardware(backend: str) -> bool:
   return default_backend() == backend
 

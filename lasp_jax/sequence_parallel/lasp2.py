@@ -27,17 +27,18 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels.linear_attention import reference as ref
-from kernels.linear_attention.api import validate_inputs
+from kernels.linear_attention.api import resolve_backend, validate_inputs
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
 BACKENDS = ("auto", "xla", "tpu", "gpu")
 
 
-def _kernel_backend(backend: str) -> str:
+def _kernel_backend(backend: str, q, v, log_decay=None, chunk_size=64) -> str:
+  """``"auto"``: the default device's Pallas kernel where it can tile these shapes, else XLA."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  return kernels.linear_attention.default_backend() if backend == "auto" else backend
+  return resolve_backend(backend, q, v, log_decay, chunk_size)
 
 
 def _check_decay_mode(log_decay, causal):
@@ -68,7 +69,7 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial
   if causal:
     o, s_final = kernels.chunk_linear_attention(
         q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
-        backend=_kernel_backend(backend))
+        backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
   else:
     if initial_state is not None:
       raise ValueError("initial_state must be None when causal=False")
@@ -206,7 +207,8 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
 
   with jax.named_scope("lasp2_local"):
     o_local, _ = kernels.chunk_linear_attention(
-        q_s, k_s, v_s, g_s, scale=scale, chunk_size=chunk_size, backend=_kernel_backend(backend))
+        q_s, k_s, v_s, g_s, scale=scale, chunk_size=chunk_size,
+        backend=_kernel_backend(backend, q_s, v_s, g_s, chunk_size))
 
   with jax.named_scope("lasp2_combine"):
     q_dec = q_s.astype(f32) if b_in is None else q_s.astype(f32) * jnp.exp(b_in)
@@ -251,10 +253,11 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
         f"axis size ({seq_axis!r}: {w}) * chunk_size ({chunk_size}) = {w * nseg * chunk_size}")
   if bsz % nb:
     raise ValueError(f"batch size B={bsz} is not a multiple of the {batch_axis!r} axis size {nb}")
-  _kernel_backend(backend)
+  kernel_backend = _kernel_backend(backend, q, v, log_decay, chunk_size)
   x_spec = P(batch_axis, seq_axis, None, None)
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
                          chunk_size=chunk_size, layout=layout, backend=backend)
   return sharding.shard_map(
       fn, mesh, (x_spec, x_spec, x_spec, _decay_spec(log_decay, batch_axis, seq_axis)), x_spec,
-      (q, k, v, log_decay), check_vma=_kernel_backend(backend) == "xla")
+      # Pallas calls inside shard_map need check_vma=False (JAX 0.10).
+      (q, k, v, log_decay), check_vma=kernel_backend == "xla")

@@ -274,3 +274,12 @@ def test_bad_inputs_raise_value_errors():
     lasp_jax.linear_attention(q.astype(jnp.int32), k, v, chunk_size=16)
   with pytest.raises(ValueError, match="shape \\(B, N, H, D\\)"):
     lasp_jax.linear_attention(q[0], k[0], v[0], chunk_size=16)
+
+
+def test_auto_backend_falls_back_to_xla_where_no_kernel_applies():
+  from kernels.linear_attention import resolve_backend
+  q, k, v, g, _ = make_inputs("token")
+  assert resolve_backend("auto", q, v, g, CHUNK) == "xla"  # CPU: no Pallas lowering
+  assert resolve_backend("gpu", q, v, g, CHUNK) == "gpu"   # explicit: kept (raises later if untileable)
+  with pytest.raises(ValueError, match="'triton'"):
+    resolve_backend("triton", q, v, g, CHUNK)
