@@ -228,8 +228,10 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
                  progress=cfg.log.progress, every=cfg.log.every)
     log.message(f"{cfg.name}: {num_params / 1e6:.3g}M params, mesh {dict(mesh.shape)} over "
                 f"{mesh.size} {jax.devices()[0].platform} devices in "
-                f"{jax.process_count()} process(es), data {cfg.data.source}, "
-                f"{'resuming at step ' + str(step) if step else 'from scratch'} -> {ckpt_dir}")
+                f"{jax.process_count()} process(es), data {cfg.data.source} (this process reads "
+                f"{len(train_data.local_rows)}/{train_data.examples_per_step()} rows a step), "
+                f"{'resuming at step ' + str(step) if step else 'from scratch'} -> {ckpt_dir}",
+                all_processes=True)
 
     def meta(s, nxt):
       return {"step": s, "data": {"next_example": nxt, "source": cfg.data.source,

@@ -90,8 +90,10 @@ class RunLog:
     keys = ("loss", "accuracy", "lr", "tok_s", "mfu")
     return {k: _fmt(r[k]) for k in keys if r.get(k) is not None}
 
-  def message(self, text: str) -> None:
+  def message(self, text: str, all_processes: bool = False) -> None:
     if not self.enabled:
+      if all_processes:
+        print(f"[process {jax.process_index()}] {text}", flush=True)
       return
     if self.bar is not None:
       self.bar.write(text)

@@ -45,7 +45,8 @@ def test_two_processes_match_one(tmp_path, straight_run):
         p.kill()
   for i, (p, out) in enumerate(zip(procs, outs)):
     assert p.returncode == 0, f"process {i} exited {p.returncode}:\n{out[-4000:]}"
-  assert "in 2 process(es)" in outs[0]
+  for out in outs:                  # data 2 x sp 4: each process holds one data row of devices
+    assert "in 2 process(es), data mqar (this process reads 2/4 rows a step)" in out, out[-2000:]
   recs = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if r["kind"] == "train"]
   assert [r["step"] for r in recs] == list(range(1, 7))
   np.testing.assert_allclose([r["loss"] for r in recs], straight["losses"], rtol=1e-5)
