@@ -1,4 +1,4 @@
-"""The training configuration: typed, frozen dataclasses loaded from YAML plus command-line overrides.
+"""The training configuration: typed, frozen dataclasses from YAML plus command-line overrides.
 
 One ``TrainConfig`` holds everything a run needs, in the order data flows through a run:
 ``mesh -> data -> model -> optim -> checkpoint / log``. The model section names a preset of
@@ -83,7 +83,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class LogConfig:
-  every: int = 10                    # progress-bar refresh and TensorBoard scalars (JSONL gets every step)
+  every: int = 10                    # progress bar and TensorBoard (JSONL gets every step)
   eval_every: int = 100
   eval_batches: int = 4
   progress: bool = True
@@ -307,7 +307,8 @@ def _model_section(d: Mapping[str, Any] | None) -> ModelSection:
   if hints is not None:
     unknown = [k for k in overrides if k not in hints]
     if unknown:
-      raise ValueError(f"unknown config key(s) {['model.' + k for k in unknown]}; valid model keys: "
+      raise ValueError(f"unknown config key(s) {['model.' + k for k in unknown]}; "
+                       f"valid model keys: "
                        f"['preset', {', '.join(repr(k) for k in hints)}]")
     overrides = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in overrides.items()}
     from lasp_jax import models  # pylint: disable=import-outside-toplevel

@@ -2,8 +2,8 @@
 
 Every example is a pure function of ``(seed, example index)`` (Grain ``MapDataset``s: a seeded
 global shuffle of windows, or a seeded ``random_map`` for MQAR), and the examples of step ``s`` are
-``[s * A * B, (s + 1) * A * B)`` (``A`` micro-batches of ``B`` sequences). So the data position is the
-step: resuming at step ``s`` replays exactly what an uninterrupted run would have seen.
+``[s * A * B, (s + 1) * A * B)`` (``A`` micro-batches of ``B`` sequences). So the data position
+is the step: resuming at step ``s`` replays exactly what an uninterrupted run would have seen.
 
 A batch is three arrays of shape ``(A, B, N)``: ``inputs`` (int32 tokens), ``targets`` (the next
 tokens) and ``mask`` (float32, 1 where the loss counts: every token for text, the query answers for
@@ -31,7 +31,7 @@ Example = dict[str, np.ndarray]
 # Sources: each is a grain.MapDataset of examples {inputs, targets, mask}, each (N,).
 
 def mqar_vocab(vocab_size: int, num_kv_pairs: int) -> tuple[int, int]:
-  """``(first value token, number of keys)``: keys are ``1 .. nk``, values ``nk+1 .. V-1``, 0 unused."""
+  """``(first value token, number of keys)``: keys ``1 .. nk``, values ``nk+1 .. V-1``, 0 unused."""
   nk = (vocab_size - 1) // 2
   if nk < num_kv_pairs or vocab_size - 1 - nk < 2:
     raise ValueError(f"MQAR with data.mqar.num_kv_pairs={num_kv_pairs} needs a vocabulary of at "
@@ -149,8 +149,8 @@ class Batches:
                        f"shards of the mesh (axes {axes})")
     multiple = 2 * self.W if layout == "zigzag" else self.W
     if self.N % multiple:
-      raise ValueError(f"data.seq_len={self.N} must be divisible by {multiple} ({layout} layout over "
-                       f"sp={self.W} devices)")
+      raise ValueError(f"data.seq_len={self.N} must be divisible by {multiple} ({layout} layout "
+                       f"over sp={self.W} devices)")
     self.sharding = NamedSharding(mesh, P(None, axes if axes else None, SEQ_AXIS))
     self.shape = (self.A, self.B, self.N)
     # Rows (micro, row) this process must read: those its own devices hold.
@@ -180,7 +180,7 @@ class Batches:
     return ex
 
   def host_batch(self, start: int) -> dict[str, dict[tuple[int, int], np.ndarray]]:
-    """This process's rows of the batch of examples ``start ..``: ``{name: {(micro, row): (N,)}}``."""
+    """This process's rows of the batch from example ``start``: ``{name: {(micro, row): (N,)}}``."""
     base = start
     out = {"inputs": {}, "targets": {}, "mask": {}}
     for a, b in self.local_rows:

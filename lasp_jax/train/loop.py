@@ -1,8 +1,9 @@
 """The training run: config -> mesh -> data -> model -> optimiser -> checkpoints and metrics.
 
-``run(config)`` is the whole job. The model is split once (``nnx.split``) and one ``jax.jit``-ed pure
-function of ``(params, opt_state, batch)`` does a full optimiser step, micro-batches included, so
-the Python cost per step is one call. Everything runs inside ``with jax.set_mesh(mesh)``.
+``run(config)`` is the whole job. The model is split once (``nnx.split``) and one ``jax.jit``-ed
+pure function of ``(params, rest, opt_state, batch, step)`` does a full optimiser step,
+micro-batches included, so the Python cost per step is one call. Everything runs inside
+``with jax.set_mesh(mesh)``.
 """
 
 from __future__ import annotations
@@ -118,8 +119,8 @@ _STEP_CACHE: dict = {}
 
 
 def _step_functions(graphdef, optim_cfg, total_steps):
-  """``(init_opt_state, lr_schedule, train_step, eval_step)``, built once per model structure and optimiser
-  config in a process: a second run (a resume, a test) reuses the compiled programs."""
+  """``(init_opt_state, lr_schedule, train_step, eval_step)``, built once per model structure and
+  optimiser config in a process: a second run (a resume, a test) reuses the compiled programs."""
   key = (graphdef, optim_cfg, total_steps)
   if key not in _STEP_CACHE:
     tx, lr_schedule = optim.build(optim_cfg, total_steps)
@@ -276,7 +277,8 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
           summary["steps"] = step
           if not math.isfinite(m["loss"]):
             raise FloatingPointError(
-                f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, lr {lr:.4g}); "
+                f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, "
+                f"lr {lr:.4g}); "
                 f"stopping. The last checkpoint is step {last_saved} in {ckpt_dir}. Try a lower "
                 f"optim.lr, a longer optim.warmup_steps or model.compute_dtype=float32.")
           if on_step is not None:

@@ -1,7 +1,8 @@
 """Devices and the mesh: simulated CPU devices, multi-host start-up, and the (data, fsdp, sp) mesh.
 
-``setup_devices`` must run before JAX initialises its backends (the first ``jax.devices()``): it sets the
-number of simulated CPU devices and, for multi-process runs, calls ``jax.distributed.initialize``.
+``setup_devices`` must run before JAX initialises its backends (the first ``jax.devices()``): it
+sets the number of simulated CPU devices and, for multi-process runs, calls
+``jax.distributed.initialize``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ SEQ_AXIS = "sp"
 
 
 def _env_says_distributed() -> bool:
-  """True when the environment describes a multi-process job (explicit address, pods, SLURM, MPI)."""
+  """True when the environment describes a multi-process job (an address, a pod, SLURM, MPI)."""
   if os.environ.get("JAX_COORDINATOR_ADDRESS"):
     return True
   hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
@@ -43,7 +44,8 @@ def _backends_started() -> bool:
 def setup_devices(cfg: MeshConfig) -> None:
   """Platform, simulated CPU device count and ``jax.distributed``; a no-op when already done."""
   distributed = cfg.distributed == "on" or (
-      cfg.distributed == "auto" and (cfg.coordinator_address is not None or _env_says_distributed()))
+      cfg.distributed == "auto"
+      and (cfg.coordinator_address is not None or _env_says_distributed()))
   if _backends_started():
     # Already initialised (a test process, or a second run in one process): check, don't change.
     return
@@ -82,7 +84,8 @@ def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
       sizes[k] = num_devices // known
   if int(np.prod(list(sizes.values()))) != num_devices:
     raise ValueError(f"mesh {sizes} needs {int(np.prod(list(sizes.values())))} devices, but there "
-                     f"are {num_devices} ({jax.process_count()} process(es)); set mesh.data / mesh.sp "
+                     f"are {num_devices} ({jax.process_count()} process(es)); set mesh.data / "
+                     f"mesh.sp "
                      f"(one of them may be -1)")
   return sizes
 
@@ -94,8 +97,9 @@ def build_mesh(cfg: MeshConfig) -> jax.sharding.Mesh:
     sizes = axis_sizes(cfg, jax.device_count())
     return jax.make_mesh(tuple(sizes.values()), tuple(sizes.keys()))
   if jax.process_count() > 1 or cfg.num_devices > jax.device_count():
-    raise ValueError(f"mesh.num_devices={cfg.num_devices} needs one process with at least that many "
-                     f"devices; there are {jax.device_count()} in {jax.process_count()} process(es)")
+    raise ValueError(f"mesh.num_devices={cfg.num_devices} needs one process with at least that "
+                     f"many devices; there are {jax.device_count()} in {jax.process_count()} "
+                     f"process(es)")
   sizes = axis_sizes(cfg, cfg.num_devices)
   devices = np.array(jax.devices()[:cfg.num_devices]).reshape(tuple(sizes.values()))
   explicit = (jax.sharding.AxisType.Explicit,) * len(sizes)

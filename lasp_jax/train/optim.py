@@ -1,4 +1,4 @@
-"""The optimiser: AdamW with linear warmup and cosine decay, global-norm clipping (paper defaults)."""
+"""The optimiser: AdamW, linear warmup then cosine decay, global-norm clipping (paper defaults)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ def decay_mask(params):
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def build(cfg: OptimConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def build(cfg: OptimConfig, total_steps: int
+          ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """``(tx, lr_schedule)``; ``tx`` takes the mean gradient of one optimiser step."""
   lr = schedule(cfg, total_steps)
   parts = []

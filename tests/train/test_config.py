@@ -21,7 +21,8 @@ def test_default_and_every_preset_load():
 
 def test_overrides_all_syntaxes_and_types():
   cfg = C.load_config(None, ["optim.lr=1e-3", "--data.seq_len", "512", "--mesh.data=2",
-                             "checkpoint.resume=false", "model.num_layers=3", "log.peak_tflops_per_device=none",
+                             "checkpoint.resume=false", "model.num_layers=3",
+                             "log.peak_tflops_per_device=none",
                              "model.layer_pattern=LN", "mesh.coordinator_address=127.0.0.1:1234"])
   assert cfg.optim.lr == 1e-3 and isinstance(cfg.optim.lr, float)
   assert cfg.data.seq_len == 512 and cfg.mesh.data == 2 and cfg.checkpoint.resume is False

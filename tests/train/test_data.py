@@ -65,7 +65,8 @@ def test_zigzag_batches_are_the_contiguous_ones_permuted():
     expect = np.asarray(lasp_jax.zigzag(np.asarray(c[k]), 8, axis=2))
     np.testing.assert_array_equal(np.asarray(z[k]), expect)
   perm = np.asarray(lasp_jax.zigzag(np.arange(64)[None], 8, axis=1))[0]
-  np.testing.assert_array_equal(natural_order(np.asarray(z["inputs"]), perm), np.asarray(c["inputs"]))
+  np.testing.assert_array_equal(natural_order(np.asarray(z["inputs"]), perm),
+                                np.asarray(c["inputs"]))
   with pytest.raises(ValueError, match="seq_len=40"):
     Batches(DataConfig(seq_len=40, batch_size=2), vocab_size=64, mesh=mesh, layout="zigzag")
   with pytest.raises(ValueError, match="batch_size=3"):

@@ -1,5 +1,6 @@
-"""Two processes on localhost (jax.distributed, gloo CPU collectives, 4 simulated devices each) train
-the same steps as one process with 8 devices, each process reading only its half of the batch."""
+"""Two processes on localhost (jax.distributed, gloo CPU collectives, 4 simulated devices each)
+train the same steps as one process with 8 devices, each process reading only its half of the
+batch."""
 
 import os
 import socket

@@ -54,8 +54,9 @@ def test_exact_resume_after_sigterm(tmp_path, straight_run):
 
 
 def test_loss_falls_on_shakespeare(tmp_path):
-  s = loop.run(_cfg(tmp_path, "steps=40", "model.preset=tiny", "model.chunk_size=8", "data.source=text",
-                    f"data.path={SHAKESPEARE}", "data.seq_len=128", "data.batch_size=8",
+  s = loop.run(_cfg(tmp_path, "steps=40", "model.preset=tiny", "model.chunk_size=8",
+                    "data.source=text", f"data.path={SHAKESPEARE}", "data.seq_len=128",
+                    "data.batch_size=8",
                     "optim.warmup_steps=5", "log.eval_every=40", "log.eval_batches=2"))
   first, last = s["losses"][0], np.mean(s["losses"][-5:])
   assert first > 5.0 and last < first - 1.5, (first, last)
