@@ -19,9 +19,8 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from kernels.linear_attention.api import validate_inputs
+from kernels.linear_attention.api import resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
-from lasp_jax.sequence_parallel.lasp2 import _kernel_backend
 
 
 def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
@@ -58,7 +57,8 @@ def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
 
   with jax.named_scope("lasp1_local"):
     o_local, _ = kernels.chunk_linear_attention(
-        q, k, v, log_decay, scale=scale, chunk_size=chunk_size, backend=_kernel_backend(backend))
+        q, k, v, log_decay, scale=scale, chunk_size=chunk_size,
+        backend=resolve_backend(backend, q, v, log_decay, chunk_size))
 
   with jax.named_scope("lasp1_combine"):
     q_dec = q.astype(f32) if b_in is None else q.astype(f32) * jnp.exp(b_in)
@@ -74,7 +74,7 @@ def lasp1_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
   _common.check_causal_linear(log_decay, causal, "lasp1_attention")
   mesh, _ = _common.mesh_sizes(mesh, seq_axis, batch_axis, q.shape[1], q.shape[0], chunk_size,
                                "chunk_size")
-  kb = _kernel_backend(backend)
+  kb = resolve_backend(backend, q, v, log_decay, chunk_size)
   return _common.run_sharded(lasp1, mesh, seq_axis, batch_axis, q, k, v, log_decay,
                              check_vma=kb == "xla", causal=causal, scale=scale,
                              chunk_size=chunk_size, backend=backend)

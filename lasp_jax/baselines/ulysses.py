@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 
 from kernels.attention import flash
-from kernels.linear_attention.api import validate_inputs
+from kernels.linear_attention.api import resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
-from lasp_jax.sequence_parallel.lasp2 import _kernel_backend, linear_attention
+from lasp_jax.sequence_parallel.lasp2 import linear_attention
 
 
 def _check_heads(heads, w_size, what="query heads H"):
@@ -120,7 +120,7 @@ def ulysses_linear_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp
   _check_heads(q.shape[2], w)
   if n % chunk_size:
     raise ValueError(f"sequence length N={n} is not a multiple of chunk_size={chunk_size}")
-  kb = _kernel_backend(backend)
+  kb = resolve_backend(backend, q, v, log_decay, chunk_size)
   return _common.run_sharded(ulysses_linear, mesh, seq_axis, batch_axis, q, k, v, log_decay,
                              check_vma=kb == "xla", causal=causal, scale=scale,
                              chunk_size=chunk_size, backend=backend)
