@@ -51,14 +51,20 @@ def op(method, *, chunk_size=64):
 
 
 def program(method, passes, *, chunk_size=64):
-  """``"fwd"``: the op; ``"fwd+bwd"``: value and gradients of ``sum(o)`` w.r.t. q, k, v."""
+  """``"fwd"``: the op; ``"fwd+bwd"``: gradients of ``sum(o ** 2)`` w.r.t. q, k, v.
+
+  The loss is not linear in ``o`` so that, as in training, the backward pass needs the forward
+  output (with ``sum(o)`` the backward collectives would not depend on the forward ones and the
+  two rings could overlap, which no real loss allows).
+  """
   import jax
   import jax.numpy as jnp
   fn = op(method, chunk_size=chunk_size)
   if passes == "fwd":
     return fn
-  return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32)),
-                            argnums=(0, 1, 2))
+  # grad, not value_and_grad: the loss value's own all-reduce is not the layer's communication.
+  return jax.grad(lambda q, k, v: jnp.sum(jnp.square(fn(q, k, v).astype(jnp.float32))),
+                  argnums=(0, 1, 2))
 
 
 def mesh_of(w):

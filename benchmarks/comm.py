@@ -35,10 +35,10 @@ def parse(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
   ap.add_argument("--n", type=int, nargs="+",
-                  default=[2048, 8192, 32768, 131072, 524288, 1048576], help="N sweep")
+                  default=[2048, 16384, 131072, 1048576], help="N sweep")
   ap.add_argument("--w", type=int, default=8, help="W of the N sweep")
   ap.add_argument("--ws", type=int, nargs="+", default=[2, 4, 8, 16, 32, 64], help="W sweep")
-  ap.add_argument("--n-for-ws", type=int, default=65536, help="N of the W sweep")
+  ap.add_argument("--n-for-ws", type=int, default=16384, help="N of the W sweep")
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
   ap.add_argument("--kv-heads", type=int, default=16, help="softmax methods' K/V heads")

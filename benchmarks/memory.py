@@ -29,7 +29,7 @@ import _methods as M  # noqa: E402
 def parse(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
-  ap.add_argument("--n", type=int, nargs="+", default=[8192, 32768, 131072, 524288])
+  ap.add_argument("--n", type=int, nargs="+", default=[16384, 131072, 1048576])
   ap.add_argument("--w", type=int, default=8)
   ap.add_argument("--batch", type=int, default=1)
   ap.add_argument("--heads", type=int, default=16)
@@ -37,8 +37,8 @@ def parse(argv):
   ap.add_argument("--dim", type=int, default=128)
   ap.add_argument("--dtype", default="float32")
   ap.add_argument("--chunk", type=int, default=64)
-  ap.add_argument("--budget-gib", type=float, default=8.0)
-  ap.add_argument("--max-n", type=int, default=1 << 24, help="stop the doubling here")
+  ap.add_argument("--budget-gib", type=float, default=4.0)
+  ap.add_argument("--max-n", type=int, default=1 << 23, help="stop the doubling here")
   ap.add_argument("--small", action="store_true", help="toy sizes (smoke test)")
   ap.add_argument("--out", default="benchmarks/results/memory.json")
   ap.add_argument("--plot", default=None)
@@ -53,6 +53,7 @@ def peak_bytes(args, method, n, cache={}):
   import jax.numpy as jnp
   key = (method, n, args.w, args.heads, args.kv_heads, args.dim, args.dtype, args.batch)
   if key not in cache:
+    print(f"  compiling {method} N={n} W={args.w}", file=sys.stderr, flush=True)
     c = M.compile_program(M.mesh_of(args.w), method, "fwd+bwd", jnp.dtype(args.dtype),
                           chunk_size=args.chunk, batch=args.batch, n=n, heads=args.heads,
                           kv_heads=args.kv_heads, dim=args.dim)
