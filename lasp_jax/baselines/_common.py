@@ -1,4 +1,4 @@
-"""Pieces the baselines share: input checks, global-array wrappers, decays, query blocks.
+"""Pieces the baselines share: input checks, global-array wrappers, query blocks.
 
 Nothing here communicates; the collectives live in the baseline modules themselves so that each
 file shows its whole communication pattern.
@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from kernels.linear_attention import reference as ref
+from lasp_jax.sequence_parallel import lasp2 as lasp2_lib
 from lasp_jax.sequence_parallel import sharding
 
 # The left-product ring never materialises more than this many query rows of scores at once.
@@ -42,29 +41,10 @@ def mesh_sizes(mesh, seq_axis, batch_axis, n, bsz, multiple, what):
 def run_sharded(fn, mesh, seq_axis, batch_axis, q, k, v, log_decay=None, check_vma=True, **kw):
   """Runs the per-shard ``fn(q, k, v, log_decay, axis_name=seq_axis, **kw)`` on global arrays."""
   x_spec = P(batch_axis, seq_axis, None, None)
-  if log_decay is None:
-    g_spec = None
-  elif log_decay.ndim == 1:
-    g_spec = P(None)
-  else:
-    g_spec = P(batch_axis, seq_axis, *([None] * (log_decay.ndim - 2)))
+  g_spec = lasp2_lib.decay_spec(log_decay, batch_axis, seq_axis)
   per_shard = functools.partial(fn, axis_name=seq_axis, **kw)
   return sharding.shard_map(per_shard, mesh, (x_spec, x_spec, x_spec, g_spec), x_spec,
                             (q, k, v, log_decay), check_vma=check_vma)
-
-
-def local_decays(log_decay, bsz, c_local, heads):
-  """Decay sums of the local shard, restarted at its first token (SPEC section 4).
-
-  Returns ``(b, to_end, gamma)``: the inclusive cumulative log-decay ``(B, C, H, Dg)``, the sum
-  after each token to the end of the shard ``(B, C, H, Dg)``, the shard's total ``(B, H, Dg)``
-  (``Dg`` is 1 or Dk), all float32 and <= 0; three Nones for no decay.
-  """
-  if log_decay is None:
-    return None, None, None
-  g = ref.per_token_log_decay(log_decay, bsz, c_local, heads)
-  return (ref.cumsum_inclusive(g, axis=1), ref.cumsum_reverse_exclusive(g, axis=1),
-          jnp.sum(g, axis=1))
 
 
 def split_queries(q, q_pos):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import kernels
 from kernels.linear_attention.api import resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
+from lasp_jax.sequence_parallel import lasp2 as lasp2_lib
 
 
 def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
@@ -41,13 +42,11 @@ def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
   bsz, c_local, heads, _ = q.shape
   if c_local % chunk_size:
     raise ValueError(f"local sequence length {c_local} is not a multiple of chunk_size={chunk_size}")
-  f32 = jnp.float32
   w_size = jax.lax.axis_size(axis_name)
-  b_in, to_end, gamma = _common.local_decays(log_decay, bsz, c_local, heads)
+  b_in, to_end, gamma = lasp2_lib.segment_decays(log_decay, bsz, c_local, heads)
 
   with jax.named_scope("lasp1_state_ring"):
-    k_dec = k.astype(f32) if to_end is None else k.astype(f32) * jnp.exp(to_end)
-    st = jnp.einsum("bchk,bchv->bhkv", k_dec, v.astype(f32))                 # (B, H, Dk, Dv)
+    st = lasp2_lib.local_state(k, v, to_end)                                 # (B, H, Dk, Dv)
     decay = None if gamma is None else jnp.exp(gamma)[..., None]             # (B, H, Dg, 1)
     forward = [(i, i + 1) for i in range(w_size - 1)]   # device 0 receives nothing: zeros
     s_out, s_in = st, jnp.zeros_like(st)
@@ -61,9 +60,7 @@ def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
         backend=resolve_backend(backend, q, v, log_decay, chunk_size))
 
   with jax.named_scope("lasp1_combine"):
-    q_dec = q.astype(f32) if b_in is None else q.astype(f32) * jnp.exp(b_in)
-    o = o_local.astype(f32) + scale * jnp.einsum("bchk,bhkv->bchv", q_dec, s_in)
-  return o.astype(q.dtype)
+    return lasp2_lib.add_incoming(o_local, q, b_in, s_in, scale).astype(q.dtype)
 
 
 def lasp1_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_axis=None,

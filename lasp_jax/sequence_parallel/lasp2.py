@@ -95,7 +95,7 @@ def _from_segments(x, nseg):
   return jnp.swapaxes(x, 0, 1).reshape(sb // nseg, nseg * l, *x.shape[3:])
 
 
-def _segment_decays(log_decay, nb, seg_len, heads):
+def segment_decays(log_decay, nb, seg_len, heads):
   """Per-token decay sums of each segment: ``(b_i from start, sum_{u>j} to end, gamma)``.
 
   All three are direct sums of log-decays (<= 0), shaped ``(SB, L, H, Dg)``, ``(SB, L, H, Dg)``,
@@ -114,6 +114,19 @@ def _segment_decays(log_decay, nb, seg_len, heads):
   g = ref.per_token_log_decay(log_decay, nb, seg_len, heads)
   return (ref.cumsum_inclusive(g, axis=1), ref.cumsum_reverse_exclusive(g, axis=1),
           jnp.sum(g, axis=1))
+
+
+def local_state(k, v, to_end):
+  """A segment's zero-initial state ``sum_j diag(exp(sum_{u>j} g_u)) k_j^T v_j``, float32
+  ``(B, H, Dk, Dv)`` (SPEC section 4, step 1)."""
+  k_dec = k.astype(jnp.float32) if to_end is None else k.astype(jnp.float32) * jnp.exp(to_end)
+  return jnp.einsum("blhk,blhv->bhkv", k_dec, v.astype(jnp.float32))
+
+
+def add_incoming(o_local, q, b_in, s_in, scale):
+  """``o_local + scale * (q * exp(b)) S_in`` in float32 (SPEC section 4, step 4)."""
+  q_dec = q.astype(jnp.float32) if b_in is None else q.astype(jnp.float32) * jnp.exp(b_in)
+  return o_local.astype(jnp.float32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
 
 
 def _incoming_states(states, gammas, my_positions):
@@ -178,12 +191,11 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
   q_s, k_s, v_s = (_to_segments(x, nseg) for x in (q, k, v))
   g_s = log_decay if log_decay is None or log_decay.ndim == 1 else _to_segments(log_decay, nseg)
   nb = nseg * bsz
-  b_in, to_end, gamma = _segment_decays(g_s, nb, seg_len, heads)
+  b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
   data_dependent = log_decay is not None and log_decay.ndim > 1
 
   with jax.named_scope("lasp2_state_exchange"):
-    k_dec = k_s.astype(f32) if to_end is None else k_s.astype(f32) * jnp.exp(to_end)
-    st = jnp.einsum("blhk,blhv->bhkv", k_dec, v_s.astype(f32))               # (SB, H, Dk, Dv)
+    st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
     if data_dependent:  # fuse gamma into the state buffer: one collective, not two
       buf = jnp.concatenate([st, jnp.broadcast_to(gamma, st.shape[:3])[..., None]], axis=-1)
     else:
@@ -211,12 +223,11 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
         backend=_kernel_backend(backend, q_s, v_s, g_s, chunk_size))
 
   with jax.named_scope("lasp2_combine"):
-    q_dec = q_s.astype(f32) if b_in is None else q_s.astype(f32) * jnp.exp(b_in)
-    o = o_local.astype(f32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
+    o = add_incoming(o_local, q_s, b_in, s_in, scale)
   return _from_segments(o.astype(q.dtype), nseg)
 
 
-def _decay_spec(log_decay, batch_axis, seq_axis):
+def decay_spec(log_decay, batch_axis, seq_axis):
   if log_decay is None:
     return None
   if log_decay.ndim == 1:
@@ -258,6 +269,6 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
                          chunk_size=chunk_size, layout=layout, backend=backend)
   return sharding.shard_map(
-      fn, mesh, (x_spec, x_spec, x_spec, _decay_spec(log_decay, batch_axis, seq_axis)), x_spec,
+      fn, mesh, (x_spec, x_spec, x_spec, decay_spec(log_decay, batch_axis, seq_axis)), x_spec,
       # Pallas calls inside shard_map need check_vma=False (JAX 0.10).
       (q, k, v, log_decay), check_vma=kernel_backend == "xla")
