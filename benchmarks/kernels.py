@@ -33,7 +33,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference  # noqa: E402
-from kernels.linear_attention._pallas_common import BlockSizes  # noqa: E402
 
 MAIN_SHAPE = (8, 8192, 16, 128, 128)
 OTHER_SHAPES = [(4, 16384, 16, 128, 128), (16, 4096, 32, 64, 64), (8, 8192, 16, 64, 128)]
