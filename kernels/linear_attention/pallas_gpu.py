@@ -187,27 +187,35 @@ def _grad_dtype(x, b):
   return F32 if b is not None else x.dtype
 
 
+def _call(kernel, name, like, b, cfg, *, grid, in_specs, args, out_specs, out_shape):
+  """One Triton kernel over ``grid``; the decay, when there is one, is its last input."""
+  if b is not None:
+    in_specs = [*in_specs, _decay_spec(like.shape[1])]
+    args = [*args, b]
+  return pl.pallas_call(
+      functools.partial(kernel, **_static(like, b, cfg)),
+      grid=grid,
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      compiler_params=_compiler_params(cfg.block_sizes),
+      interpret=cfg.interpret,
+      name=name,
+  )(*args)
+
+
 def forward(q, k, v, b, s0, cfg):
   """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bv = cfg.block_sizes.block_v or dv
-  in_specs = [_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)]
-  args = [q, k, v, s0]
-  if b is not None:
-    in_specs.append(_decay_spec(n))
-    args.append(b)
-  return pl.pallas_call(
-      functools.partial(_forward_kernel, **_static(q, b, cfg)),
-      grid=(bsz, h, dv // bv),
-      in_specs=in_specs,
+  return _call(
+      _forward_kernel, "linear_attention_fwd", q, b, cfg, grid=(bsz, h, dv // bv),
+      in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
+      args=[q, k, v, s0],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
       out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
-                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
-      compiler_params=_compiler_params(cfg.block_sizes),
-      interpret=cfg.interpret,
-      name="linear_attention_fwd",
-  )(*args)
+                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
 
 
 def dq(k, v, do, b, s0, cfg):
@@ -215,21 +223,12 @@ def dq(k, v, do, b, s0, cfg):
   bsz, n, h, dk = k.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
-  in_specs = [_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)]
-  args = [k, v, do, s0]
-  if b is not None:
-    in_specs.append(_decay_spec(n))
-    args.append(b)
-  return pl.pallas_call(
-      functools.partial(_dq_kernel, **_static(k, b, cfg)),
-      grid=(bsz, h, dk // bk),
-      in_specs=in_specs,
+  return _call(
+      _dq_kernel, "linear_attention_dq", k, b, cfg, grid=(bsz, h, dk // bk),
+      in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
+      args=[k, v, do, s0],
       out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, b)),
-      compiler_params=_compiler_params(cfg.block_sizes),
-      interpret=cfg.interpret,
-      name="linear_attention_dq",
-  )(*args)
+      out_shape=jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, b)))
 
 
 def dkv(q, k, v, do, b, ds_final, cfg):
@@ -238,66 +237,39 @@ def dkv(q, k, v, do, b, ds_final, cfg):
   dv = v.shape[-1]
   if cfg.block_sizes.split_backward:
     return _dk_split(q, v, do, b, ds_final, cfg) + _dv_split(q, k, do, b, ds_final, cfg)
-  in_specs = [_seq(n, dk), _seq(n, dk), _seq(n, dv), _seq(n, dv), _state(dk, dv)]
-  args = [q, k, v, do, ds_final]
-  if b is not None:
-    in_specs.append(_decay_spec(n))
-    args.append(b)
-  return pl.pallas_call(
-      functools.partial(_dkv_kernel, **_static(q, b, cfg)),
-      grid=(bsz, h),
-      in_specs=in_specs,
+  return _call(
+      _dkv_kernel, "linear_attention_dkv", q, b, cfg, grid=(bsz, h),
+      in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, dv), _seq(n, dv), _state(dk, dv)],
+      args=[q, k, v, do, ds_final],
       out_specs=[_seq(n, dk), _seq(n, dv), _state(dk, dv)],
       out_shape=[jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, b)),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
-      compiler_params=_compiler_params(cfg.block_sizes),
-      interpret=cfg.interpret,
-      name="linear_attention_dkv",
-  )(*args)
+                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
 
 
 def _dk_split(q, v, do, b, ds_final, cfg):
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
-  in_specs = [_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)]
-  args = [q, v, do, ds_final]
-  if b is not None:
-    in_specs.append(_decay_spec(n))
-    args.append(b)
-  return (pl.pallas_call(
-      functools.partial(_dk_kernel, **_static(q, b, cfg)),
-      grid=(bsz, h, dk // bk),
-      in_specs=in_specs,
+  return (_call(
+      _dk_kernel, "linear_attention_dk", q, b, cfg, grid=(bsz, h, dk // bk),
+      in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
+      args=[q, v, do, ds_final],
       out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(q.shape, _grad_dtype(q, b)),
-      compiler_params=_compiler_params(cfg.block_sizes),
-      interpret=cfg.interpret,
-      name="linear_attention_dk",
-  )(*args),)
+      out_shape=jax.ShapeDtypeStruct(q.shape, _grad_dtype(q, b))),)
 
 
 def _dv_split(q, k, do, b, ds_final, cfg):
   bsz, n, h, dk = q.shape
   dv = do.shape[-1]
   bv = cfg.block_sizes.block_v or dv
-  in_specs = [_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)]
-  args = [q, k, do, ds_final]
-  if b is not None:
-    in_specs.append(_decay_spec(n))
-    args.append(b)
-  return tuple(pl.pallas_call(
-      functools.partial(_dv_kernel, **_static(q, b, cfg)),
-      grid=(bsz, h, dv // bv),
-      in_specs=in_specs,
+  return tuple(_call(
+      _dv_kernel, "linear_attention_dv", q, b, cfg, grid=(bsz, h, dv // bv),
+      in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
+      args=[q, k, do, ds_final],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
       out_shape=[jax.ShapeDtypeStruct(do.shape, do.dtype),
-                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
-      compiler_params=_compiler_params(cfg.block_sizes),
-      interpret=cfg.interpret,
-      name="linear_attention_dv",
-  )(*args))
+                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)]))
 
 
 def chunk_linear_attention_gpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
