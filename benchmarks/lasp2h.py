@@ -113,6 +113,17 @@ def timing(mesh, *, n, bsz, heads, kv_heads, dim, reps):
           "busiest_contiguous_over_zigzag": busiest["contiguous"] / busiest["zigzag"]}
 
 
+def _repeat_times(fn, args, reps):
+  """Seconds of ``reps`` calls of ``fn(*args)`` after one warm-up (compile) call."""
+  jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append(time.perf_counter() - t0)
+  return ts
+
+
 def busiest_device_time(n, layout, device, *, bsz, heads, kv_heads, dim, reps):
   """Fwd+bwd of one device's local attention (exactly the kernel call lasp2h makes), alone."""
   c = n // W
@@ -130,12 +141,7 @@ def busiest_device_time(n, layout, device, *, bsz, heads, kv_heads, dim, reps):
                                    kv_positions=jnp.asarray(kv_pos), block_q=block,
                                    block_k=block))
   g = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
-  jax.block_until_ready(g(q, k, v))
-  ts = []
-  for _ in range(reps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(g(q, k, v))
-    ts.append(time.perf_counter() - t0)
+  ts = _repeat_times(g, (q, k, v), reps)
   # The minimum: on a machine shared with other jobs it is the estimate least inflated by them.
   return float(np.min(ts))
 
@@ -153,12 +159,7 @@ def compare_dpa(*, n, bsz, heads, dim, reps):
   out = {}
   for name, f in fns.items():
     g = jax.jit(jax.value_and_grad(lambda q, k, v, f=f: jnp.sum(f(q, k, v)), argnums=(0, 1, 2)))
-    jax.block_until_ready(g(q, k, v))
-    ts = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      jax.block_until_ready(g(q, k, v))
-      ts.append(time.perf_counter() - t0)
+    ts = _repeat_times(g, (q, k, v), reps)
     mem = g.lower(q, k, v).compile().memory_analysis()
     out[name] = {"s": float(np.median(ts)),
                  "temp_bytes": int(getattr(mem, "temp_size_in_bytes", -1))}
