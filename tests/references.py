@@ -88,3 +88,30 @@ def rel_err(x, ref):
   x = np.asarray(x, np.float64)
   ref = np.asarray(ref, np.float64)
   return float(np.max(np.abs(x - ref)) / max(np.max(np.abs(ref)), 1e-30))
+
+
+def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None):
+  """Depthwise causal conv1d, ``y_t = act(bias + sum_j w[j] x_{t-(K-1)+j})`` (SPEC section 12).
+
+  ``x (B, N, C)`` in natural order, ``weight (K, C)``. A tap reaching before token 0 or before the
+  start of token t's document (the last position <= t whose id differs from its predecessor's,
+  found by a plain scan of ``segment_ids``) is zero. jnp, so gradients come from autodiff.
+  """
+  bsz, n, _ = x.shape
+  k = weight.shape[0]
+  ids = None if segment_ids is None else np.asarray(segment_ids)
+  doc_start = np.zeros((bsz, n), np.int64)
+  for b in range(bsz):
+    start = 0
+    for t in range(n):
+      if ids is not None and t > 0 and ids[b, t] != ids[b, t - 1]:
+        start = t
+      doc_start[b, t] = start
+  y = jnp.zeros(x.shape, x.dtype) if bias is None else jnp.broadcast_to(bias, x.shape)
+  t = np.arange(n)
+  for j in range(k):
+    src = t - (k - 1) + j                                         # the token tap j reads
+    ok = (src[None, :] >= doc_start) & (src[None, :] >= 0)        # (B, N)
+    tap = jnp.take(x, np.clip(src, 0, n - 1), axis=1)
+    y = y + jnp.where(ok[..., None], tap, 0.0) * weight[j]
+  return jax.nn.silu(y) if activation == "silu" else y

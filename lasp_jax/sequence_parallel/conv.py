@@ -1,0 +1,204 @@
+"""Short causal depthwise convolution, sequence parallel by a halo exchange (SPEC section 12).
+
+    y_t = act(bias + sum_{j=0}^{K-1} weight[j] * x_{t-(K-1)+j})      (the last tap is token t)
+
+with zeros before the sequence and before every document start (``segment_ids``). Two entry points,
+as for LASP-2:
+- ``causal_conv1d``: global ``(B, N, C)`` arrays; splits N over a mesh axis when there is one.
+- ``causal_conv1d_shard``: the per-shard op, inside the caller's own ``jax.shard_map``.
+
+Under sequence parallelism each segment needs the ``K - 1`` tokens before it in natural order: its
+halo. Contiguous: device ``r`` receives the tail of device ``r - 1`` (one ``ppermute``). Zigzag:
+device ``r`` holds ``z_r`` and ``z_{2W-1-r}``; the predecessor of ``z_r`` is the first half of
+device ``r - 1`` and that of ``z_{2W-1-r}`` the second half of device ``r + 1``, except on the last
+device, whose second segment follows its own first (two ``ppermute``s, opposite directions). Each
+sends ``(K - 1) B C`` values (plus ``(K - 1) B`` ids with segment ids), whatever N; the backward is
+the transposed ``ppermute``. A device with no predecessor receives zeros, which is the zero padding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from lasp_jax.sequence_parallel import layout as layout_lib
+from lasp_jax.sequence_parallel import sharding
+
+ACTIVATIONS = (None, "silu")
+
+
+def _validate(x, weight, bias, activation, segment_ids, layout):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"x must be an array, got {type(x).__name__}")
+  if x.ndim != 3:
+    raise ValueError(f"x must have shape (B, N, C), got {x.shape}")
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x must be a float array, got dtype {x.dtype}")
+  channels = x.shape[-1]
+  if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[1] != channels:
+    raise ValueError(f"weight must have shape (K, C) = (K, {channels}) for x {x.shape}, got "
+                     f"{getattr(weight, 'shape', type(weight).__name__)}")
+  if weight.shape[0] < 1:
+    raise ValueError(f"kernel size K must be >= 1, got weight of shape {weight.shape}")
+  if bias is not None and getattr(bias, "shape", None) != (channels,):
+    raise ValueError(f"bias must have shape (C,) = ({channels},), got "
+                     f"{getattr(bias, 'shape', type(bias).__name__)}")
+  if activation not in ACTIVATIONS:
+    raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+  if segment_ids is not None:
+    if getattr(segment_ids, "shape", None) != x.shape[:2]:
+      raise ValueError(f"segment_ids must have shape (B, N) = {x.shape[:2]}, got "
+                       f"{getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
+    if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+      raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+  layout_lib.check_layout(layout)
+
+
+def _conv_segment(x_BxLxC, halo_BxHxC, weight_KxC, seg_BxL=None, halo_seg_BxH=None):
+  """The taps of one contiguous run of tokens given the ``H = K - 1`` tokens before it, float32.
+
+  A tap ``d`` tokens back is kept only if no document starts in ``(t - d, t]``; dropped taps are
+  selected away (``where``), so a NaN or inf in another document never reaches this one.
+  """
+  k = weight_KxC.shape[0]
+  length = x_BxLxC.shape[1]
+  xx = jnp.concatenate([halo_BxHxC, x_BxLxC], axis=1).astype(jnp.float32)
+  w = weight_KxC.astype(jnp.float32)
+  y = xx[:, k - 1:] * w[k - 1]
+  if seg_BxL is not None:
+    ids = jnp.concatenate([halo_seg_BxH, seg_BxL], axis=1)
+    same_as_prev = ids[:, 1:] == ids[:, :-1]                      # (B, H + L - 1): i continues i-1
+    keep = jnp.ones(seg_BxL.shape, bool)
+  for d in range(1, k):  # d tokens back: tap j = K - 1 - d
+    tap = xx[:, k - 1 - d: k - 1 - d + length]
+    if seg_BxL is not None:
+      # token t - d + 1 continues t - d, on top of every token in between (d - 1 checked before)
+      keep = keep & same_as_prev[:, k - 1 - d: k - 1 - d + length]
+      tap = jnp.where(keep[..., None], tap, 0.0)
+    y = y + tap * w[k - 1 - d]
+  return y
+
+
+def _finish(y, bias, activation, dtype):
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  if activation == "silu":
+    y = jax.nn.silu(y)
+  return y.astype(dtype)
+
+
+def _halos(tails, axis_name, layout):
+  """Each local segment's predecessor tail, by ``ppermute`` over ``axis_name`` (see module doc).
+
+  ``tails``: per local segment, its last ``K - 1`` tokens (any pytree, e.g. values and ids).
+  """
+  w = jax.lax.axis_size(axis_name)
+  down = [(r, r + 1) for r in range(w - 1)]   # r's tail -> r + 1
+  if layout == "contiguous":
+    return [jax.lax.ppermute(tails[0], axis_name, down)]
+  up = [(r + 1, r) for r in range(w - 1)]     # r + 1's second-half tail -> r
+  first = jax.lax.ppermute(tails[0], axis_name, down)
+  second = jax.lax.ppermute(tails[1], axis_name, up)
+  # The last device's second segment z_W follows its own first segment z_{W-1}.
+  last = jax.lax.axis_index(axis_name) == w - 1
+  second = jax.tree.map(lambda own, got: jnp.where(last, own, got), tails[0], second)
+  return [first, second]
+
+
+def causal_conv1d_shard(x, weight, bias=None, *, axis_name=None, activation=None,
+                        segment_ids=None, layout="contiguous"):
+  """The short causal conv on local shards, inside the caller's ``jax.shard_map``.
+
+  Args:
+    x: ``(B, L, C)``: this device's shard of the sequence (``layout`` order); float.
+    weight: ``(K, C)`` depthwise taps, ``weight[K-1]`` on the current token; bias: None or ``(C,)``.
+    axis_name: the mesh axis the sequence is split over; None: the whole sequence is local.
+    activation: None or ``"silu"``.
+    segment_ids: None or ``(B, L)`` int, this shard's ids: taps never cross a document start.
+    layout: ``"contiguous"`` or ``"zigzag"`` (two segments per shard, SPEC section 5).
+
+  Returns:
+    ``y (B, L, C)`` in x's dtype, the matching rows of the unsplit convolution.
+  """
+  _validate(x, weight, bias, activation, segment_ids, layout)
+  k = weight.shape[0]
+  nseg = layout_lib.segments_per_shard(layout) if axis_name is not None else 1
+  seg_len = x.shape[1] // nseg
+  if axis_name is not None and seg_len < k - 1:
+    raise ValueError(
+        f"each local segment has {seg_len} tokens (local length {x.shape[1]}, layout {layout!r}) "
+        f"but kernel size K={k} needs K-1={k - 1} tokens from one predecessor: use fewer devices "
+        f"or a longer sequence")
+  xs = [x[:, s * seg_len:(s + 1) * seg_len] for s in range(nseg)]
+  ids = [None] * nseg if segment_ids is None else [
+      segment_ids[:, s * seg_len:(s + 1) * seg_len] for s in range(nseg)]
+  h = k - 1
+  if axis_name is None or h == 0:
+    halos = [(jnp.zeros((x.shape[0], h, x.shape[2]), x.dtype),
+              None if i is None else jnp.zeros((x.shape[0], h), i.dtype)) for i in ids]
+  else:
+    with jax.named_scope("conv_halo_exchange"):
+      halos = _halos([(xi[:, seg_len - h:], None if i is None else i[:, seg_len - h:])
+                      for xi, i in zip(xs, ids)], axis_name, layout)
+  # Without a predecessor the halo is zeros, so its taps add nothing whatever its ids say.
+  # Segments are stacked on the batch axis: one use of the weight, so one gradient all-reduce.
+  cat = lambda parts: None if parts[0] is None else jnp.concatenate(parts, axis=0)  # noqa: E731
+  y = _conv_segment(cat(xs), cat([hx for hx, _ in halos]), weight, cat(ids),
+                    cat([hi for _, hi in halos]))
+  if nseg == 2:
+    y = jnp.concatenate(jnp.split(y, 2, axis=0), axis=1)
+  return _finish(y, bias, activation, x.dtype)
+
+
+def _sequence_mesh(mesh, seq_axis):
+  """The mesh to split over, or None for one device: an explicit mesh must have ``seq_axis``; the
+  ``jax.set_mesh`` context is used only when it has it."""
+  if mesh is not None:
+    sharding.axis_size(mesh, seq_axis, "seq_axis")
+    return mesh
+  ctx = jax.sharding.get_abstract_mesh()
+  if ctx is not None and seq_axis in getattr(ctx, "axis_names", ()):
+    return ctx
+  return None
+
+
+def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None, mesh=None,
+                  seq_axis="sp", batch_axis=None, layout="contiguous"):
+  """Short causal depthwise conv1d (SPEC section 12) on global arrays.
+
+  Args:
+    x: ``(B, N, C)`` float, sequence in ``layout`` order (sharded or not: it is resharded).
+    weight: ``(K, C)``: ``y_t = act(bias + sum_j weight[j] * x_{t-(K-1)+j})``; bias: None or ``(C,)``.
+    activation: None or ``"silu"``.
+    segment_ids: None or ``(B, N)`` int in the layout of x; a document starts wherever the id
+      differs from the previous token's in natural order, and no tap reaches before it.
+    mesh: a mesh with axis ``seq_axis`` to split N over; None: the ``jax.set_mesh`` context if it
+      has ``seq_axis``, else one device. ``batch_axis``: optional mesh axis that splits B.
+    layout: ``"contiguous"`` or ``"zigzag"`` (``lasp_jax.zigzag``); with one device both are the
+      natural order.
+
+  Returns:
+    ``y (B, N, C)`` in x's dtype (sharded like x under a mesh).
+  """
+  _validate(x, weight, bias, activation, segment_ids, layout)
+  mesh = _sequence_mesh(mesh, seq_axis)
+  if mesh is None:
+    return causal_conv1d_shard(x, weight, bias, activation=activation, segment_ids=segment_ids)
+  w = sharding.axis_size(mesh, seq_axis, "seq_axis")
+  nb = sharding.axis_size(mesh, batch_axis, "batch_axis")
+  bsz, n = x.shape[:2]
+  nseg = layout_lib.segments_per_shard(layout)
+  if n % (w * nseg):
+    raise ValueError(f"sequence length N={n} must be a multiple of {'2 * ' if nseg == 2 else ''}"
+                     f"the {seq_axis!r} axis size {w}")
+  if bsz % nb:
+    raise ValueError(f"batch size B={bsz} is not a multiple of the {batch_axis!r} axis size {nb}")
+  x_spec, seq_spec = P(batch_axis, seq_axis, None), P(batch_axis, seq_axis)
+  fn = functools.partial(causal_conv1d_shard, axis_name=seq_axis, activation=activation,
+                         layout=layout)
+  return sharding.shard_map(
+      lambda x, wt, b, s: fn(x, wt, b, segment_ids=s), mesh,
+      (x_spec, P(None, None), P(None), seq_spec), x_spec, (x, weight, bias, segment_ids))
