@@ -22,7 +22,8 @@ class ModelConfig:
   ``head_dim`` None means ``d_model // num_heads``. ``feature_map`` applies to every variant but
   ``based``/``rebased``, whose maps are part of their definition on a ``feature_dim``-wide
   projection. ``gate_rank``/``gate_normalizer``: GLA's low-rank gate and the divisor of its (and
-  simple GLA's) logsigmoid. Sharding: the sequence is split over mesh axis ``seq_axis``, the batch
+  simple GLA's) logsigmoid. ``short_conv``: kernel size of the depthwise causal conv + SiLU on q, k
+  and v of every linear layer, after their projections (SPEC section 12; 0: none). Sharding: the sequence is split over mesh axis ``seq_axis``, the batch
   over ``batch_axes``; weights over ``fsdp_axis``/``tensor_axis`` where the mesh has them.
   """
 
@@ -39,6 +40,7 @@ class ModelConfig:
   feature_dim: int = 16
   gate_rank: int = 16
   gate_normalizer: float = 16.0
+  short_conv: int = 0
   tie_embeddings: bool = False
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
@@ -63,6 +65,10 @@ class ModelConfig:
       val = getattr(self, name)
       if not isinstance(val, int) or isinstance(val, bool) or val <= 0:
         raise ValueError(f"{name} must be a positive int, got {val!r}")
+    if not isinstance(self.short_conv, int) or isinstance(self.short_conv, bool) or (
+        self.short_conv < 0):
+      raise ValueError(f"short_conv must be a kernel size >= 0 (0: no conv), "
+                       f"got {self.short_conv!r}")
     for name in ("num_kv_heads", "head_dim"):
       val = getattr(self, name)
       if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
@@ -138,13 +144,15 @@ class ModelConfig:
 
 
 _PRESETS: dict[str, ModelConfig] = {
-    # Tests and CPU runs: 2 layers, d_model 32, 4 heads of 8.
+    # Tests and CPU runs: 2 layers, d_model 32, 4 heads of 8, the kernel-4 short conv of fla.
     "tiny": ModelConfig(vocab_size=256, d_model=32, num_layers=2, num_heads=4, ffn_dim=64,
-                        layer_pattern="L", chunk_size=16, feature_dim=4, gate_rank=4),
+                        layer_pattern="L", chunk_size=16, feature_dim=4, gate_rank=4,
+                        short_conv=4),
     "tiny_hybrid": ModelConfig(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
                                num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN", chunk_size=16,
-                               feature_dim=4, gate_rank=4),
-    # The paper's Linear-Llama3-1B (Llama-3.2-1B shapes: tied embeddings, vocab 128256, GQA 8).
+                               feature_dim=4, gate_rank=4, short_conv=4),
+    # The paper's Linear-Llama3-1B (Llama-3.2-1B shapes: tied embeddings, vocab 128256, GQA 8);
+    # no short conv, as in the published models.
     "linear_llama3_1b": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=16,
                                     num_kv_heads=8, head_dim=128, ffn_dim=8192, layer_pattern="L",
                                     tie_embeddings=True, compute_dtype="bfloat16", chunk_size=64),

@@ -3,6 +3,7 @@
 Block (as in the reference models), for ``x (B, N, d_model)``:
 
     q, k, v = x W_q, x W_k, x W_v                       (B, N, H, Dk) / (B, N, H, Dv)
+    q, k, v = SiLU(conv(q)), SiLU(conv(k)), SiLU(conv(v))  short causal conv, when cfg.short_conv
     q, k    = phi(q), phi(k)                             feature map of the variant
     o       = core(q, k, v, g)                           LASP-2 over the mesh, or one device
     o       = RMSNorm_head(o) * swish(x W_og)            per-head norm, output gate
@@ -87,6 +88,17 @@ def rebased_features(x_BxNxHxF, gamma_HxF, beta_HxF):
   return (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
 
 
+def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context):
+  """``SiLU(causal_conv1d(x))`` over the ``H * D`` channels of a projection (SPEC section 12), with
+  the halo exchange when the mesh has the sequence axis."""
+  import lasp_jax
+  bsz, n, h, d = x_BxNxHxD.shape
+  y = lasp_jax.causal_conv1d(x_BxNxHxD.reshape(bsz, n, h * d), weight_KxHxD.reshape(-1, h * d),
+                             activation="silu", seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
+                             layout=cfg.layout)
+  return y.reshape(bsz, n, h, d)
+
+
 def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context):
   """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device."""
   import lasp_jax
@@ -129,6 +141,14 @@ class LinearAttention(nnx.Module):
     self.w_og = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
     self.o_norm = param(None, (dh,), ("norm",), dt, value=1.0)
+    if cfg.short_conv:
+      # PyTorch's default conv init (uniform, bound K**-0.5) in its normal form: unlike the
+      # projections' 0.02 it keeps q, k, v at the scale of the projections at init.
+      conv_std = (3 * cfg.short_conv) ** -0.5
+      conv_axes = ("conv", "q_heads", "head_dim")
+      self.conv_q = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
+      self.conv_k = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
+      self.conv_v = param(rngs, (cfg.short_conv, h, dh), conv_axes, dt, std=conv_std)
     if variant == "gla":
       r = cfg.gate_rank
       self.w_g1 = param(rngs, (d, r), ("embed", "rank"), dt, std=std)
@@ -171,6 +191,10 @@ class LinearAttention(nnx.Module):
       q = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_q, wspec), heads)
       k = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_k, wspec), heads)
       v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_v, wspec), heads)
+      if cfg.short_conv:
+        cspec = ("conv", "q_heads", "head_dim")
+        q, k, v = (ctx.constrain(short_conv(x, ctx.weight(w, cspec), cfg=cfg, ctx=ctx), heads)
+                   for x, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
       dv = v.shape[-1]
       if variant in ("based", "rebased"):
         q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map

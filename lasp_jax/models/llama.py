@@ -160,6 +160,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   embedding lookup not), plus per layer the attention core:
   - linear, chunked form with chunk ``c``: per head ``4 Dk Dv`` (state update and ``q S``) +
     ``c (Dk + Dv)`` (the causal intra-chunk ``Q K^T`` and ``P V``, half of a ``c x c`` tile each);
+    the short conv's ``K`` taps count as matmul weights on the channels of q, k and v;
   - softmax, causal: per head ``2 D N`` (``Q K^T`` and ``P V`` over ``N / 2`` keys on average).
   """
   if not isinstance(seq_len, int) or seq_len <= 0:
@@ -180,6 +181,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
       dk = {"based": 1 + dqk + dqk * dqk, "rebased": dqk * dqk}.get(v, dqk)
       dv = dh + 1 if v in ("based", "rebased") else dh
       mm = d * h * dqk * 2 + d * h * dh * 3
+      mm += cfg.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
       if v == "gla":
         mm += d * cfg.gate_rank + cfg.gate_rank * h * dh
       elif v == "simple_gla":

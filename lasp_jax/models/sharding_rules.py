@@ -43,6 +43,7 @@ class ShardingRules:
   feature: str | None = None
   rank: str | None = None
   norm: str | None = None
+  conv: str | None = None  # the taps of the short conv (a handful: never split)
 
   @classmethod
   def from_config(cls, cfg) -> "ShardingRules":

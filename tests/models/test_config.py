@@ -25,6 +25,8 @@ from lasp_jax.models import linear_attention as la
     (dict(num_layers=0), "num_layers"),
     (dict(chunk_size=-16), "-16"),
     (dict(batch_axes=("data", "sp")), "'sp'"),
+    (dict(short_conv=-1), "short_conv must be a kernel size >= 0 (0: no conv), got -1"),
+    (dict(short_conv=True), "got True"),
 ])
 def test_bad_config_names_the_value(changes, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
@@ -56,6 +58,7 @@ def _closed_form_count(cfg):
   v, d, h, hkv, dh, f = (cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.kv_heads,
                          cfg.dim_per_head, cfg.ffn_dim)
   linear = 5 * d * h * dh + dh        # q, k, v, output gate, output; per-head output norm
+  linear += cfg.short_conv * 3 * h * dh  # the depthwise taps on q, k, v
   softmax = 2 * d * h * dh + 2 * d * hkv * dh
   common = 2 * d + 3 * d * f          # two RMSNorms, SwiGLU
   layers = sum((linear if k == "linear" else softmax) + common for k in cfg.layer_kinds)
@@ -83,7 +86,8 @@ def test_count_params_matches_the_built_model(variant):
   # three linear layers (d 32, 4 heads of 8, rank 4, feature_dim 4): gates and ReBased's affine
   extra = {"gla": 3 * (32 * 4 + 4 * 32 + 32), "simple_gla": 3 * (32 * 4 + 4), "based": 0,
            "rebased": 3 * 2 * 4 * 4}[variant]
-  dqk_delta = {"based": 3 * 2 * 32 * 4 * (4 - 8), "rebased": 3 * 2 * 32 * 4 * (4 - 8)}
+  # q and k (and their conv taps) are feature_dim 4 wide per head, not head_dim 8
+  dqk_delta = {v: 3 * 2 * (32 + cfg.short_conv) * 4 * (4 - 8) for v in ("based", "rebased")}
   base = _closed_form_count(cfg) + extra + dqk_delta.get(variant, 0)
   assert models.count_params(cfg) == sum(sizes) == base
 
@@ -101,6 +105,14 @@ def test_flops_per_token():
   assert grow == pytest.approx(3 * 4 * h * 2 * dh * 8192)
   with pytest.raises(ValueError, match="seq_len"):
     models.flops_per_token(cfg, 0)
+  # The short conv: K multiply-adds per channel of q, k, v, forward and backward, per layer.
+  conv = models.flops_per_token(cfg.replace(short_conv=4), 8192) - models.flops_per_token(cfg, 8192)
+  assert conv == pytest.approx(3 * 16 * 2 * 4 * 3 * h * dh)
+
+
+def test_presets_short_conv():
+  assert models.get_config("tiny").short_conv == models.get_config("tiny_hybrid").short_conv == 4
+  assert models.get_config("linear_llama3_1b").short_conv == 0
 
 
 def test_decay_constants():
