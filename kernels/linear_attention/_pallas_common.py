@@ -1,23 +1,35 @@
 """What the TPU and GPU Pallas kernels share: per-chunk math, decay handling, the custom_vjp.
 
-The kernels only ever see a *chunk-local* inclusive cumulative log-decay ``b`` (restarted at every
-chunk, so every exponent is a sum of at most ``chunk_size`` log-decays) and compute, per chunk of
-``c`` tokens with incoming state ``S`` (SPEC section 3):
+The kernels see the clamped per-token log-decay ``g`` (``reference.clamp_log_decay``: finite, in
+``[LOG_DECAY_FLOOR, 0]``, NaN passed through) and build every decay factor of a chunk of ``c``
+tokens from *direct* sums of its log-decays (:func:`chunk_decay`; SPEC sections 3 and 10):
 
-    o     = scale * ([(q k^T) * D] v + (q * e^b) S)          D_ij = e^{b_i - b_j} [i >= j]
-    S_new = e^{b_last} S + (k * e^{b_last - b})^T v
+    W_ij = e^{sum_{j<l<=i} g_l} [i >= j]     qd_i = e^{b_i}, b_i = sum_{l<=i} g_l
+    kd_j = e^{sum_{l>j} g_l}                 a = e^{sum_l g_l}
 
-The triangular mask is applied inside every tile, before the exponent is taken (no inf * 0).
+``sum_{j<l<=i} g_l`` is the matmul ``(L * g) @ U`` of exact 0/1 triangles (``L_il = [l <= i]``,
+``U_lj = [l > j]``) at float32 HIGHEST precision, never ``b_i - b_j``: that difference cancels once
+one gate is very negative (``-1e9`` swamps the mild gates around it) and is NaN for ``-inf``.
+Per chunk, with incoming state ``S``:
+
+    o     = scale * ([(q k^T) * W] v + (q * qd) S)
+    S_new = a S + (k * kd)^T v
+
+The triangular mask is a selection inside every tile (a non-finite later key or value never reaches
+an earlier row through a zero weight; a non-finite ``v`` is kept out of the ``[...] v`` matmul and
+marked NaN from its position on, ``reference.mask_nonfinite_values``).
 
 Backward (two kernels, both recompute rather than store per-chunk states):
-- ``dq`` runs forward over chunks re-building ``S``:  dq = scale ([(dO v^T) * D] k + e^b (dO S^T)).
+- ``dq`` runs forward over chunks re-building ``S``:  dq = scale ([(dO v^T) * W] k + qd (dO S^T)).
 - ``dk, dv`` run backward over chunks carrying ``dS`` (the cotangent of the state after a chunk):
-      dv = scale [(q k^T) * D]^T dO + (k * e^{b_last - b}) dS
-      dk = scale [(dO v^T) * D]^T q + e^{b_last - b} (v dS^T)
-      dS <- e^{b_last} dS + scale (q * e^b)^T dO          (dS after chunk 0 is d initial_state)
+      dv = scale [(q k^T) * W]^T dO + (k * kd) dS
+      dk = scale [(dO v^T) * W]^T q + kd (v dS^T)
+      dS <- a dS + scale (q * qd)^T dO          (dS after chunk 0 is d initial_state)
 - The decay gradient needs no kernel: the op depends on the global cumulative log-decay ``B`` only
   through ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the factor ``e^{B_N}`` of the final state, so
-  ``dL/dB_i = q_i.dq_i - k_i.dk_i (+ <S_N, dS_N> at i = N)`` and ``dg_t = sum_{i >= t} dL/dB_i``.
+  ``dL/dB_i = q_i.dq_i - k_i.dk_i (+ <S_N, dS_N> at i = N)`` and ``dg_t = sum_{i >= t} dL/dB_i``
+  (an identity of the exact function; nothing here is exponentiated). Below the floor the clamp
+  makes it 0 (-inf included), the exact value.
 """
 
 from __future__ import annotations
@@ -28,6 +40,8 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from kernels.linear_attention import reference as ref
 
 F32 = jnp.float32
 
@@ -54,14 +68,36 @@ class BlockSizes:
 
 
 class Decay(NamedTuple):
-  """Chunk-local cumulative log-decay of one chunk, in the forms the math needs.
+  """Decay factors of one chunk, each ``exp`` of a direct sum of its log-decays (module docstring).
 
-  ``col``: ``(c, 1)``; ``row``: broadcastable to ``(c, c)`` with ``row[.., j] = b_j``;
-  ``last``: broadcastable to ``(1, 1)``, ``b`` at the chunk's last token.
+  ``weights``: ``(c, c)``, ``W_ij`` (exact 0 above the diagonal); ``q_scale``: ``(c, 1)``,
+  ``e^{b_i}``; ``k_scale``: ``(c, 1)``, ``e^{sum_{l>j} g_l}``; ``chunk``: ``(1, 1)``, ``e^{sum g}``.
   """
-  col: jax.Array
-  row: jax.Array
-  last: jax.Array
+  weights: jax.Array
+  q_scale: jax.Array
+  k_scale: jax.Array
+  chunk: jax.Array
+
+
+def chunk_decay(g_row):
+  """:class:`Decay` of a chunk from its clamped log-decays ``g_row (1, c)`` float32 (lanes).
+
+  Masks from iota, sums along lanes and one 0/1 matmul: no cumsum, no relayout, no unaligned
+  slice (what Mosaic and Triton both lower). Each factor is exact to float32 for any gates.
+  """
+  c = g_row.shape[-1]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  upto = jnp.where(cols <= rows, g_row, 0.0)          # [i, l] = g_l for l <= i
+  after = jnp.where(cols > rows, g_row, 0.0)          # [j, l] = g_l for l > j
+  # [i, j] = sum_l [l <= i] g_l [l > j]: exact 0/1 operand, HIGHEST (TPU would round g to bf16).
+  log_w = jax.lax.dot_general(upto, (rows > cols).astype(F32), (((1,), (0,)), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
+  mask = rows >= cols
+  return Decay(weights=jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0),
+               q_scale=jnp.exp(jnp.sum(upto, axis=1, keepdims=True)),
+               k_scale=jnp.exp(jnp.sum(after, axis=1, keepdims=True)),
+               chunk=jnp.exp(jnp.sum(g_row, axis=1, keepdims=True)))
 
 
 def causal_mask(c):
@@ -83,23 +119,28 @@ def _mm(a, b, contract, dtype):
 
 
 def _weights(scores, decay, mask):
-  """``scores * D`` with the triangular mask applied before any exponent."""
-  if decay is None:
-    return jnp.where(mask, scores, 0.0)
-  diff = jnp.where(mask, decay.col - decay.row, 0.0)
-  return jnp.where(mask, scores * jnp.exp(diff), 0.0)
+  """``scores * W``, masked by selection (a NaN above the diagonal must not survive as 0 * NaN)."""
+  return jnp.where(mask, scores if decay is None else scores * decay.weights, 0.0)
+
+
+def _scaled_rows(x, scale_col):
+  return x.astype(F32) if scale_col is None else x.astype(F32) * scale_col
 
 
 def _decayed_keys(k, decay):
-  return k.astype(F32) if decay is None else k.astype(F32) * jnp.exp(decay.last - decay.col)
+  return _scaled_rows(k, None if decay is None else decay.k_scale)
+
+
+def _decayed_queries(q, decay):
+  return _scaled_rows(q, None if decay is None else decay.q_scale)
 
 
 def _decay_state(s, decay):
-  return s if decay is None else jnp.exp(decay.last) * s
+  return s if decay is None else decay.chunk * s
 
 
 def _state_step(s, k, v, decay, dtype):
-  """``S_new = e^{b_last} S + (k * e^{b_last - b})^T v``."""
+  """``S_new = a S + (k * kd)^T v``."""
   return _mm(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
 
 
@@ -108,9 +149,9 @@ def forward_chunk(q, k, v, s, decay, *, scale, dtype):
   c = q.shape[0]
   mask = causal_mask(c)
   a = _weights(_mm(q, k, "nt", dtype), decay, mask)
-  q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  o = scale * (_mm(a, v, "nn", dtype) + _mm(q_dec, s, "nn", dtype))
-  return o, _state_step(s, k, v, decay, dtype)
+  o = scale * (_mm(a, ref.finite_values(v), "nn", dtype)
+               + _mm(_decayed_queries(q, decay), s, "nn", dtype))
+  return ref.mask_nonfinite_values(o, v, axis=0), _state_step(s, k, v, decay, dtype)
 
 
 def dq_chunk(k, v, do, s, decay, *, scale, dtype):
@@ -120,9 +161,20 @@ def dq_chunk(k, v, do, s, decay, *, scale, dtype):
   da = _weights(_mm(do, v, "nt", dtype), decay, mask)
   inter = _mm(do, s, "nt", dtype)
   if decay is not None:
-    inter = inter * jnp.exp(decay.col)
+    inter = inter * decay.q_scale
   dq = scale * (_mm(da, k, "nn", dtype) + inter)
   return dq, _state_step(s, k, v, decay, dtype)
+
+
+def _dk_and_ds(q, v, do, ds, da, decay, *, scale, dtype):
+  """``dk = scale da^T q + kd (v dS^T)`` and ``dS`` before the chunk: ``a dS + scale (q qd)^T dO``.
+  """
+  dk_state = _mm(v, ds, "nt", dtype)
+  if decay is not None:
+    dk_state = dk_state * decay.k_scale
+  dk = scale * _mm(da, q, "tn", dtype) + dk_state
+  ds_prev = scale * _mm(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
+  return dk, ds_prev
 
 
 def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype):
@@ -131,14 +183,8 @@ def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype):
   mask = causal_mask(c)
   a = _weights(_mm(q, k, "nt", dtype), decay, mask)
   da = _weights(_mm(do, v, "nt", dtype), decay, mask)
-  k_dec = _decayed_keys(k, decay)
-  dv = scale * _mm(a, do, "tn", dtype) + _mm(k_dec, ds, "nn", dtype)
-  dk_state = _mm(v, ds, "nt", dtype)
-  if decay is not None:
-    dk_state = dk_state * jnp.exp(decay.last - decay.col)
-  dk = scale * _mm(da, q, "tn", dtype) + dk_state
-  q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
+  dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
+  dk, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
   return dk, dv, ds_prev
 
 
@@ -149,13 +195,7 @@ def dk_chunk(q, v, do, ds, decay, *, scale, dtype):
   """
   mask = causal_mask(q.shape[0])
   da = _weights(_mm(do, v, "nt", dtype), decay, mask)
-  dk_state = _mm(v, ds, "nt", dtype)
-  if decay is not None:
-    dk_state = dk_state * jnp.exp(decay.last - decay.col)
-  dk = scale * _mm(da, q, "tn", dtype) + dk_state
-  q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
-  return dk, ds_prev
+  return _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
 
 
 def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
@@ -166,8 +206,7 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
   mask = causal_mask(q.shape[0])
   a = _weights(_mm(q, k, "nt", dtype), decay, mask)
   dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
-  q_dec = q.astype(F32) if decay is None else q.astype(F32) * jnp.exp(decay.col)
-  ds_prev = scale * _mm(q_dec, do, "tn", dtype) + _decay_state(ds, decay)
+  ds_prev = scale * _mm(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
   return dv, ds_prev
 
 
@@ -175,19 +214,14 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
 
 
 def per_token_decay(log_decay, batch, seq_len, heads):
-  """None, ``(H,)`` or ``(B, N, H)`` -> None or float32 ``(B, N, H)``."""
+  """None, ``(H,)`` or ``(B, N, H)`` -> None or float32 ``(B, N, H)``, clamped to
+  ``reference.LOG_DECAY_FLOOR`` (so -inf, a reset, is finite inside the kernels)."""
   if log_decay is None:
     return None
-  g = log_decay.astype(F32)
+  g = ref.clamp_log_decay(log_decay)
   if g.ndim == 1:
     g = jnp.broadcast_to(g[None, None, :], (batch, seq_len, heads))
   return g
-
-
-def chunk_cumsum(g_BxNxH, chunk):
-  """Inclusive cumulative sum restarted at every chunk: ``(B, N, H)`` float32."""
-  b, n, h = g_BxNxH.shape
-  return jnp.cumsum(g_BxNxH.reshape(b, n // chunk, chunk, h), axis=2).reshape(b, n, h)
 
 
 def decay_grad(q, k, dq, dk, s_final, ds_final):
@@ -202,10 +236,11 @@ def decay_grad(q, k, dq, dk, s_final, ds_final):
 class Config:
   """A backend's three pallas_call builders and their static parameters (hashable).
 
-  ``forward(q, k, v, b, s0, cfg) -> (o, s_final)``; ``dq(k, v, do, b, s0, cfg) -> dq``;
-  ``dkv(q, k, v, do, b, ds_final, cfg) -> (dk, dv, ds0)``. ``b`` is None or the chunk-local
-  ``(B, N, H)`` float32 cumulative log-decay. Gradients of q, k come back in float32 when there is
-  a decay (the decay gradient is built from them), else in the input dtype.
+  ``forward(q, k, v, g, s0, cfg) -> (o, s_final)``; ``dq(k, v, do, g, s0, cfg) -> dq``;
+  ``dkv(q, k, v, do, g, ds_final, cfg) -> (dk, dv, ds0)``. ``g`` is None or the clamped per-token
+  ``(B, N, H)`` float32 log-decay (each kernel sums it per chunk, :func:`chunk_decay`). Gradients
+  of q, k come back in float32 when there is a decay (the decay gradient is built from them), else
+  in the input dtype.
   """
   forward: Callable
   dq: Callable
@@ -217,24 +252,24 @@ class Config:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def linear_attention_vjp(q, k, v, g, s0, cfg: Config):
-  """``(o, s_final)`` through ``cfg``'s kernels; ``g`` None or per-token ``(B, N, H)`` float32."""
+  """``(o, s_final)`` through ``cfg``'s kernels; ``g`` None or clamped per-token ``(B, N, H)``
+  float32 log-decays."""
   return _fwd(q, k, v, g, s0, cfg)[0]
 
 
 def _fwd(q, k, v, g, s0, cfg):
-  b = None if g is None else chunk_cumsum(g, cfg.block_sizes.chunk_size)
-  o, s_final = cfg.forward(q, k, v, b, s0, cfg)
-  return (o, s_final), (q, k, v, b, s0, s_final)
+  o, s_final = cfg.forward(q, k, v, g, s0, cfg)
+  return (o, s_final), (q, k, v, g, s0, s_final)
 
 
 def _bwd(cfg, res, cotangents):
-  q, k, v, b, s0, s_final = res
+  q, k, v, g, s0, s_final = res
   do, ds_final = cotangents
   do = do.astype(q.dtype)
   ds_final = ds_final.astype(F32)
-  dq = cfg.dq(k, v, do, b, s0, cfg)
-  dk, dv, ds0 = cfg.dkv(q, k, v, do, b, ds_final, cfg)
-  dg = None if b is None else decay_grad(q, k, dq, dk, s_final, ds_final)
+  dq = cfg.dq(k, v, do, g, s0, cfg)
+  dk, dv, ds0 = cfg.dkv(q, k, v, do, g, ds_final, cfg)
+  dg = None if g is None else decay_grad(q, k, dq, dk, s_final, ds_final)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0)
 
 

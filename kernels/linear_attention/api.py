@@ -1,11 +1,29 @@
-"""Public entry point of the linear-attention kernels: validates shapes, picks a backend."""
+"""Public entry point of the linear-attention kernels: validates inputs, picks a backend.
+
+Input contract shared by every linear op (``chunk_linear_attention``, ``lasp_jax.linear_attention``,
+``lasp2``, ``lasp2_attention``), checked by :func:`validate_inputs`:
+
+- log-decays lie in ``[-inf, 0]``; ``-inf`` is an exact reset (``reference`` module docstring). A
+  positive entry (e.g. ``0.9`` passed instead of ``log(0.9)``) is a ValueError when the decay is
+  concrete; under ``jit`` nothing can be checked for free, so the contract is the caller's, and
+  :func:`check_log_decay` inside ``jax.experimental.checkify.checkify`` checks it at run time.
+- NaN and inf propagate forward only: outputs at positions before a non-finite input are unaffected.
+- ``scale``: a real number or None; None means ``Dk ** -0.5``, as in LASP-2H (the default stays
+  1.0, the paper's unnormalised linear attention).
+- float32, bfloat16 or float16 inputs; float64 (only possible with ``jax_enable_x64``) is a
+  TypeError: the ops compute and keep states in float32 (SPEC section 1), so a float64 result
+  would only pretend to its precision.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.experimental import checkify
 
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
@@ -42,8 +60,74 @@ def _on_hardware(backend: str) -> bool:
   return default_backend() == backend
 
 
-def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None):
-  """Checks SPEC section 1 shapes; raises ValueError/TypeError naming the offending value."""
+def check_chunk_size(chunk_size):
+  """Raises ValueError unless ``chunk_size`` is a positive int."""
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) \
+      or chunk_size <= 0:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
+def check_scale(scale):
+  """Raises TypeError unless ``scale`` is None or a real number (a 0-d real array included)."""
+  if scale is None or (isinstance(scale, numbers.Real) and not isinstance(scale, bool)):
+    return
+  if (hasattr(scale, "shape") and hasattr(scale, "dtype") and tuple(scale.shape) == ()
+      and (jnp.issubdtype(scale.dtype, jnp.floating) or jnp.issubdtype(scale.dtype, jnp.integer))):
+    return
+  raise TypeError(f"scale must be a real number or None (None: Dk ** -0.5), got "
+                  f"{type(scale).__name__} {scale!r}")
+
+
+def _index_str(flat, shape):
+  return str(tuple(int(i) for i in np.unravel_index(int(flat), shape)))
+
+
+def check_log_decay(log_decay):
+  """Checks that ``log_decay`` (None or an array) is <= 0 everywhere; NaN is not checked.
+
+  Concrete input: raises ValueError naming the largest entry and its index. Traced input (under
+  ``jit``): adds a ``checkify`` check, which only works inside ``checkify.checkify``::
+
+    def f(q, k, v, g):
+      check_log_decay(g)
+      return lasp_jax.linear_attention(q, k, v, g)
+
+    err, o = checkify.checkify(jax.jit(f))(q, k, v, g)
+    err.throw()   # ValueError-like JaxRuntimeError naming the max value and its index
+  """
+  if log_decay is None:
+    return
+  shape = tuple(log_decay.shape)
+  if isinstance(log_decay, jax.core.Tracer):
+    g = jnp.ravel(log_decay).astype(jnp.float32)
+    g = jnp.where(jnp.isnan(g), -jnp.inf, g)
+    flat = jnp.argmax(g)
+    idx = jnp.unravel_index(flat, shape) if shape else ()
+    names = [f"i{d}" for d in range(len(shape))]
+    checkify.check(
+        g[flat] <= 0,
+        "log_decay must be <= 0 (a log of a decay in [0, 1]; -inf is a reset), got max {m} at "
+        "index (" + ", ".join("{" + n + "}" for n in names) + f") of shape {shape}",
+        m=g[flat], **dict(zip(names, idx)))
+    return
+  g = np.asarray(jax.device_get(jnp.where(jnp.isnan(log_decay), -jnp.inf, log_decay)))
+  if g.size and np.max(g) > 0:
+    flat = int(np.argmax(g))
+    raise ValueError(f"log_decay must be <= 0 (a log of a decay in [0, 1]; -inf is a reset), got "
+                     f"max {float(g.flat[flat]):.6g} at index {_index_str(flat, shape)}: pass "
+                     f"log(decay), not the decay itself")
+
+
+def _check_not_float64(name, x):
+  # Only reachable with jax_enable_x64: otherwise a float64 numpy input canonicalises to float32.
+  if jax.dtypes.canonicalize_dtype(x.dtype) == jnp.float64:
+    raise TypeError(f"{name} has dtype float64, which the linear-attention ops do not compute in "
+                    f"(states are float32, SPEC section 1): cast the inputs to float32 or "
+                    f"bfloat16")
+
+
+def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None, scale=1.0):
+  """Checks the input contract (module docstring); raises ValueError/TypeError naming the value."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
       raise TypeError(f"{name} must be an array, got {type(x).__name__}")
@@ -51,12 +135,14 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
       raise ValueError(f"{name} must have shape (B, N, H, D), got {x.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+    _check_not_float64(name, x)
   if q.shape != k.shape:
     raise ValueError(f"q and k must have the same shape, got q {q.shape} and k {k.shape}")
   if v.shape[:3] != q.shape[:3]:
     raise ValueError(f"v must share (B, N, H) with q, got v {v.shape} and q {q.shape}")
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
+  check_scale(scale)
   if log_decay is not None:
     allowed = {1: (h,), 3: (bsz, n, h), 4: (bsz, n, h, dk)}
     want = allowed.get(log_decay.ndim)
@@ -66,12 +152,16 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
           f"(B, N, H, Dk)={(bsz, n, h, dk)}, got {tuple(log_decay.shape)}")
     if not jnp.issubdtype(log_decay.dtype, jnp.floating):
       raise TypeError(f"log_decay must be a float array, got dtype {log_decay.dtype}")
-  if initial_state is not None and tuple(initial_state.shape) != (bsz, h, dk, dv):
-    raise ValueError(f"initial_state must have shape (B, H, Dk, Dv)={(bsz, h, dk, dv)}, "
-                     f"got {tuple(initial_state.shape)}")
+    _check_not_float64("log_decay", log_decay)
+    if not isinstance(log_decay, jax.core.Tracer):
+      check_log_decay(log_decay)
+  if initial_state is not None:
+    if tuple(initial_state.shape) != (bsz, h, dk, dv):
+      raise ValueError(f"initial_state must have shape (B, H, Dk, Dv)={(bsz, h, dk, dv)}, "
+                       f"got {tuple(initial_state.shape)}")
+    _check_not_float64("initial_state", initial_state)
   if chunk_size is not None:
-    if not isinstance(chunk_size, int) or chunk_size <= 0:
-      raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    check_chunk_size(chunk_size)
     if n % chunk_size:
       raise ValueError(f"sequence length N={n} is not a multiple of chunk_size={chunk_size}")
 
@@ -82,8 +172,9 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
-    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries <= 0.
-    scale: multiplies q.
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
+      (``-inf``: an exact reset; module docstring for the checks).
+    scale: multiplies q; None means ``Dk ** -0.5`` (as in LASP-2H).
     initial_state: None (zeros) or ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N.
     backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device).
@@ -95,17 +186,20 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
     ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
 
   Raises:
-    ValueError: bad shapes (SPEC section 1), N not a multiple of ``chunk_size``, or (Pallas
+    ValueError: bad shapes (SPEC section 1), a concrete positive log-decay, ``chunk_size`` not a
+      positive int or not dividing N, or (Pallas
       backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
       >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` head dims that are
       multiples of 128 and a chunk size that is a multiple of 8 (float32) or 16 (bfloat16).
-    TypeError: non-float inputs, or (Pallas backends) q, k, v not all float32 or all bfloat16.
+    TypeError: non-float or float64 inputs, a ``scale`` that is not a number or None, or
+      (Pallas backends) q, k, v not all float32 or all bfloat16.
 
   The per-channel (GLA) decay ``(B, N, H, Dk)`` always runs on the XLA path: inside a kernel its
   intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
   ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale)
+  scale = reference.resolve_scale(scale, q.shape[-1])
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

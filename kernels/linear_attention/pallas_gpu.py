@@ -62,10 +62,9 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     raise TypeError(f"backend 'gpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 
 
-def _chunk_decay(b_ref, start, c):
-  b = b_ref[pl.ds(start, c)]
-  last = b_ref[pl.ds(start + c - 1, 1)]
-  return common.Decay(col=b[:, None], row=b[None, :], last=last[None, :])
+def _chunk_decay(g_ref, start, c):
+  """Decay factors of the chunk of log-decays ``g[start : start + c]``."""
+  return common.chunk_decay(g_ref[pl.ds(start, c)][None, :])
 
 
 def _compiler_params(bs: BlockSizes):
@@ -73,18 +72,18 @@ def _compiler_params(bs: BlockSizes):
 
 
 def _split(refs, n_in, has_decay):
-  """Kernel refs are (inputs..., [b], outputs...)."""
-  b_ref = refs[n_in] if has_decay else None
-  return refs[:n_in], b_ref, refs[n_in + has_decay:]
+  """Kernel refs are (inputs..., [g], outputs...)."""
+  g_ref = refs[n_in] if has_decay else None
+  return refs[:n_in], g_ref, refs[n_in + has_decay:]
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), b_ref, (o_ref, sf_ref) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), g_ref, (o_ref, sf_ref) = _split(refs, 4, has_decay)
 
   def body(i, s):
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(b_ref, start, c) if has_decay else None
+    decay = _chunk_decay(g_ref, start, c) if has_decay else None
     o, s = common.forward_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], s, decay,
                                 scale=scale, dtype=dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -94,12 +93,12 @@ def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (k_ref, v_ref, do_ref, s0_ref), b_ref, (dq_ref,) = _split(refs, 4, has_decay)
+  (k_ref, v_ref, do_ref, s0_ref), g_ref, (dq_ref,) = _split(refs, 4, has_decay)
 
   def body(i, s):
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(b_ref, start, c) if has_decay else None
+    decay = _chunk_decay(g_ref, start, c) if has_decay else None
     dq, s = common.dq_chunk(k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], s, decay,
                             scale=scale, dtype=dtype)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
@@ -109,13 +108,13 @@ def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, do_ref, dsf_ref), b_ref, (dk_ref, dv_ref, ds0_ref) = _split(
+  (q_ref, k_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref, dv_ref, ds0_ref) = _split(
       refs, 5, has_decay)
 
   def body(j, ds):
     start = pl.multiple_of((nc - 1 - j) * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(b_ref, start, c) if has_decay else None
+    decay = _chunk_decay(g_ref, start, c) if has_decay else None
     dk, dv, ds = common.dkv_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
                                   ds, decay, scale=scale, dtype=dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -126,12 +125,12 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dk_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, v_ref, do_ref, dsf_ref), b_ref, (dk_ref,) = _split(refs, 4, has_decay)
+  (q_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref,) = _split(refs, 4, has_decay)
 
   def body(j, ds):
     start = pl.multiple_of((nc - 1 - j) * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(b_ref, start, c) if has_decay else None
+    decay = _chunk_decay(g_ref, start, c) if has_decay else None
     dk, ds = common.dk_chunk(q_ref[rows, :], v_ref[rows, :], do_ref[rows, :], ds, decay,
                              scale=scale, dtype=dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
@@ -141,12 +140,12 @@ def _dk_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, do_ref, dsf_ref), b_ref, (dv_ref, ds0_ref) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, do_ref, dsf_ref), g_ref, (dv_ref, ds0_ref) = _split(refs, 4, has_decay)
 
   def body(j, ds):
     start = pl.multiple_of((nc - 1 - j) * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(b_ref, start, c) if has_decay else None
+    decay = _chunk_decay(g_ref, start, c) if has_decay else None
     dv, ds = common.dv_chunk(q_ref[rows, :], k_ref[rows, :], do_ref[rows, :], ds, decay,
                              scale=scale, dtype=dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -178,22 +177,22 @@ def _decay_spec(n):
   return pl.BlockSpec((None, n, None), lambda b, h, *_: (b, 0, h))
 
 
-def _static(q, b, cfg):
+def _static(q, g, cfg):
   c = cfg.block_sizes.chunk_size
-  return dict(has_decay=b is not None, nc=q.shape[1] // c, c=c, scale=cfg.scale, dtype=q.dtype)
+  return dict(has_decay=g is not None, nc=q.shape[1] // c, c=c, scale=cfg.scale, dtype=q.dtype)
 
 
-def _grad_dtype(x, b):
-  return F32 if b is not None else x.dtype
+def _grad_dtype(x, g):
+  return F32 if g is not None else x.dtype
 
 
-def _call(kernel, name, like, b, cfg, *, grid, in_specs, args, out_specs, out_shape):
+def _call(kernel, name, like, g, cfg, *, grid, in_specs, args, out_specs, out_shape):
   """One Triton kernel over ``grid``; the decay, when there is one, is its last input."""
-  if b is not None:
+  if g is not None:
     in_specs = [*in_specs, _decay_spec(like.shape[1])]
-    args = [*args, b]
+    args = [*args, g]
   return pl.pallas_call(
-      functools.partial(kernel, **_static(like, b, cfg)),
+      functools.partial(kernel, **_static(like, g, cfg)),
       grid=grid,
       in_specs=in_specs,
       out_specs=out_specs,
@@ -204,13 +203,13 @@ def _call(kernel, name, like, b, cfg, *, grid, in_specs, args, out_specs, out_sh
   )(*args)
 
 
-def forward(q, k, v, b, s0, cfg):
+def forward(q, k, v, g, s0, cfg):
   """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bv = cfg.block_sizes.block_v or dv
   return _call(
-      _forward_kernel, "linear_attention_fwd", q, b, cfg, grid=(bsz, h, dv // bv),
+      _forward_kernel, "linear_attention_fwd", q, g, cfg, grid=(bsz, h, dv // bv),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
       args=[q, k, v, s0],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
@@ -218,53 +217,53 @@ def forward(q, k, v, b, s0, cfg):
                  jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
 
 
-def dq(k, v, do, b, s0, cfg):
+def dq(k, v, do, g, s0, cfg):
   """``dq (B, N, H, Dk)``: float32 with a decay, else k's dtype."""
   bsz, n, h, dk = k.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
   return _call(
-      _dq_kernel, "linear_attention_dq", k, b, cfg, grid=(bsz, h, dk // bk),
+      _dq_kernel, "linear_attention_dq", k, g, cfg, grid=(bsz, h, dk // bk),
       in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
       args=[k, v, do, s0],
       out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, b)))
+      out_shape=jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, g)))
 
 
-def dkv(q, k, v, do, b, ds_final, cfg):
+def dkv(q, k, v, do, g, ds_final, cfg):
   """``(dk, dv, d initial_state)``; dk float32 with a decay, dv in v's dtype, dS0 float32."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   if cfg.block_sizes.split_backward:
-    return _dk_split(q, v, do, b, ds_final, cfg) + _dv_split(q, k, do, b, ds_final, cfg)
+    return _dk_split(q, v, do, g, ds_final, cfg) + _dv_split(q, k, do, g, ds_final, cfg)
   return _call(
-      _dkv_kernel, "linear_attention_dkv", q, b, cfg, grid=(bsz, h),
+      _dkv_kernel, "linear_attention_dkv", q, g, cfg, grid=(bsz, h),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, dv), _seq(n, dv), _state(dk, dv)],
       args=[q, k, v, do, ds_final],
       out_specs=[_seq(n, dk), _seq(n, dv), _state(dk, dv)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, b)),
+      out_shape=[jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, g)),
                  jax.ShapeDtypeStruct(v.shape, v.dtype),
                  jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
 
 
-def _dk_split(q, v, do, b, ds_final, cfg):
+def _dk_split(q, v, do, g, ds_final, cfg):
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
   return (_call(
-      _dk_kernel, "linear_attention_dk", q, b, cfg, grid=(bsz, h, dk // bk),
+      _dk_kernel, "linear_attention_dk", q, g, cfg, grid=(bsz, h, dk // bk),
       in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
       args=[q, v, do, ds_final],
       out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(q.shape, _grad_dtype(q, b))),)
+      out_shape=jax.ShapeDtypeStruct(q.shape, _grad_dtype(q, g))),)
 
 
-def _dv_split(q, k, do, b, ds_final, cfg):
+def _dv_split(q, k, do, g, ds_final, cfg):
   bsz, n, h, dk = q.shape
   dv = do.shape[-1]
   bv = cfg.block_sizes.block_v or dv
   return tuple(_call(
-      _dv_kernel, "linear_attention_dv", q, b, cfg, grid=(bsz, h, dv // bv),
+      _dv_kernel, "linear_attention_dv", q, g, cfg, grid=(bsz, h, dv // bv),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
       args=[q, k, do, ds_final],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],

@@ -8,8 +8,9 @@ the first step and written out at the last, the pattern of JAX's TPU flash atten
 
 Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
 kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
-head, ``(chunk_size, D)``. The decay comes in as one ``(1, chunk_size)`` row per chunk; the kernel
-builds the column form ``b_i`` with an exact 0/1 matmul instead of a lane/sublane transpose.
+head, ``(chunk_size, D)``. The log-decay comes in as one ``(1, chunk_size)`` row per chunk; the
+kernel builds its column forms with lane sums and its pairwise sums with an exact 0/1 matmul
+(``_pallas_common.chunk_decay``) instead of a lane/sublane transpose.
 Checked tiling rules (:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which
 packs two rows per sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would
 waste the MXU). Only the plain and the TPU-semantics interpreters and the Mosaic lowering have run
@@ -48,42 +49,26 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     raise TypeError(f"backend 'tpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 
 
-def _chunk_decay(b_ref, c):
-  """Decay forms from the chunk's ``(1, c)`` row of ``b`` (lanes), without relayouts.
-
-  The column form ``b_i`` comes from an exact 0/1 matmul,
-  ``col_mat[i, j] = sum_l row8[l, i] e0[l, j] = b_i`` (a transposed-lhs MXU op, float32 at full
-  precision), then a lane max of equal values; the last entry from a masked lane sum. No unaligned
-  slices or lane/sublane transposes.
-  """
-  row = b_ref[...]                                                        # (1, c): b_j
-  sublanes = 8
-  row8 = jnp.broadcast_to(row, (sublanes, c))
-  e0 = (jax.lax.broadcasted_iota(jnp.int32, (sublanes, c), 0) == 0).astype(F32)
-  col_mat = jax.lax.dot_general(row8, e0, (((0,), (0,)), ((), ())),
-                                precision=jax.lax.Precision.HIGHEST,
-                                preferred_element_type=F32)               # (c, c): b_i
-  col = jnp.max(col_mat, axis=1, keepdims=True)                           # (c, 1)
-  is_last = jax.lax.broadcasted_iota(jnp.int32, (1, c), 1) == c - 1
-  last = jnp.sum(jnp.where(is_last, row, 0.0), axis=1, keepdims=True)     # (1, 1)
-  return common.Decay(col=col, row=row, last=last)
+def _chunk_decay(g_ref):
+  """Decay factors of the chunk from its ``(1, c)`` row of log-decays (lanes; no relayout)."""
+  return common.chunk_decay(g_ref[...])
 
 
 def _split(refs, n_in, has_decay):
-  """Kernel refs are (inputs..., [b], outputs..., scratch)."""
-  b_ref = refs[n_in] if has_decay else None
-  return refs[:n_in], b_ref, refs[n_in + has_decay:]
+  """Kernel refs are (inputs..., [g], outputs..., scratch)."""
+  g_ref = refs[n_in] if has_decay else None
+  return refs[:n_in], g_ref, refs[n_in + has_decay:]
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), b_ref, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), g_ref, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
   i = pl.program_id(2)
 
   @pl.when(i == 0)
   def _():
     s_scr[...] = s0_ref[...]
 
-  decay = _chunk_decay(b_ref, c) if has_decay else None
+  decay = _chunk_decay(g_ref) if has_decay else None
   o, s = common.forward_chunk(q_ref[...], k_ref[...], v_ref[...], s_scr[...], decay,
                               scale=scale, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -95,13 +80,13 @@ def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (k_ref, v_ref, do_ref, s0_ref), b_ref, (dq_ref, s_scr) = _split(refs, 4, has_decay)
+  (k_ref, v_ref, do_ref, s0_ref), g_ref, (dq_ref, s_scr) = _split(refs, 4, has_decay)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
     s_scr[...] = s0_ref[...]
 
-  decay = _chunk_decay(b_ref, c) if has_decay else None
+  decay = _chunk_decay(g_ref) if has_decay else None
   dq, s = common.dq_chunk(k_ref[...], v_ref[...], do_ref[...], s_scr[...], decay,
                           scale=scale, dtype=dtype)
   dq_ref[...] = dq.astype(dq_ref.dtype)
@@ -109,7 +94,7 @@ def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, do_ref, dsf_ref), b_ref, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
+  (q_ref, k_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
       refs, 5, has_decay)
   j = pl.program_id(2)   # step j handles chunk nc - 1 - j (the index maps reverse it)
 
@@ -117,7 +102,7 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
   def _():
     ds_scr[...] = dsf_ref[...]
 
-  decay = _chunk_decay(b_ref, c) if has_decay else None
+  decay = _chunk_decay(g_ref) if has_decay else None
   dk, dv, ds = common.dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...],
                                 decay, scale=scale, dtype=dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
@@ -152,19 +137,19 @@ def _bhnd(x):
   return jnp.swapaxes(x, 1, 2)
 
 
-def _call(kernel, cfg, x_bhnd, b, ins, in_specs, out_specs, out_shape, scratch, reverse=False):
+def _call(kernel, cfg, x_bhnd, g, ins, in_specs, out_specs, out_shape, scratch, reverse=False):
   bsz, h, n, _ = x_bhnd.shape
   c = cfg.block_sizes.chunk_size
   nc = n // c
   args = list(ins)
   in_specs = list(in_specs)
-  if b is not None:
+  if g is not None:
     # One (1, c) row per chunk: a block whose last two dims equal the array's, padded to 8
     # sublanes in HBM (a (B, H, N, 1) column would be padded to 128 lanes).
-    args.append(_bhnd(b).reshape(bsz, h, nc, 1, c))
+    args.append(_bhnd(g).reshape(bsz, h, nc, 1, c))
     in_specs.append(_decay_spec(c, nc, reverse))
   return pl.pallas_call(
-      functools.partial(kernel, has_decay=b is not None, nc=nc, c=c, scale=cfg.scale,
+      functools.partial(kernel, has_decay=g is not None, nc=nc, c=c, scale=cfg.scale,
                         dtype=x_bhnd.dtype),
       grid=(bsz, h, nc),
       in_specs=in_specs,
@@ -177,7 +162,7 @@ def _call(kernel, cfg, x_bhnd, b, ins, in_specs, out_specs, out_shape, scratch, 
   )(*args)
 
 
-def forward(q, k, v, b, s0, cfg):
+def forward(q, k, v, g, s0, cfg):
   """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
@@ -185,7 +170,7 @@ def forward(q, k, v, b, s0, cfg):
   nc = n // c
   q_t, k_t, v_t = _bhnd(q), _bhnd(k), _bhnd(v)
   o_t, s_final = _call(
-      _forward_kernel, cfg, q_t, b, (q_t, k_t, v_t, s0),
+      _forward_kernel, cfg, q_t, g, (q_t, k_t, v_t, s0),
       [_chunk_spec(c, dk, nc, False)] * 2 + [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
       [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
       [jax.ShapeDtypeStruct((bsz, h, n, dv), q.dtype),
@@ -194,7 +179,7 @@ def forward(q, k, v, b, s0, cfg):
   return _bhnd(o_t), s_final
 
 
-def dq(k, v, do, b, s0, cfg):
+def dq(k, v, do, g, s0, cfg):
   """``dq (B, N, H, Dk)``: float32 with a decay, else k's dtype."""
   bsz, n, h, dk = k.shape
   dv = v.shape[-1]
@@ -202,16 +187,16 @@ def dq(k, v, do, b, s0, cfg):
   nc = n // c
   k_t = _bhnd(k)
   dq_t = _call(
-      _dq_kernel, cfg, k_t, b, (k_t, _bhnd(v), _bhnd(do), s0),
+      _dq_kernel, cfg, k_t, g, (k_t, _bhnd(v), _bhnd(do), s0),
       [_chunk_spec(c, dk, nc, False)] + [_chunk_spec(c, dv, nc, False)] * 2
       + [_state_spec(dk, dv)],
       _chunk_spec(c, dk, nc, False),
-      jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if b is not None else k.dtype),
+      jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
       [pltpu.VMEM((dk, dv), F32)])
   return _bhnd(dq_t)
 
 
-def dkv(q, k, v, do, b, ds_final, cfg):
+def dkv(q, k, v, do, g, ds_final, cfg):
   """``(dk, dv, d initial_state)``; dk float32 with a decay, dv in v's dtype, dS0 float32."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
@@ -219,11 +204,11 @@ def dkv(q, k, v, do, b, ds_final, cfg):
   nc = n // c
   q_t = _bhnd(q)
   dk_t, dv_t, ds0 = _call(
-      _dkv_kernel, cfg, q_t, b, (q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final),
+      _dkv_kernel, cfg, q_t, g, (q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final),
       [_chunk_spec(c, dk, nc, True)] * 2 + [_chunk_spec(c, dv, nc, True)] * 2
       + [_state_spec(dk, dv)],
       [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), _state_spec(dk, dv)],
-      [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if b is not None else k.dtype),
+      [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
        jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
        jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
       [pltpu.VMEM((dk, dv), F32)], reverse=True)

@@ -3,9 +3,25 @@
 Shapes follow SPEC section 1 (batch-major, sequence second); internally everything runs per
 (batch, head) in the layout ``x_BxHxNCxCxD`` (``NC`` chunks of ``C`` tokens).
 
-Numerics: every decay weight is ``exp`` of a *direct* sum of log-decays (all <= 0), never a
-difference of two long cumulative sums and never a division by a cumulative product, so that
-weights stay finite and accurate over arbitrarily long sequences.
+Numerics (SPEC sections 2-4, 10): every decay weight is ``exp`` of a *direct* sum of log-decays
+(all <= 0), never a difference of two cumulative sums and never a division by a cumulative
+product. A difference ``b_i - b_j`` of in-chunk prefix sums cancels catastrophically once one gate
+is very negative (``-1e9`` leaves nothing of the mild gates around it) and is NaN at ``-inf``;
+direct sums are exact to float32 for every log-decay in ``[-inf, 0]``:
+
+- log-decays are first clamped to ``LOG_DECAY_FLOOR`` (``-1e4``): ``exp`` of any sum containing
+  the floor is exactly 0 in float32 *and* float64, as it is for the unclamped value, so the clamp
+  changes no output; it keeps every sum finite, so that a 0/1 mask times a log-decay is never
+  ``0 * -inf`` and ``-inf`` never meets ``-inf`` in a subtraction. ``-inf`` is thus an exact reset
+  (the state before it is dropped, its weights are exact zeros) and the gradient of the op with
+  respect to a log-decay below the floor (``-inf`` included) is 0, which is also its exact value.
+- the in-chunk ``c x c`` log-weights ``sum_{j<l<=i} g_l`` come from a cumulative sum over ``i``
+  of ``where(l > j, g_l, 0)`` (:func:`pairwise_log_decay`); prefix and suffix sums from the chunk's
+  ends (``cumsum``, a reversed ``cumsum``) are direct sums too.
+- masks are selections (``jnp.where``), never multiplications by zero, so that a NaN or inf in an
+  input never reaches outputs at earlier positions; a non-finite ``v`` (which a matmul with a
+  masked score matrix would spread over the whole chunk) is kept out of that matmul and made
+  visible again, as NaN, from its own position on (:func:`mask_nonfinite_values`).
 """
 
 from __future__ import annotations
@@ -15,6 +31,18 @@ import jax.numpy as jnp
 
 # A per-channel (GLA) decay makes the intra-chunk weights a (C, C, Dk) tensor; keep C small there.
 PER_CHANNEL_SUBCHUNK = 16
+
+# Log-decays below this are clamped to it: exp of any sum that contains it is exactly 0 in float32
+# and float64 (both underflow below about -745), so nothing changes but that sums stay finite.
+LOG_DECAY_FLOOR = -1e4
+
+
+def clamp_log_decay(g):
+  """``max(g, LOG_DECAY_FLOOR)`` in float32: -inf (a reset) becomes finite; NaN stays NaN.
+
+  The gradient below the floor is 0: the op's exact derivative there (``exp(g) * ...`` underflows).
+  """
+  return jnp.maximum(g.astype(jnp.float32), LOG_DECAY_FLOOR)
 
 
 def cumsum_inclusive(g, axis):
@@ -37,6 +65,52 @@ def masked_exp(x, mask):
   return jnp.where(mask, jnp.exp(jnp.where(mask, x, 0.0)), 0.0)
 
 
+def pairwise_log_decay(g, axis):
+  """``D[..., i, j, ...] = sum_{j < l <= i} g_l`` (0 for ``i <= j``), a direct sum per pair.
+
+  ``g`` has the token axis at ``axis`` (length ``c``); the result has ``(c, c)`` (``i``, ``j``) in
+  its place. A cumulative sum over ``i`` of ``where(i > j, g_i, 0)``: no difference of prefix
+  sums, so a very negative ``g_l`` cannot swamp the mild ones of a pair that excludes it, and a
+  NaN at ``l`` reaches only rows ``i >= l``.
+  """
+  g = jnp.moveaxis(g, axis, -1)                                   # (..., c)
+  c = g.shape[-1]
+  later = jnp.arange(c)[:, None] > jnp.arange(c)[None, :]        # (i, j): i > j
+  d = jnp.cumsum(jnp.where(later, g[..., :, None], 0.0), axis=-2)   # (..., c_i, c_j)
+  return jnp.moveaxis(d, (-2, -1), (axis, axis + 1))
+
+
+def mask_nonfinite_values(o, v, axis):
+  """Marks, as NaN, the outputs of a causal matmul that a non-finite value reaches.
+
+  A masked (causal) score matrix times ``v`` multiplies the zero weights of earlier rows by later
+  values, so one NaN in ``v`` would poison every row. Callers put :func:`finite_values` of ``v``
+  into the matmul and then this sets ``o[i, d]`` to NaN where some ``v[j, d]`` with ``j <= i`` is
+  non-finite (``o`` shaped like ``v``, tokens along ``axis``, channels last, other axes batch).
+  Float32 iota, compare, ``min`` and ``where`` only: Mosaic and Triton lower them.
+  """
+  axis = axis % v.ndim
+  rows = jax.lax.broadcasted_iota(jnp.int32, v.shape, axis).astype(jnp.float32)
+  first_bad = jnp.min(jnp.where(_is_finite(v), float(v.shape[axis]), rows), axis=axis,
+                      keepdims=True)
+  return jnp.where(rows >= first_bad, jnp.nan, o)
+
+
+def finite_values(v):
+  """``v`` with its non-finite entries replaced by 0 (see :func:`mask_nonfinite_values`)."""
+  return jnp.where(_is_finite(v), v, 0).astype(v.dtype)
+
+
+def _is_finite(x):
+  # A comparison rather than jnp.isfinite, which Mosaic may not lower; NaN compares False.
+  return jnp.abs(x.astype(jnp.float32)) <= jnp.finfo(jnp.float32).max
+
+
+def resolve_scale(scale, dk):
+  """``scale`` as the ops use it: None means ``Dk ** -0.5`` (as in LASP-2H), else the number."""
+  return dk ** -0.5 if scale is None else scale
+
+
 def match_vma(x, like):
   """Marks ``x`` as varying over the same manual mesh axes as ``like`` (a no-op outside shard_map).
 
@@ -53,10 +127,11 @@ def _varying_axes(x) -> frozenset:
 
 
 def per_token_log_decay(log_decay, batch, seq_len, heads):
-  """Brings a decay of any SPEC shape to float32 ``(B, N, H, Dg)``, ``Dg`` in {1, Dk}; None stays None."""
+  """Brings a decay of any SPEC shape to float32 ``(B, N, H, Dg)``, ``Dg`` in {1, Dk}, clamped to
+  ``LOG_DECAY_FLOOR`` (module docstring); None stays None."""
   if log_decay is None:
     return None
-  g = log_decay.astype(jnp.float32)
+  g = clamp_log_decay(log_decay)
   if g.ndim == 1:
     return jnp.broadcast_to(g[None, None, :, None], (batch, seq_len, heads, 1))
   if g.ndim == 3:
@@ -80,7 +155,9 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; any float dtype.
-    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``, all entries <= 0.
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``, entries in ``[-inf, 0]``
+      (``-inf``: a reset; exact, see the module docstring).
+    scale: multiplies q; None means ``Dk ** -0.5``.
     initial_state: None or ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N (checked by the public entry points).
 
@@ -89,6 +166,7 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
   """
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
+  scale = resolve_scale(scale, dk)
   g = per_token_log_decay(log_decay, bsz, n, h)
   c = chunk_size
   if g is not None and g.shape[-1] > 1:
@@ -101,24 +179,25 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
 
   if g is None:
     scores = jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c)
-    o_intra = jnp.einsum("bhnij,bhnjd->bhnid", jnp.where(causal, scores, 0.0), v_c)
-    q_in, k_in = q_c, k_c
     chunk_decay = None
+    q_in, k_in = q_c, k_c
   else:
     g_c = _to_chunks(g, c)                               # (B, H, NC, C, Dg)
     b_in = cumsum_inclusive(g_c, axis=3)                 # sum_{u <= i} g_u within the chunk
     to_end = cumsum_reverse_exclusive(g_c, axis=3)       # sum_{u > j} g_u within the chunk
-    chunk_decay = jnp.exp(b_in[:, :, :, -1, :])          # (B, H, NC, Dg)
+    chunk_decay = jnp.exp(jnp.sum(g_c, axis=3))          # (B, H, NC, Dg)
+    log_w = pairwise_log_decay(g_c, axis=3)              # (B, H, NC, C, C, Dg): sum_{j<u<=i} g_u
     if g.shape[-1] == 1:
-      diff = b_in[..., :, None, 0] - b_in[..., None, :, 0]   # (B, H, NC, C, C)
-      scores = jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c) * masked_exp(diff, causal)
+      scores = jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c) * masked_exp(log_w[..., 0], causal)
     else:
-      diff = b_in[..., :, None, :] - b_in[..., None, :, :]   # (B, H, NC, C, C, Dk)
       scores = jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", q_c, k_c,
-                          masked_exp(diff, causal[..., None]))
-    o_intra = jnp.einsum("bhnij,bhnjd->bhnid", scores, v_c)
+                          masked_exp(log_w, causal[..., None]))
     q_in = q_c * jnp.exp(b_in)
     k_in = k_c * jnp.exp(to_end)
+  # Select, not multiply: a non-finite later key must not reach earlier rows through a zero weight.
+  scores = jnp.where(causal, scores, 0.0)
+  o_intra = mask_nonfinite_values(
+      jnp.einsum("bhnij,bhnjd->bhnid", scores, finite_values(v_c)), v_c, axis=3)
 
   # Each chunk's own contribution to the state at its end, then a scan carries states across chunks.
   chunk_states = jnp.einsum("bhnjk,bhnjv->nbhkv", k_in, v_c)

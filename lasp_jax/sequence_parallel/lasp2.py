@@ -15,6 +15,12 @@ Per device the forward pass is:
 
 The backward pass is autodiff: the transpose of the all-gather is one reduce-scatter of the same
 size, so one state-sized collective per direction, none that grows with N.
+
+Numerics: log-decays are clamped to ``reference.LOG_DECAY_FLOOR`` (exact: ``exp`` of anything at or
+below it is 0), so ``-inf`` resets are exact zeros and never NaN; every weight is ``exp`` of a
+direct sum of log-decays (segment prefixes, suffixes, sums of whole segments' gammas). The incoming
+state *selects* the earlier segments' states (it does not weight later ones by 0), so a NaN or inf
+in a later segment never reaches an earlier segment's output.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels.linear_attention import reference as ref
-from kernels.linear_attention.api import resolve_backend, validate_inputs
+from kernels.linear_attention.api import check_chunk_size, resolve_backend, validate_inputs
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
@@ -53,9 +59,12 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
-    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries <= 0; causal only.
+    log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
+      (``-inf``: an exact reset); causal only. A positive entry is a ValueError when concrete;
+      under jit see ``kernels.linear_attention.check_log_decay``.
     causal: causal recurrence (token i sees j <= i) or bidirectional (sees all tokens).
-    scale: multiplies q (1.0 is the paper's unnormalised linear attention).
+    scale: multiplies q (1.0 is the paper's unnormalised linear attention); None means
+      ``Dk ** -0.5``, as in LASP-2H.
     initial_state: None or ``(B, H, Dk, Dv)``; causal only.
     return_final_state: also return the state after the last token, float32 ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N.
@@ -64,8 +73,9 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, or ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size)
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale)
   _check_decay_mode(log_decay, causal)
+  scale = ref.resolve_scale(scale, q.shape[-1])
   if causal:
     o, s_final = kernels.chunk_linear_attention(
         q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
@@ -98,13 +108,15 @@ def _from_segments(x, nseg):
 def segment_decays(log_decay, nb, seg_len, heads):
   """Per-token decay sums of each segment: ``(b_i from start, sum_{u>j} to end, gamma)``.
 
-  All three are direct sums of log-decays (<= 0), shaped ``(SB, L, H, Dg)``, ``(SB, L, H, Dg)``,
+  All three are direct sums of log-decays clamped to ``ref.LOG_DECAY_FLOOR`` (so finite, <= 0, and
+  NaN only where a NaN is summed in), shaped ``(SB, L, H, Dg)``, ``(SB, L, H, Dg)``,
   ``(SB, H, Dg)`` (``Dg`` is 1 or Dk); None for no decay.
   """
   if log_decay is None:
     return None, None, None
   if log_decay.ndim == 1:  # constant per head: closed forms, nothing data dependent to gather
-    g = log_decay.astype(jnp.float32)[None, None, :, None]
+    # Clamped first: 0 * -inf (the last token's empty suffix of a reset head) would be NaN.
+    g = ref.clamp_log_decay(log_decay)[None, None, :, None]
     pos = jnp.arange(seg_len, dtype=jnp.float32)[None, :, None, None]
     b = (pos + 1.0) * g
     to_end = (seg_len - 1.0 - pos) * g
@@ -124,7 +136,9 @@ def local_state(k, v, to_end):
 
 
 def add_incoming(o_local, q, b_in, s_in, scale):
-  """``o_local + scale * (q * exp(b)) S_in`` in float32 (SPEC section 4, step 4)."""
+  """``o_local + scale * (q * exp(b)) S_in`` in float32 (SPEC section 4, step 4); ``scale`` None
+  means ``Dk ** -0.5``."""
+  scale = ref.resolve_scale(scale, q.shape[-1])
   q_dec = q.astype(jnp.float32) if b_in is None else q.astype(jnp.float32) * jnp.exp(b_in)
   return o_local.astype(jnp.float32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
 
@@ -144,15 +158,18 @@ def _incoming_states(states, gammas, my_positions):
   idx = jnp.arange(num)
   p = jnp.stack([jnp.asarray(x) for x in my_positions])[:, None]           # (S, 1)
   before = idx[None, :] < p                                                  # (S, P): s < p
+  # Select the earlier segments' states, do not weight the later ones by 0: 0 * NaN is NaN, and a
+  # NaN or inf in a later segment must not reach this one. (S, P, B, H, Dk, Dv); S is 1 or 2.
+  earlier = jnp.where(before[:, :, None, None, None, None], states[None], 0.0)
   if gammas is None:
-    w = before.astype(jnp.float32)[:, :, None, None, None]
-  else:
-    # log weight of s: the direct sum of gamma_u over s < u < p (no differences of prefix sums).
-    between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < p[:, :, None])
-    log_w = jnp.sum(jnp.where(between[..., None, None, None], gammas[None, None], 0.0), axis=2)
-    w = ref.masked_exp(log_w, before[:, :, None, None, None])                # (S, P, B, H, Dg)
-  return jnp.einsum("spbhk,pbhkv->sbhkv", jnp.broadcast_to(w, w.shape[:-1] + (states.shape[3],)),
-                    states)
+    return jnp.sum(earlier, axis=1)
+  # log weight of s: the direct sum of gamma_u over s < u < p (no differences of prefix sums;
+  # gammas are clamped sums, finite unless NaN, and `where` keeps a later NaN out).
+  between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < p[:, :, None])
+  log_w = jnp.sum(jnp.where(between[..., None, None, None], gammas[None, None], 0.0), axis=2)
+  w = ref.masked_exp(log_w, before[:, :, None, None, None])                  # (S, P, B, H, Dg)
+  return jnp.einsum("spbhk,spbhkv->sbhkv",
+                    jnp.broadcast_to(w, w.shape[:-1] + (states.shape[3],)), earlier)
 
 
 def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
@@ -169,8 +186,10 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
   Returns:
     ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation.
   """
-  validate_inputs(q, k, v, log_decay)
+  validate_inputs(q, k, v, log_decay, scale=scale)
+  check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
+  scale = ref.resolve_scale(scale, q.shape[-1])
   nseg = layout_lib.segments_per_shard(layout)
   bsz, c_local, heads, dk = q.shape
   if c_local % (nseg * chunk_size):
@@ -251,7 +270,8 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, sharded like q.
   """
-  validate_inputs(q, k, v, log_decay)
+  validate_inputs(q, k, v, log_decay, scale=scale)
+  check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
   mesh = sharding.resolve_mesh(mesh)
   w = sharding.axis_size(mesh, seq_axis, "seq_axis")

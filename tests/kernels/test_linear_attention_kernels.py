@@ -5,6 +5,7 @@ carried between tiles and the reversed walk of the backward pass all matter.
 """
 
 import contextlib
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -233,3 +234,110 @@ def test_tpu_kernels_under_tpu_semantics_interpreter():
     return
   races = getattr(tpu_interpreter, "races", None)
   assert not getattr(races, "races_found", False)
+
+
+# --- extreme and non-finite inputs (issue 11) -----------------------------------------------------
+
+# A "hard reset" gate at a chunk's first token, its last and one in the middle (chunk 16, N = 64).
+RESET_TOKENS = (16, 31, 37)
+HARD_GATES = {"-inf": -np.inf, "-1e9": -1e9, "-1e6": -1e6, "-1e4": -1e4}
+
+
+def _hard_gate_data(backend, gate, form):
+  """Mild gates everywhere and ``gate`` at RESET_TOKENS (``token``, ``channel``: half the key
+  channels), or a per-head ``(H,)`` decay of ``[gate, -1e9, mild]``."""
+  d = HEAD_DIM.get(backend, 16)
+  heads = 3 if form == "head" else 1
+  q, k, v, g, s0 = _data(8, 1, 64, heads, d, d, "token" if form == "token" else "none")
+  if form == "head":
+    return q, k, v, jnp.asarray([HARD_GATES[gate], -1e9, -0.3], jnp.float32), s0
+  if form == "channel":
+    g = jnp.asarray(np.log(np.random.default_rng(9).uniform(0.3, 1.0, (1, 64, 1, d))), jnp.float32)
+    return q, k, v, g.at[:, RESET_TOKENS, :, : d // 2].set(HARD_GATES[gate]), s0
+  return q, k, v, g.at[:, RESET_TOKENS].set(HARD_GATES[gate]), s0
+
+
+@pytest.mark.parametrize("gate", list(HARD_GATES))
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_hard_reset_gate_is_exact(backend, gate):
+  """Very negative log-decays are exact (no cancellation of in-chunk prefix sums), -inf is an exact
+  reset (no NaN), forward, final state and gradients (dg = 0 at -inf, its exact value)."""
+  _check(backend, *_hard_gate_data(backend, gate, "token"), 16, 2e-4)
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_hard_reset_per_head_decay_is_exact(backend):
+  """An (H,) decay of -inf resets at every token (only k_i^T v_i survives): no NaN anywhere."""
+  _check(backend, *_hard_gate_data(backend, "-inf", "head"), 16, 2e-4)
+
+
+@pytest.mark.parametrize("gate", list(HARD_GATES))
+def test_hard_reset_per_channel_decay_is_exact(gate):
+  """The per-channel (GLA) decay goes to the XLA path, with its own (c, c, Dk) weights."""
+  _check("xla", *_hard_gate_data("xla", gate, "channel"), 16, 2e-4)
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_nonfinite_input_never_reaches_earlier_positions(backend):
+  """A NaN (or inf) in q, k, v or the decay at token t leaves every output before t exact (masks
+  select; a zero weight times a NaN is NaN) and shows as non-finite at t."""
+  d = HEAD_DIM.get(backend, 16)
+  t = 37
+  q, k, v, g, _ = _data(10, 1, 64, 1, d, d, "token")
+  o_ref = f64(lambda *a: linear_recurrence(*a)[0], q, k, v, g)
+  for name, bad in (("q", np.nan), ("k", np.nan), ("v", np.nan), ("v", np.inf), ("g", np.nan)):
+    args = dict(q=q, k=k, v=v, g=g)
+    args[name] = args[name].at[:, t].set(bad)
+    o = np.asarray(kernels.chunk_linear_attention(
+        args["q"], args["k"], args["v"], args["g"], chunk_size=16, backend=backend,
+        interpret=True)[0], np.float64)
+    assert np.all(np.isfinite(o[:, :t])), (name, bad)
+    assert rel_err(o[:, :t], o_ref[:, :t]) < 2e-4, (name, bad)
+    assert not np.any(np.isfinite(o[:, t])), (name, bad)
+
+
+def test_positive_log_decay_is_a_value_error_and_checkify_catches_it_under_jit():
+  from jax.experimental import checkify
+  q, k, v, g, _ = _data(11, 1, 32, 2, 16, 16, "token")
+  bad = g.at[0, 5, 1].set(0.75)         # the decay, not its log
+  for backend in ("xla", "gpu"):
+    with pytest.raises(ValueError, match=r"max 0\.75 at index \(0, 5, 1\)"):
+      kernels.chunk_linear_attention(q, k, v, bad, chunk_size=16, backend=backend)
+  with pytest.raises(ValueError, match=r"max 0\.5 at index \(1,\)"):
+    kernels.chunk_linear_attention(q, k, v, jnp.asarray([-0.1, 0.5]), chunk_size=16)
+
+  from kernels.linear_attention import check_log_decay
+
+  def f(q, k, v, g):
+    check_log_decay(g)
+    return kernels.chunk_linear_attention(q, k, v, g, chunk_size=16, backend="xla")[0]
+  checked = checkify.checkify(jax.jit(f))
+  err, _ = checked(q, k, v, bad)
+  assert "max 0.75 at index (0, 5, 1)" in err.get()
+  err, o = checked(q, k, v, g.at[0, 7, 0].set(-jnp.inf))
+  assert err.get() is None and np.all(np.isfinite(np.asarray(o)))
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu"])
+def test_scale_none_is_dk_to_the_minus_half_and_bad_scale_is_a_type_error(backend):
+  """scale=None means Dk ** -0.5, as in LASP-2H; the default stays 1.0 (SPEC section 2)."""
+  q, k, v, g, _ = _data(12, 1, 32, 1, 32, 32, "token")
+  run = functools.partial(kernels.chunk_linear_attention, q, k, v, g, chunk_size=16,
+                          backend=backend, interpret=True)
+  o_none, o_ref = run(scale=None)[0], f64(
+      lambda *a: linear_recurrence(*a, scale=32 ** -0.5)[0], q, k, v, g)
+  assert rel_err(o_none, o_ref) < 2e-4
+  for bad in ("0.5", [0.5], True):
+    with pytest.raises(TypeError, match="scale"):
+      run(scale=bad)
+
+
+def test_float64_and_bad_chunk_size_are_refused():
+  q, k, v, _, _ = _data(13, 1, 32, 1, 16, 16, "none")
+  with jax.enable_x64(True):
+    q64 = jnp.asarray(np.asarray(q), jnp.float64)
+    with pytest.raises(TypeError, match="q has dtype float64.*float32 or bfloat16"):
+      kernels.chunk_linear_attention(q64, q64, q64, chunk_size=16, backend="xla")
+  for chunk in (0, -16, 16.0, True):
+    with pytest.raises(ValueError, match="chunk_size"):
+      kernels.chunk_linear_attention(q, k, v, chunk_size=chunk, backend="xla")

@@ -283,3 +283,101 @@ def test_auto_backend_falls_back_to_xla_where_no_kernel_applies():
   assert resolve_backend("gpu", q, v, g, CHUNK) == "gpu"   # explicit: kept (raises later if untileable)
   with pytest.raises(ValueError, match="'triton'"):
     resolve_backend("triton", q, v, g, CHUNK)
+
+
+# --- extreme and non-finite inputs (issue 11) -----------------------------------------------------
+
+# W = 4, N = 128, chunk 16: device (and zigzag segment) boundaries at multiples of 32 (16).
+HARD_GATES = {32: -np.inf, 63: -np.inf, 53: -1e9, 79: -1e6, 95: -1e4, 100: -1e9}
+
+
+def hard_gate_inputs(decay):
+  """Mild gates, and a hard reset at a device's first token (32), a device's and chunk's last
+  (63, 95), a chunk's last (79) and mid-chunk (53, 100); ``head``: ``(H,) = [-inf, -1e9, mild]``."""
+  q, k, v, g, ct = make_inputs(decay, b=1, n=128, h=3, seed=3)
+  if decay == "head":
+    return q, k, v, jnp.asarray([-jnp.inf, -1e9, -0.3]), ct
+  for t, val in HARD_GATES.items():
+    g = g.at[:, t].set(val) if decay == "token" else g.at[:, t, :, ::2].set(val)
+  return q, k, v, g, ct
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("decay", ["head", "token", "channel"])
+def test_lasp2_hard_reset_gates_are_exact(decay, layout):
+  """-inf resets inside and at the edges of segments give exact zeros (no NaN) and very negative
+  gates stay exact to float32, forward and gradients (dg = 0 at -inf, its exact value)."""
+  w = 4
+  mesh = sp_mesh(w)
+  q, k, v, g, ct = hard_gate_inputs(decay)
+  want = f64(lambda q, k, v, g, ct: out_and_grads(
+      lambda *a: linear_recurrence(*a)[0], q, k, v, g, ct), q, k, v, g, ct)
+  fn = jax.jit(lambda *a: out_and_grads(functools.partial(
+      lasp_jax.lasp2_attention, mesh=mesh, chunk_size=CHUNK, layout=layout), *a))
+  if layout == "contiguous":
+    got = fn(q, k, v, g, ct)
+  else:  # permute outside the jitted program (zigzag inside jit(grad) compiles for minutes)
+    zz = lambda x: x if x.ndim < 3 else lasp_jax.zigzag(x, w)   # noqa: E731
+    un = lambda x: x if x.ndim < 3 else lasp_jax.unzigzag(x, w)  # noqa: E731
+    o, grads = fn(*(zz(x) for x in (q, k, v, g, ct)))
+    got = (un(o), [un(x) for x in grads])
+  assert np.all(np.isfinite(np.asarray(got[0])))
+  assert_close(got, want, what=f"{decay} {layout}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_lasp2_nan_in_a_later_segment_never_reaches_earlier_outputs(layout):
+  """A NaN at token 60 of 64 (W = 8) in q, k, v or the decay: outputs 0..59 exact, 60 not finite.
+  Earlier segments' incoming states select, not weight by 0, the later segments' states."""
+  w, n, t = 8, 64, 60
+  mesh = sp_mesh(w)
+  chunk = 8 if layout == "contiguous" else 4
+  q, k, v, g, _ = make_inputs("token", b=1, n=n, h=1, seed=4)
+  o_ref = f64(lambda *a: linear_recurrence(*a)[0], q, k, v, g)
+  zz = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.zigzag(x, w))
+  un = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.unzigzag(x, w))
+  for name in "qkvg":
+    args = dict(q=q, k=k, v=v, g=g)
+    args[name] = args[name].at[:, t].set(jnp.nan)
+    o = lasp_jax.lasp2_attention(*(zz(args[x]) for x in "qkvg"), mesh=mesh, chunk_size=chunk,
+                                 layout=layout)
+    o = np.asarray(un(o), np.float64)
+    assert np.all(np.isfinite(o[:, :t])), f"NaN in {name} reached earlier outputs"
+    assert rel_err(o[:, :t], o_ref[:, :t]) < TOL, name
+    assert not np.any(np.isfinite(o[:, t])), name
+
+
+def test_bad_chunk_size_scale_decay_and_float64_are_refused():
+  mesh = sp_mesh(8)
+  q, k, v, g, _ = make_inputs("token")
+  per_shard = jax.shard_map(
+      lambda q, k, v: lasp_jax.lasp2(q, k, v, axis_name="sp", chunk_size=0),
+      mesh=sp_mesh(8, explicit=False), in_specs=(P(None, "sp", None, None),) * 3,
+      out_specs=P(None, "sp", None, None))
+  ops = {"linear_attention": functools.partial(lasp_jax.linear_attention, q, k, v, g),
+         "lasp2_attention": functools.partial(lasp_jax.lasp2_attention, q, k, v, g, mesh=mesh)}
+  for chunk in (0, -16, True):
+    for name, op in ops.items():
+      with pytest.raises(ValueError, match="chunk_size"):
+        op(chunk_size=chunk)
+  with pytest.raises(ValueError, match="chunk_size"):
+    per_shard(q, k, v)
+  for name, op in ops.items():
+    with pytest.raises(TypeError, match="scale"):
+      op(chunk_size=16, scale="0.5")
+  with pytest.raises(ValueError, match=r"max 0\.75 at index \(1, 7, 0\)"):
+    lasp_jax.lasp2_attention(q, k, v, g.at[1, 7, 0].set(0.75), mesh=mesh, chunk_size=16)
+  with jax.enable_x64(True):
+    q64 = jnp.asarray(np.asarray(q), jnp.float64)
+    for fn in (lasp_jax.linear_attention, functools.partial(lasp_jax.lasp2_attention, mesh=mesh)):
+      with pytest.raises(TypeError, match="float64"):
+        fn(q64, k, v, chunk_size=16)
+
+
+def test_scale_none_is_dk_to_the_minus_half_as_in_lasp2h():
+  mesh = sp_mesh(8)
+  q, k, v, g, _ = make_inputs("token", b=1, n=128)
+  want = f64(lambda *a: linear_recurrence(*a, scale=DK ** -0.5)[0], q, k, v, g)
+  assert rel_err(lasp_jax.linear_attention(q, k, v, g, scale=None, chunk_size=CHUNK), want) < TOL
+  assert rel_err(lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh, scale=None, chunk_size=CHUNK),
+                 want) < TOL
