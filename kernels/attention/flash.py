@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 DEFAULT_BLOCK = 512
 _NEG_INF = -jnp.inf
@@ -50,12 +51,28 @@ class _Config(NamedTuple):
   has_segments: bool
 
 
+def check_positive_int(name, value):
+  """ValueError naming ``name`` unless ``value`` is a positive int (a tile size, a length)."""
+  # bool is an int to Python, but block_q=True is a bug, not a tile size of 1.
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _check_block(name, block, n):
+  """A tile size: a positive int that divides the length ``n`` it tiles."""
+  check_positive_int(name, block)
+  if n % block:
+    raise ValueError(f"{name}={block} does not divide the sequence length {n}")
+
+
 def pick_block(n: int, target: int = DEFAULT_BLOCK) -> int:
   """The largest divisor of ``n`` that is <= ``target`` (``n`` itself when ``n <= target``).
 
   When that divisor is below ``target / 8`` (an awkward ``n`` such as a prime), ``n`` itself: one
   large tile costs memory, but thousands of tiny ones would cost a loop step per tile pair.
   """
+  check_positive_int("n", n)
+  check_positive_int("target", target)
   if n <= target:
     return n
   best = next(b for b in range(target, 0, -1) if n % b == 0)
@@ -116,6 +133,9 @@ def validate_inputs(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=
       raise ValueError(f"{name} must have shape (B, N, H, D), got {tuple(x.shape)}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+    # B = 0 is just an empty result, but N, H or D = 0 would reach a division by zero.
+    if 0 in x.shape[1:]:
+      raise ValueError(f"{name} must have N, H, D > 0, got shape {tuple(x.shape)}")
   bsz, nq, h, d = q.shape
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and "
@@ -144,12 +164,8 @@ def validate_inputs(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=
     if not jnp.issubdtype(seg.dtype, jnp.integer):
       raise ValueError(f"{name} must be an integer array, got dtype {seg.dtype}")
   for name, blk, n in (("block_q", block_q, nq), ("block_k", block_k, nk)):
-    if blk is None:
-      continue
-    if not isinstance(blk, int) or blk <= 0:
-      raise ValueError(f"{name} must be a positive int, got {blk!r}")
-    if n % blk:
-      raise ValueError(f"{name}={blk} does not divide the sequence length {n}")
+    if blk is not None:
+      _check_block(name, blk, n)
 
 
 def _tile_mask(cfg, qp, kp, qs, ks):
@@ -352,12 +368,58 @@ def _flash_bwd(cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
+def segment_ids_for_kernel(*named_ids):
+  """Segment ids as jax arrays of one integer dtype that holds every id: no two documents merge.
+
+  Args:
+    named_ids: ``(name, ids)`` pairs; ids an integer array (numpy or jax, concrete or traced) or
+      None. They are compared with one another, so they get one dtype.
+
+  Returns:
+    The ids in order (None stays None) in their common dtype when JAX holds it, so their width
+    is kept (uint32 stays uint32; int64 stays int64 under ``jax_enable_x64``). Where JAX would
+    narrow it (int64/uint64 numpy ids with x64 off; uint32 beside signed ids, whose common type is
+    int64) they become int32 after a check of concrete ids: ValueError naming the max and min when
+    they leave the int32 range. Contract for traced ids: JAX has already given them a dtype it
+    holds, which is kept; only traced ids of mixed dtypes needing int64 are refused, unchecked.
+  """
+  present = [(name, ids) for name, ids in named_ids if ids is not None]
+  if not present:
+    return tuple(None for _ in named_ids)
+  # numpy's promotion, not JAX's: with x64 off JAX would already answer the narrowed int32.
+  dtypes = [np.dtype(ids.dtype) for _, ids in present]
+  dtype = np.result_type(*dtypes)
+  # (uint64 with int64 promotes to float64: not an id type either.)
+  if jax.dtypes.canonicalize_dtype(dtype) != dtype or not np.issubdtype(dtype, np.integer):
+    info = np.iinfo(np.int32)
+    for name, ids in present:
+      if isinstance(ids, jax.core.Tracer):
+        raise ValueError(f"{name}: traced segment ids of dtypes {[str(d) for d in dtypes]} are "
+                         f"compared as {dtype}, which JAX holds only with jax_enable_x64; pass "
+                         f"ids of one dtype")
+      ids = np.asarray(ids)
+      if ids.size and (ids.max() > info.max or ids.min() < info.min):
+        raise ValueError(f"{name} must lie in the int32 range [{info.min}, {info.max}] (dtype "
+                         f"{ids.dtype}, x64 off), got max {ids.max()} and min {ids.min()}; "
+                         f"renumber the documents or enable jax_enable_x64")
+    dtype = np.dtype(np.int32)
+
+  def convert(ids):
+    if ids is None or isinstance(ids, jax.Array):
+      return None if ids is None else ids.astype(dtype)
+    return jnp.asarray(np.asarray(ids).astype(dtype))  # on the host: JAX never narrows it itself
+
+  return tuple(convert(ids) for _, ids in named_ids)
+
+
 def make_config(q, k, *, causal, scale, block_q, block_k, has_segments):
   """Resolves defaults (``scale=D**-0.5``, tile sizes that divide the lengths) into a config."""
   d = q.shape[-1]
   scale = float(d ** -0.5 if scale is None else scale)
   block_q = pick_block(q.shape[1]) if block_q is None else block_q
   block_k = pick_block(k.shape[1]) if block_k is None else block_k
+  _check_block("block_q", block_q, q.shape[1])
+  _check_block("block_k", block_k, k.shape[1])
   return _Config(bool(causal), scale, int(block_q), int(block_k), bool(has_segments))
 
 
@@ -383,7 +445,7 @@ def flash_attention(q, k, v, *, causal=True, scale=None, q_positions=None, kv_po
     q_positions: ``(Nq,)`` int, default ``arange(Nq)``; kv_positions: ``(Nk,)`` int, default
       ``arange(Nk)``. The causal mask compares these, so they must be true global positions.
     q_segment_ids, kv_segment_ids: ``(B, Nq)``, ``(B, Nk)`` int, both or neither: a query sees
-      only keys of its own segment.
+      only keys of its own segment. Compared at their common width (``segment_ids_for_kernel``).
     block_q, block_k: tile sizes; None picks the largest divisor of the length <= 512.
 
   Returns:
@@ -395,6 +457,6 @@ def flash_attention(q, k, v, *, causal=True, scale=None, q_positions=None, kv_po
                     has_segments=q_segment_ids is not None)
   q_pos = jnp.arange(q.shape[1], dtype=jnp.int32) if q_positions is None else q_positions
   kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32) if kv_positions is None else kv_positions
-  return _flash(cfg, q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32),
-                None if q_segment_ids is None else q_segment_ids.astype(jnp.int32),
-                None if kv_segment_ids is None else kv_segment_ids.astype(jnp.int32))
+  q_seg, kv_seg = segment_ids_for_kernel(("q_segment_ids", q_segment_ids),
+                                         ("kv_segment_ids", kv_segment_ids))
+  return _flash(cfg, q, k, v, q_pos.astype(jnp.int32), kv_pos.astype(jnp.int32), q_seg, kv_seg)

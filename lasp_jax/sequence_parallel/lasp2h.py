@@ -2,7 +2,7 @@
 
 Per device, forward:
 1. ONE all-gather over the sequence axis of K and V stacked into one buffer (only the ``Hkv``
-   key/value heads: grouped-query attention keeps it small), and one of the int32 segment ids when
+   key/value heads: grouped-query attention keeps it small), and one of the segment ids when
    given. The gathered keys stay in storage order; their true global positions are known statically
    from the layout, so nothing is permuted.
 2. Flash attention of the local queries against the gathered keys (``kernels.attention``), masked by
@@ -118,6 +118,9 @@ def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, lay
     causal: a token sees the tokens at true global positions <= its own.
     scale: multiplies the scores; None means ``D ** -0.5``.
     segment_ids: ``(B, C)`` int, sharded like q: tokens see only tokens of their own segment.
+      Compared at their own width (int64 needs ``jax_enable_x64``); numpy ids JAX cannot hold
+      are checked to fit int32 (``flash.segment_ids_for_kernel``). Traced ids are already of a
+      dtype JAX holds, so nothing narrows them here.
     layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5).
 
   Returns:
@@ -126,7 +129,7 @@ def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, lay
   _validate(q, k, v, segment_ids, layout)
   cfg = _kernel_config(q, k, causal=causal, scale=scale, layout=layout,
                        has_segments=segment_ids is not None)
-  seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+  (seg,) = flash.segment_ids_for_kernel(("segment_ids", segment_ids))
   return _lasp2h_core(_Plan(axis_name, layout, cfg), q, k, v, seg)
 
 
@@ -138,7 +141,7 @@ def lasp2h_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=None, caus
     q: ``(B, N, H, D)``; k, v: ``(B, N, Hkv, D)``; sharded or not (they are resharded).
     mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes); None uses the ``jax.set_mesh`` context.
     seq_axis: mesh axis that splits N; batch_axis: optional mesh axis that splits B.
-    segment_ids: ``(B, N)`` int or None.
+    segment_ids: ``(B, N)`` int or None; widths as ``lasp2h``.
     layout: the sequence axis of the inputs (and output) is in ``"contiguous"`` or ``"zigzag"``
       order (``lasp_jax.zigzag``).
     Others as ``lasp2h``.
@@ -151,6 +154,8 @@ def lasp2h_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=None, caus
   w = sharding.axis_size(mesh, seq_axis, "seq_axis")
   nb = sharding.axis_size(mesh, batch_axis, "batch_axis")
   _validate(q, k, v, segment_ids, layout, num_shards=w)
+  # Before the shard_map: resharding numpy int64 ids with x64 off would narrow them silently.
+  (segment_ids,) = flash.segment_ids_for_kernel(("segment_ids", segment_ids))
   if q.shape[0] % nb:
     raise ValueError(f"batch size B={q.shape[0]} is not a multiple of the {batch_axis!r} axis "
                      f"size {nb}")
@@ -169,6 +174,8 @@ def computed_blocks_per_device(seq_len, num_shards, *, layout="contiguous", caus
   the skip rule of the real kernel.
   """
   layout_lib.check_layout(layout)
+  flash.check_positive_int("seq_len", seq_len)
+  flash.check_positive_int("num_shards", num_shards)
   nseg = layout_lib.segments_per_shard(layout)
   if seq_len % (nseg * num_shards):
     raise ValueError(f"sequence length {seq_len} is not divisible by {nseg * num_shards}")

@@ -2,14 +2,22 @@
 
 ``contiguous``: device ``r`` holds tokens ``[r*C, (r+1)*C)``.
 ``zigzag``: the sequence is cut into ``2W`` equal chunks ``z_0 .. z_{2W-1}``; device ``r`` holds
-``[z_r, z_{2W-1-r}]``, which balances causal attention work across devices. A *global array in zigzag
-order* is the concatenation over ``r`` of ``(z_r, z_{2W-1-r})``.
+``[z_r, z_{2W-1-r}]``, which balances causal attention work across devices. A *global array in
+zigzag order* is the concatenation over ``r`` of ``(z_r, z_{2W-1-r})``. ``zigzag`` / ``unzigzag``
+convert global arrays; on a sequence-sharded array they move half-shards between devices.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lasp_jax.sequence_parallel import sharding
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -67,19 +75,152 @@ def _check_divisible(x, num_shards, axis, what):
                      f"2 * num_shards = {2 * num_shards}")
 
 
-def zigzag(x, num_shards: int, axis: int = 1):
-  """Natural order -> zigzag order along ``axis``."""
-  _check_divisible(x, num_shards, axis, "zigzag")
+def _chunk_holder(chunk: int, num_shards: int) -> int:
+  """The device that holds natural chunk ``chunk`` in the zigzag layout."""
+  return chunk if chunk < num_shards else 2 * num_shards - 1 - chunk
+
+
+def _zigzag_perms(num_shards: int) -> tuple[list, list]:
+  """``(source, dest)`` pairs moving each device's even / odd natural chunk, contiguous -> zigzag.
+
+  In the contiguous layout device ``s`` holds chunks ``2s, 2s+1``; in the zigzag one device ``r``
+  holds ``r`` and ``2W-1-r``, of which exactly one is even. So sending every device's first half
+  (its even chunk) is a full permutation, and so is sending every second half: two ppermutes.
+  """
+  return tuple([(s, _chunk_holder(2 * s + h, num_shards)) for s in range(num_shards)]
+               for h in (0, 1))
+
+
+def _swap_halves(x, *, axis_name, axis, num_shards, inverse):
+  """Per shard ``(..., C, ...)``: contiguous -> zigzag (``inverse=False``) or back, by ppermutes."""
+  first, second = jnp.split(x, 2, axis=axis)
+  # Device r's zigzag chunks are (r, 2W-1-r): the even one comes first exactly when r is even.
+  odd = jax.lax.axis_index(axis_name) % 2 == 1
+  perms = _zigzag_perms(num_shards)
+  if not inverse:
+    even = jax.lax.ppermute(first, axis_name, perms[0])
+    odd_chunk = jax.lax.ppermute(second, axis_name, perms[1])
+    first, second = jnp.where(odd, odd_chunk, even), jnp.where(odd, even, odd_chunk)
+  else:
+    even, odd_chunk = jnp.where(odd, second, first), jnp.where(odd, first, second)
+    first = jax.lax.ppermute(even, axis_name, [(d, s) for s, d in perms[0]])
+    second = jax.lax.ppermute(odd_chunk, axis_name, [(d, s) for s, d in perms[1]])
+  return jnp.concatenate([first, second], axis=axis)
+
+
+def _named_sharding(x):
+  """The ``NamedSharding`` ``x`` carries, or None (numpy, single-device, other shardings).
+
+  A concrete array knows its sharding on Auto and Explicit axes alike; a tracer only on Explicit
+  axes (``jax.typeof``), Auto axes being decided later by the partitioner.
+  """
+  if isinstance(x, jax.core.Tracer):
+    s = getattr(jax.typeof(x), "sharding", None)
+  else:
+    s = getattr(x, "sharding", None)
+  return s if isinstance(s, NamedSharding) else None
+
+
+def _names(entry) -> tuple:
+  """Mesh axis names of one ``PartitionSpec`` entry (None, a name or a tuple of names)."""
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, (tuple, list)) else (entry,)
+
+
+def _spec_along(current, mesh, ndim, axis, names) -> P:
+  """The input's spec (when on ``mesh``) with ``axis`` split over ``names`` and nowhere else."""
+  entries = [None] * ndim
+  if current is not None and tuple(current.mesh.axis_names) == tuple(mesh.axis_names):
+    entries = list(current.spec) + [None] * (ndim - len(current.spec))
+  entries = [tuple(n for n in _names(e) if n not in names) or None for e in entries]
+  entries = [e[0] if e is not None and len(e) == 1 else e for e in entries]
+  entries[axis] = None if not names else names[0] if len(names) == 1 else names
+  return P(*entries)
+
+
+def _permute_chunks(x, num_shards, axis, inverse):
+  """The ``2W`` chunks of ``x`` along ``axis`` statically reordered: for unsharded sequences."""
   chunks = jnp.split(x, 2 * num_shards, axis=axis)
   order = segment_order("zigzag", num_shards)
+  if inverse:
+    return jnp.concatenate([chunks[i] for i in order], axis=axis)
   # order[p] is where natural chunk p goes; invert it to list chunks in storage order.
   inv = np.argsort(order)
   return jnp.concatenate([chunks[i] for i in inv], axis=axis)
 
 
-def unzigzag(x, num_shards: int, axis: int = 1):
-  """Zigzag order -> natural order along ``axis``."""
-  _check_divisible(x, num_shards, axis, "unzigzag")
-  chunks = jnp.split(x, 2 * num_shards, axis=axis)
-  order = segment_order("zigzag", num_shards)
-  return jnp.concatenate([chunks[i] for i in order], axis=axis)
+def _convert(x, num_shards, axis, mesh, seq_axis, *, inverse):
+  what = "unzigzag" if inverse else "zigzag"
+  _check_divisible(x, num_shards, axis, what)
+  axis = axis % x.ndim
+  current = _named_sharding(x)
+  context = jax.sharding.get_abstract_mesh()
+  if seq_axis is None:
+    if mesh is not None:
+      raise ValueError(f"{what}: mesh= needs seq_axis=, the mesh axis that splits axis {axis}")
+    spec = () if current is None else tuple(current.spec)
+    names = _names(spec[axis] if axis < len(spec) else None)
+    mesh = None if current is None else current.mesh
+  else:
+    names = _names(seq_axis)
+    if mesh is None:
+      # The input's mesh or the context's, whichever has the axis (else the error names one).
+      meshes = [m for m in (None if current is None else current.mesh, context)
+                if m is not None and m.axis_names]
+      mesh = sharding.resolve_mesh(next((m for m in meshes if set(names) <= set(m.axis_names)),
+                                        meshes[0] if meshes else None))
+  size = int(np.prod([sharding.axis_size(mesh, n, "seq_axis") for n in names]))
+  if seq_axis is not None and size != num_shards:
+    raise ValueError(f"{what}: num_shards={num_shards} but seq_axis {seq_axis!r} has size {size}")
+  if num_shards == 1:  # two chunks, both on the one shard, in the same order in both layouts
+    return jnp.asarray(x)
+  if not names:
+    return _permute_chunks(x, num_shards, axis, inverse)
+  # A tracer's mesh is abstract: resharding to a bare spec needs it as the context mesh.
+  scope = (jax.sharding.use_abstract_mesh(mesh)
+           if isinstance(mesh, jax.sharding.AbstractMesh) and not context.axis_names
+           else contextlib.nullcontext())
+  with scope:
+    if size == num_shards:
+      spec = _spec_along(current, mesh, x.ndim, axis, names)
+      fn = functools.partial(_swap_halves, axis_name=names if len(names) > 1 else names[0],
+                             axis=axis, num_shards=num_shards, inverse=inverse)
+      return sharding.shard_map(fn, mesh, (spec,), spec, (x,))
+    # Split into a number of pieces other than num_shards: chunks do not fall on shard
+    # boundaries, so gather the sequence axis first (Explicit axes refuse to split a sharded
+    # axis unevenly), then permute locally.
+    x = sharding.reshard(x, mesh, _spec_along(current, mesh, x.ndim, axis, ()))
+    return _permute_chunks(x, num_shards, axis, inverse)
+
+
+def zigzag(x, num_shards: int, axis: int = 1, *, mesh=None, seq_axis=None):
+  """Natural order -> zigzag order along ``axis``.
+
+  Where the data lives picks the method. When ``x`` is split along ``axis`` over mesh axes of total
+  size ``num_shards`` (``seq_axis`` given, or read from the input's sharding: ``x.sharding`` for a
+  concrete array, ``jax.typeof(x).sharding`` for a tracer, which only Explicit axes fill in), it is
+  a ``shard_map`` of two ``ppermute``s of half-shards (each device holds two of the ``2W`` chunks in
+  either layout): no all-gather, and cheap to compile inside ``jit(grad(...))``, where splitting a
+  sharded axis into ``2W`` pieces is a storm of collectives. The result is split like the input.
+  Otherwise (numpy, single-device or replicated arrays, tracers on Auto axes without ``seq_axis``)
+  it is a static permutation of the ``2W`` chunks in ``jnp``; a sequence split into a number of
+  pieces other than ``num_shards`` is gathered first.
+
+  Args:
+    x: array with the sequence on ``axis``; its length must be a multiple of ``2 * num_shards``.
+    num_shards: W, the number of sequence shards the layout is for.
+    axis: the sequence axis (1 for ``(B, N, ...)``).
+    mesh: with ``seq_axis`` only: its mesh; None takes the input's or the ``jax.set_mesh`` one.
+    seq_axis: mesh axis name (or tuple of names) of size ``num_shards`` to split ``axis`` over;
+      ``x`` is resharded onto it when it is not already. Pass it for tracers on Auto meshes.
+
+  Returns:
+    ``x`` permuted along ``axis``: same shape and dtype.
+  """
+  return _convert(x, num_shards, axis, mesh, seq_axis, inverse=False)
+
+
+def unzigzag(x, num_shards: int, axis: int = 1, *, mesh=None, seq_axis=None):
+  """Zigzag order -> natural order along ``axis``; the inverse of ``zigzag``, same arguments."""
+  return _convert(x, num_shards, axis, mesh, seq_axis, inverse=True)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import block_classes, flash_attention
+from kernels.attention import block_classes, flash_attention, pick_block
 from tests.references import f64, rel_err, softmax_attention
 
 TOL = 2e-4
@@ -120,6 +120,27 @@ def test_block_classes_match_the_dense_mask():
           kv_segment_ids=jnp.zeros((2, 64), jnp.int32)), r"q_segment_ids must have shape"),
     (dict(q_positions=jnp.arange(47)), r"q_positions must have shape \(48,\)"),
     (dict(block_q=7), "block_q=7 does not divide the sequence length 48"),
+    (dict(block_k=0), "block_k must be a positive int, got 0"),
+    (dict(block_q=-4), "block_q must be a positive int, got -4"),
+    # Empty sequences, heads or head dims used to raise ZeroDivisionError.
+    (dict(q=jnp.zeros((2, 0, 4, 8)), k=jnp.zeros((2, 0, 2, 8)), v=jnp.zeros((2, 0, 2, 8))),
+     r"q must have N, H, D > 0, got shape \(2, 0, 4, 8\)"),
+    (dict(k=jnp.zeros((2, 0, 2, 8)), v=jnp.zeros((2, 0, 2, 8))),
+     r"k must have N, H, D > 0, got shape \(2, 0, 2, 8\)"),
+    (dict(q=jnp.zeros((2, 48, 0, 8)), k=jnp.zeros((2, 64, 0, 8)), v=jnp.zeros((2, 64, 0, 8))),
+     r"q must have N, H, D > 0, got shape \(2, 48, 0, 8\)"),
+    (dict(k=jnp.zeros((2, 64, 0, 8)), v=jnp.zeros((2, 64, 0, 8))),
+     r"k must have N, H, D > 0, got shape \(2, 64, 0, 8\)"),
+    (dict(q=jnp.zeros((2, 48, 4, 0)), k=jnp.zeros((2, 64, 2, 0)), v=jnp.zeros((2, 64, 2, 0))),
+     r"q must have N, H, D > 0, got shape \(2, 48, 4, 0\)"),
+    # int64 ids cannot be held with x64 off: 2**32 would become 0, merging two documents.
+    (dict(q_segment_ids=np.zeros((2, 48), np.int64),
+          kv_segment_ids=np.full((2, 64), 2 ** 32, np.int64)),
+     "kv_segment_ids .* int32 range .* got max 4294967296"),
+    # uint32 with int32 needs int64: 2**31 and -2**31 would both become -2**31.
+    (dict(q_segment_ids=np.full((2, 48), 2 ** 31, np.uint32),
+          kv_segment_ids=np.full((2, 64), -2 ** 31, np.int32)),
+     "q_segment_ids .* int32 range .* got max 2147483648"),
 ])
 def test_bad_input(bad, match):
   q, k, v, _ = make_inputs()
@@ -127,3 +148,24 @@ def test_bad_input(bad, match):
   args.update(bad)
   with pytest.raises((ValueError, TypeError), match=match):
     flash_attention(args.pop("q"), args.pop("k"), args.pop("v"), **args)
+
+
+def test_pick_block_rejects_non_positive_sizes():
+  assert pick_block(600) == 300 and pick_block(48) == 48
+  with pytest.raises(ValueError, match="n must be a positive int, got 0"):
+    pick_block(0)
+  with pytest.raises(ValueError, match="target must be a positive int, got -5"):
+    pick_block(600, -5)
+
+
+def test_segment_ids_wider_than_int32_keep_their_width():
+  # With x64 on, int64 ids 0 and 2**32 are two documents (a cast to int32 made both 0).
+  q, k, v, _ = make_inputs(nq=32, nk=32)
+  labels = np.repeat(np.arange(2), 16)[None].repeat(2, axis=0)
+  run = jax.jit(lambda s: flash_attention(q, k, v, q_segment_ids=s, kv_segment_ids=s, block_q=8,
+                                          block_k=8))
+  want = run(jnp.asarray(labels, jnp.int32))
+  with jax.enable_x64(True):
+    got = run(jnp.asarray(labels * 2 ** 32, jnp.int64))  # traced ids keep their dtype
+  # x64 mode may change float rounding a little, never a document's mask.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

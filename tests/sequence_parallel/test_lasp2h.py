@@ -186,14 +186,45 @@ def test_zigzag_balances_causal_work():
     (dict(seg=((B, N), jnp.float32)), "segment_ids must be an integer array, got dtype float32"),
     (dict(layout="ring"), "layout must be one of .* got 'ring'"),
     (dict(seq_axis="seq"), "seq_axis 'seq' is not an axis of the mesh"),
+    # Empty sequences or heads used to raise ZeroDivisionError.
+    (dict(n=0), r"q must have N, H, D > 0, got shape \(2, 0, 4, 8\)"),
+    (dict(q=(B, N, 0, D), k=(B, N, 0, D), v=(B, N, 0, D)),
+     r"q must have N, H, D > 0, got shape \(2, 128, 0, 8\)"),
+    # int64 ids cannot be held with x64 off: 2**32 would become 0, merging two documents.
+    (dict(seg=np.full((B, N), 2 ** 32, np.int64)),
+     "segment_ids .* int32 range .* got max 4294967296"),
 ])
 def test_bad_input(change, match):
   n = change.get("n", N)
-  q = jnp.zeros((B, n, H, D))
+  q = jnp.zeros(change.get("q", (B, n, H, D)))
   k = jnp.zeros(change.get("k", (B, n, HKV, D)))
   v = jnp.zeros(change.get("v", (B, n, HKV, D)))
-  seg = jnp.zeros(*change["seg"]) if "seg" in change else None
+  seg = change.get("seg")
+  seg = jnp.zeros(*seg) if isinstance(seg, tuple) else seg
   with pytest.raises(ValueError, match=match):
     lasp_jax.lasp2h_attention(q, k, v, mesh=explicit_mesh(), segment_ids=seg,
                               layout=change.get("layout", "contiguous"),
                               seq_axis=change.get("seq_axis", "sp"))
+
+
+def test_segment_ids_wider_than_int32_keep_their_width():
+  # With x64 on, int64 ids 0, 2**32, 2*2**32 are three documents (a cast to int32 merged them).
+  q, k, v, _, _ = make_inputs(n=64)
+  labels = np.repeat(np.arange(3), [20, 20, 24])[None].repeat(B, axis=0)
+  mesh = explicit_mesh()
+  want = lasp_jax.lasp2h_attention(q, k, v, mesh=mesh, segment_ids=jnp.asarray(labels, jnp.int32))
+  with jax.enable_x64(True):
+    got = lasp_jax.lasp2h_attention(q, k, v, mesh=mesh,
+                                    segment_ids=jnp.asarray(labels * 2 ** 32, jnp.int64))
+  # x64 mode may change float rounding a little, never a document's mask.
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((0, 8), "seq_len must be a positive int, got 0"),
+    ((64, 0), "num_shards must be a positive int, got 0"),
+    ((64, -8), "num_shards must be a positive int, got -8"),
+])
+def test_computed_blocks_bad_sizes(args, match):
+  with pytest.raises(ValueError, match=match):
+    computed_blocks_per_device(*args)
