@@ -11,6 +11,7 @@ Unknown keys and values of the wrong type are ValueErrors whose message names th
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -51,7 +52,9 @@ class MqarConfig:
 class DataConfig:
   source: Literal["mqar", "text", "tokens"] = "mqar"
   path: str | None = None            # text: a UTF-8 file; tokens: a flat binary of token ids
-  token_dtype: Literal["uint16", "uint32"] = "uint16"
+  # tokens: the id type. None: from the sidecar ``<path>.json`` (``train.py prepare`` writes one);
+  # there is no default, since a uint32 file read as uint16 trains on garbage without an error.
+  token_dtype: Literal["uint16", "uint32"] | None = None
   seq_len: int = 256
   batch_size: int = 8                # global sequences per micro-batch
   seed: int = 0
@@ -78,6 +81,10 @@ class CheckpointConfig:
   every: int = 200                   # steps; 0 saves only at the end and on SIGTERM / SIGINT
   keep: int = 3
   resume: bool = True                # resume from the latest checkpoint in ``dir`` if there is one
+  # resume=false on a directory holding checkpoints is an error unless overwrite=true, which
+  # deletes them first (so that a new run never leaves an old run's weights behind).
+  overwrite: bool = False
+  step: int | None = None            # resume from this step (later ones are deleted); None: latest
   dir: str | None = None             # default: <run_dir>/checkpoints
 
 
@@ -126,8 +133,9 @@ class TrainConfig:
 def _positive(name, v, allow_zero=False, allow_minus_one=False):
   if allow_minus_one and v == -1:
     return
-  if v < 0 or (v == 0 and not allow_zero):
-    raise ValueError(f"{name} must be {'>= 0' if allow_zero else '> 0'}, got {v!r}")
+  # ``nan < 0`` is False: without the finiteness test a NaN would pass every bound.
+  if not math.isfinite(v) or v < 0 or (v == 0 and not allow_zero):
+    raise ValueError(f"{name} must be finite and {'>= 0' if allow_zero else '> 0'}, got {v!r}")
 
 
 def validate(c: TrainConfig) -> None:
@@ -150,6 +158,7 @@ def validate(c: TrainConfig) -> None:
   if c.data.mqar.vocab_size is not None:
     _positive("data.mqar.vocab_size", c.data.mqar.vocab_size)
   _positive("optim.lr", c.optim.lr)
+  _positive("optim.eps", c.optim.eps)
   _positive("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)
   _positive("optim.grad_accum", c.optim.grad_accum)
   _positive("optim.clip_norm", c.optim.clip_norm, allow_zero=True)
@@ -161,9 +170,19 @@ def validate(c: TrainConfig) -> None:
       raise ValueError(f"optim.{b} must be in [0, 1), got {getattr(c.optim, b)!r}")
   _positive("checkpoint.every", c.checkpoint.every, allow_zero=True)
   _positive("checkpoint.keep", c.checkpoint.keep)
+  if c.checkpoint.step is not None:
+    _positive("checkpoint.step", c.checkpoint.step)
+  if not c.checkpoint.resume and c.checkpoint.step is not None:
+    raise ValueError(f"checkpoint.step={c.checkpoint.step} resumes from that step: it needs "
+                     f"checkpoint.resume=true")
+  if c.checkpoint.resume and c.checkpoint.overwrite:
+    raise ValueError("checkpoint.overwrite=true deletes the checkpoints instead of resuming from "
+                     "them: it needs checkpoint.resume=false")
   _positive("log.every", c.log.every)
   _positive("log.eval_every", c.log.eval_every, allow_zero=True)
   _positive("log.eval_batches", c.log.eval_batches)
+  if c.log.peak_tflops_per_device is not None:
+    _positive("log.peak_tflops_per_device", c.log.peak_tflops_per_device)
 
 
 # ----------------------------------------------------------------------------------------------

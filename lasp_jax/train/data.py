@@ -14,7 +14,10 @@ own devices hold.
 
 from __future__ import annotations
 
+import json
 import os
+import warnings
+
 import grain
 import jax
 import numpy as np
@@ -30,12 +33,16 @@ Example = dict[str, np.ndarray]
 # ----------------------------------------------------------------------------------------------
 # Sources: each is a grain.MapDataset of examples {inputs, targets, mask}, each (N,).
 
-def mqar_vocab(vocab_size: int, num_kv_pairs: int) -> tuple[int, int]:
-  """``(first value token, number of keys)``: keys ``1 .. nk``, values ``nk+1 .. V-1``, 0 unused."""
+def mqar_vocab(vocab_size: int, num_kv_pairs: int, vocab_key: str = "the model's vocab_size"
+               ) -> tuple[int, int]:
+  """``(first value token, number of keys)``: keys ``1 .. nk``, values ``nk+1 .. V-1``, 0 unused.
+
+  ``vocab_key`` names where ``vocab_size`` came from, for the error.
+  """
   nk = (vocab_size - 1) // 2
   if nk < num_kv_pairs or vocab_size - 1 - nk < 2:
     raise ValueError(f"MQAR with data.mqar.num_kv_pairs={num_kv_pairs} needs a vocabulary of at "
-                     f"least {2 * num_kv_pairs + 1} tokens; the model's vocab_size is {vocab_size}")
+                     f"least {2 * num_kv_pairs + 1} tokens; {vocab_key} is {vocab_size}")
   return 1 + nk, nk
 
 
@@ -71,24 +78,90 @@ def mqar_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> grain.MapDatase
       raise ValueError(f"data.mqar.vocab_size={cfg.mqar.vocab_size} exceeds the model's vocab_size "
                        f"{vocab_size}")
     vocab_size = cfg.mqar.vocab_size
+    mqar_vocab(vocab_size, n, vocab_key="data.mqar.vocab_size")
   mqar_example(np.random.default_rng(0), L, vocab_size, n)   # validate now, not in the loop
   return grain.MapDataset.range(2**62).random_map(
       lambda i, rng: mqar_example(rng, L, vocab_size, n), seed=seed)
 
 
-def load_tokens(cfg: DataConfig) -> np.ndarray:
-  """The whole token stream, memory-mapped: bytes of a text file, or a flat uint16/uint32 file."""
+def sidecar_path(path: str) -> str:
+  """``corpus.bin`` -> ``corpus.bin.json``: the token file's dtype, vocab_size, eos_id, count."""
+  return path + ".json"
+
+
+def read_sidecar(path: str) -> dict | None:
+  """The sidecar of token file ``path`` (``train.py prepare`` writes it), or None if it has none."""
+  side = sidecar_path(path)
+  if not os.path.exists(side):
+    return None
+  with open(side, encoding="utf-8") as f:
+    try:
+      meta = json.load(f)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{side}: not valid JSON ({e})") from None
+  if not isinstance(meta, dict) or meta.get("dtype") not in ("uint16", "uint32"):
+    raise ValueError(f"{side}: needs \"dtype\": \"uint16\" or \"uint32\", got {meta!r}")
+  return meta
+
+
+def token_dtype(cfg: DataConfig, path: str, vocab_size: int | None = None) -> str:
+  """The id type of token file ``path``: from its sidecar, else ``data.token_dtype``.
+
+  Errors name the file: no sidecar and no ``data.token_dtype`` (there is no safe default), a
+  sidecar that disagrees with ``data.token_dtype``, with the file's size, or with the model's
+  ``vocab_size`` (a model vocabulary larger than the data's, e.g. padded, is fine).
+  """
+  meta = read_sidecar(path)
+  if meta is None:
+    if cfg.token_dtype is None:
+      raise ValueError(f"data.path={cfg.path!r}: the token file has no sidecar "
+                       f"{sidecar_path(path)!r}, so its id type is unknown: set "
+                       f"data.token_dtype=uint16 or uint32, or write the sidecar (python train.py "
+                       f"prepare writes both the .bin and its sidecar)")
+    return cfg.token_dtype
+  side = sidecar_path(path)
+  dtype = meta["dtype"]
+  if cfg.token_dtype is not None and cfg.token_dtype != dtype:
+    raise ValueError(f"data.token_dtype={cfg.token_dtype} but {side} says dtype {dtype}")
+  count = meta.get("count")
+  if count is not None and count * np.dtype(dtype).itemsize != os.path.getsize(path):
+    raise ValueError(f"{side} says {count} {dtype} tokens but {path} holds "
+                     f"{os.path.getsize(path)} bytes")
+  data_vocab = meta.get("vocab_size")
+  if vocab_size is not None and data_vocab is not None and data_vocab > vocab_size:
+    raise ValueError(f"{side} says vocab_size {data_vocab}, more than the model's vocab_size "
+                     f"{vocab_size}: set model.vocab_size >= {data_vocab}")
+  return dtype
+
+
+def _warn_if_wider(tokens: np.ndarray, path: str) -> None:
+  """uint32 ids below 2**16 read as uint16 have a zero at every odd position (little endian)."""
+  head = np.asarray(tokens[:1 << 16])
+  if len(head) >= 64 and not head[1::2].any() and head[0::2].any():
+    warnings.warn(f"{path}: read as uint16, every other token id is 0: it looks like a uint32 "
+                  f"file; set data.token_dtype=uint32 (or fix its sidecar) if it is")
+
+
+def load_tokens(cfg: DataConfig, vocab_size: int | None = None) -> np.ndarray:
+  """The whole token stream, memory-mapped: bytes of a text file, or a flat uint16/uint32 file
+  (dtype from ``token_dtype``)."""
   path = resolve_path(cfg.path)
   if not os.path.isfile(path):
     raise ValueError(f"data.path={cfg.path!r} is not a file (looked at {path!r})")
+  if os.path.getsize(path) == 0:     # numpy's "cannot mmap an empty file" names no file
+    raise ValueError(f"data.path={cfg.path!r} is an empty file ({path!r})")
   if cfg.source == "text":
     return np.memmap(path, dtype=np.uint8, mode="r")
-  itemsize = np.dtype(cfg.token_dtype).itemsize
+  dtype = token_dtype(cfg, path, vocab_size)
+  itemsize = np.dtype(dtype).itemsize
   size = os.path.getsize(path)
   if size % itemsize:
     raise ValueError(f"data.path={cfg.path!r}: {size} bytes is not a whole number of "
-                     f"{cfg.token_dtype} tokens")
-  return np.memmap(path, dtype=cfg.token_dtype, mode="r")
+                     f"{dtype} tokens")
+  tokens = np.memmap(path, dtype=dtype, mode="r")
+  if dtype == "uint16":
+    _warn_if_wider(tokens, path)
+  return tokens
 
 
 def window_dataset(tokens: np.ndarray, cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
@@ -167,7 +240,7 @@ class Batches:
     if cfg.source == "mqar":
       self.dataset = mqar_dataset(cfg, vocab_size, seed)
     else:
-      tokens = load_tokens(cfg)
+      tokens = load_tokens(cfg, vocab_size)
       self.dataset = window_dataset(tokens, cfg, split, seed)
 
   def examples_per_step(self) -> int:

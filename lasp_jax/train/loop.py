@@ -26,10 +26,10 @@ import yaml
 from flax import nnx
 
 from lasp_jax.train import optim
-from lasp_jax.train.checkpoint import Checkpointer
+from lasp_jax.train.checkpoint import Checkpointer, resume_conflicts
 from lasp_jax.train.config import TrainConfig
 from lasp_jax.train.data import Batches
-from lasp_jax.train.mesh import SEQ_AXIS, batch_axes, build_mesh, setup_devices
+from lasp_jax.train.mesh import SEQ_AXIS, any_process, batch_axes, build_mesh, setup_devices
 from lasp_jax.train.metrics import RunLog, peak_flops_per_device
 
 
@@ -157,11 +157,7 @@ class _StopOnSignal:
 
   def any_process(self) -> bool:
     """True when any process got a signal (all processes must stop at the same step)."""
-    local = self.received is not None
-    if jax.process_count() == 1:
-      return local
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+    return any_process(self.received is not None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,22 +172,64 @@ def _count_params(params) -> int:
 
 
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
-  """Trains as ``cfg`` says, resuming from the run's latest checkpoint; returns a summary.
+  """Trains as ``cfg`` says, resuming from the run's newest checkpoint that restores (or
+  ``checkpoint.step``); returns a summary. Nothing in the run directory changes before the resume
+  decision (``_prepare_run_dir``) has passed.
 
   ``on_step(step, record)`` is called after each step's record is written (tests, notebooks).
   """
   setup_devices(cfg.mesh)
   mesh = build_mesh(cfg.mesh)
   mcfg = model_config(cfg, mesh)
-  A = cfg.optim.grad_accum
-  run_dir = cfg.run_dir
-  ckpt_dir = cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
-  is_main = jax.process_index() == 0
-  if is_main:
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-      yaml.safe_dump({**cfg.to_dict(), "resolved_model": mcfg.to_dict()}, f, sort_keys=False)
+  saved = {**cfg.to_dict(), "resolved_model": mcfg.to_dict()}
+  ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"),
+                      cfg.checkpoint.keep)
+  try:
+    _prepare_run_dir(cfg, ckpt, saved)
+    if jax.process_index() == 0:
+      os.makedirs(cfg.run_dir, exist_ok=True)
+      with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump(saved, f, sort_keys=False)
+    return _train(cfg, mesh, mcfg, ckpt, on_step)
+  finally:
+    ckpt.close()
 
+
+def _prepare_run_dir(cfg: TrainConfig, ckpt: Checkpointer, new: dict) -> None:
+  """The resume decision, taken before anything in the run directory changes.
+
+  resume=false on checkpoints: an error, or with overwrite=true their deletion. resume=true on
+  checkpoints: the saved ``config.yaml`` must agree with ``new`` on every field the checkpoints'
+  shapes depend on (``checkpoint.resume_conflicts``).
+  """
+  steps = ckpt.all_steps()
+  if cfg.checkpoint.step is not None and cfg.checkpoint.step not in steps:
+    raise ValueError(f"checkpoint.step={cfg.checkpoint.step}: no such checkpoint in "
+                     f"{ckpt.directory} (it holds steps {steps})")
+  if not steps:
+    return
+  if not cfg.checkpoint.resume:
+    if not cfg.checkpoint.overwrite:
+      raise ValueError(f"{ckpt.directory} holds checkpoints {steps} and checkpoint.resume=false: "
+                       f"set checkpoint.overwrite=true to delete them, checkpoint.resume=true to "
+                       f"continue that run, or choose another run_dir / checkpoint.dir")
+    ckpt.delete(steps)
+    return
+  path = os.path.join(cfg.run_dir, "config.yaml")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      conflicts = resume_conflicts(yaml.safe_load(f) or {}, new)
+    if conflicts:
+      raise ValueError(f"cannot resume the checkpoints {steps} in {ckpt.directory}: the config "
+                       f"differs from {path} in fields the saved state depends on: "
+                       f"{'; '.join(conflicts)}. Undo those changes, or start afresh with "
+                       f"checkpoint.resume=false checkpoint.overwrite=true (or another run_dir)")
+
+
+def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[str, Any]:
+  A = cfg.optim.grad_accum
+  run_dir, ckpt_dir = cfg.run_dir, ckpt.directory
+  is_main = jax.process_index() == 0
   with jax.set_mesh(mesh):
     train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
                          micro_batches=A, split="train")
@@ -206,13 +244,15 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
     opt_state = init_opt(params)
     num_params = _count_params(params)
 
-    ckpt = Checkpointer(ckpt_dir, cfg.checkpoint.keep)
     step, next_example = 0, 0
-    latest = ckpt.latest_step() if cfg.checkpoint.resume else None
-    if latest is not None:
-      restored, meta = ckpt.restore(latest, {"params": params, "opt_state": opt_state})
+    found = (ckpt.restore_latest({"params": params, "opt_state": opt_state},
+                                 step=cfg.checkpoint.step) if cfg.checkpoint.resume else None)
+    if found is not None:
+      step, restored, meta = found
       params, opt_state = restored["params"], restored["opt_state"]
-      step, next_example = int(meta["step"]), int(meta["data"]["next_example"])
+      next_example = int(meta["data"]["next_example"])
+      if cfg.checkpoint.step is not None:    # later checkpoints: a branch this run abandons
+        ckpt.delete([s for s in ckpt.all_steps() if s > step])
       same = {k: meta["data"].get(k) == v for k, v in (("source", cfg.data.source),
                                                          ("seed", cfg.data.seed))}
       if not all(same.values()):
@@ -250,7 +290,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
       return rec
 
     summary = {"start_step": step, "steps": step, "losses": [], "evals": [], "stopped_by": None}
-    last_saved = step if latest is not None else None
+    last_saved = step if found is not None else None
     try:
       with _StopOnSignal() as stop:
         batch = train_data.get(next_example) if step < cfg.steps else None
@@ -299,7 +339,7 @@ def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None)
                                                            summary["evals"][-1]["step"] != step):
         summary["evals"].append(evaluate(step))
     finally:
-      ckpt.close()
+      ckpt.close()                   # before summary.json, which says the run is done
       log.close()
   summary.update(run_dir=run_dir, num_params=num_params, mesh=dict(mesh.shape),
                  model=dataclasses.asdict(mcfg) if dataclasses.is_dataclass(mcfg) else None)

@@ -41,13 +41,38 @@ def _backends_started() -> bool:
     return False
 
 
+def check_platform(platform: str) -> None:
+  """RuntimeError when ``mesh.platform`` names a backend JAX cannot start, listing those it has.
+
+  Without it a GPU request on a machine without one fails with "Unable to initialize backend
+  'rocm'" (JAX tries each GPU plugin in turn and reports the last).
+  """
+  if platform == "auto":
+    return
+  try:
+    jax.devices(platform)
+    return
+  except RuntimeError as e:
+    error = e
+  if not _backends_started():
+    # The failed request initialised nothing; with the platform unset JAX starts what it can.
+    jax.config.update("jax_platforms", "")
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  have = sorted(xla_bridge.backends())
+  raise RuntimeError(f"mesh.platform={platform!r}: no {platform.upper()} backend is available "
+                     f"(JAX says: {error}); the platforms JAX has here are {have}: use one of "
+                     f"them or mesh.platform=auto")
+
+
 def setup_devices(cfg: MeshConfig) -> None:
-  """Platform, simulated CPU device count and ``jax.distributed``; a no-op when already done."""
+  """Platform, simulated CPU device count and ``jax.distributed``; a no-op when already done
+  except for checking that ``cfg.platform`` is available."""
   distributed = cfg.distributed == "on" or (
       cfg.distributed == "auto"
       and (cfg.coordinator_address is not None or _env_says_distributed()))
   if _backends_started():
     # Already initialised (a test process, or a second run in one process): check, don't change.
+    check_platform(cfg.platform)
     return
   if cfg.platform != "auto":
     jax.config.update("jax_platforms", cfg.platform)
@@ -67,6 +92,15 @@ def setup_devices(cfg: MeshConfig) -> None:
     if cfg.platform == "cpu":
       kwargs["initialization_timeout"] = cfg.init_timeout_s
     jax.distributed.initialize(**kwargs)
+  check_platform(cfg.platform)     # after jax.distributed: it must come before the backends start
+
+
+def any_process(flag: bool) -> bool:
+  """True when ``flag`` is True on any process (for decisions all processes must take together)."""
+  if jax.process_count() == 1:
+    return bool(flag)
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.int32(bool(flag)))))
 
 
 def axis_sizes(cfg: MeshConfig, num_devices: int) -> dict[str, int]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from typing import Any
 
 import jax
@@ -32,8 +33,22 @@ def peak_flops_per_device(override_tflops: float | None = None) -> float | None:
 
 
 def read_jsonl(path: str) -> list[dict]:
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The records of a JSONL file. A torn last line (the writer died mid-record) is dropped with a
+  warning; a bad line before it is a ValueError naming the file and the line: records are written
+  one ``write`` + ``flush`` each, so only the last can be torn."""
+  with open(path, encoding="utf-8", errors="replace") as f:
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  out = []
+  for n, (i, line) in enumerate(lines):
+    try:
+      out.append(json.loads(line))
+    except json.JSONDecodeError as e:
+      if n < len(lines) - 1:
+        raise ValueError(f"{path}, line {i}: not a JSON record ({e}); only a torn last line is "
+                         f"dropped") from None
+      warnings.warn(f"{path}, line {i}: dropped a torn last record {line.strip()[:80]!r} (the "
+                    f"writing process probably died mid-write)")
+  return out
 
 
 class RunLog:
@@ -62,15 +77,16 @@ class RunLog:
     if not os.path.exists(self.path):
       return
     keep = [r for r in read_jsonl(self.path) if r.get("step", 0) <= step]
-    with open(self.path, "w", encoding="utf-8") as f:
-      for r in keep:
-        f.write(json.dumps(r) + "\n")
+    tmp = self.path + ".tmp"         # a crash while rewriting must not lose the kept records
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write("".join(json.dumps(r) + "\n" for r in keep))
+    os.replace(tmp, self.path)
 
   def write(self, record: dict[str, Any], kind: str = "train") -> None:
     if not self.enabled:
       return
     record = {"kind": kind, **record}
-    self.file.write(json.dumps(record) + "\n")
+    self.file.write(json.dumps(record) + "\n")   # one write + flush: a crash tears only this line
     self.file.flush()
     step = record["step"]
     if self.tb is not None and (kind != "train" or step % self.every == 0):

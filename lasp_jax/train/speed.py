@@ -18,8 +18,15 @@ from lasp_jax.train.loop import run
 from lasp_jax.train.mesh import setup_devices
 
 
-def compare(cfg: TrainConfig, steps: int = 30, warmup: int = 5) -> dict:
-  """Median tokens/s and step time of ``cfg`` over ``sp`` = every device vs on one device."""
+DEFAULT_STEPS = 30
+
+
+def compare(cfg: TrainConfig, steps: int = DEFAULT_STEPS, warmup: int = 5) -> dict:
+  """Median tokens/s and step time of ``cfg`` over ``sp`` = every device vs on one device, each
+  over ``steps`` steps of which the first ``min(warmup, steps - 1)`` (compilation) are left out."""
+  if steps < 2:
+    raise ValueError(f"speed: steps={steps} must be >= 2 (step 1 compiles and is left out)")
+  warmup = min(warmup, steps - 1)
   setup_devices(cfg.mesh)
   n = jax.device_count()
   results = {}
@@ -29,7 +36,8 @@ def compare(cfg: TrainConfig, steps: int = 30, warmup: int = 5) -> dict:
                                                         num_devices=1))):
       c = dataclasses.replace(
           cfg, mesh=mesh, steps=steps, run_dir=os.path.join(tmp, name.replace(" ", "_")),
-          checkpoint=dataclasses.replace(cfg.checkpoint, every=0, resume=False),
+          checkpoint=dataclasses.replace(cfg.checkpoint, every=0, resume=False, overwrite=False,
+                                         step=None, dir=None),
           log=dataclasses.replace(cfg.log, eval_every=0, progress=False, tensorboard=False))
       run(c)
       from lasp_jax.train.metrics import read_jsonl  # pylint: disable=import-outside-toplevel

@@ -1,6 +1,7 @@
 """Training config: YAML presets load, overrides are typed, bad keys and values are named."""
 
 import glob
+import json
 import os
 
 import pytest
@@ -55,6 +56,22 @@ def test_overrides_all_syntaxes_and_types():
     (["steps"], "'steps'"),
     (["--steps"], "--steps"),
     (["optim=3"], "optim"),
+    (["optim.lr=nan"], "optim.lr must be finite and > 0, got nan"),
+    (["optim.lr=inf"], "optim.lr must be finite and > 0, got inf"),
+    (["optim.eps=0"], "optim.eps must be finite and > 0, got 0.0"),
+    (["optim.eps=nan"], "optim.eps"),
+    (["optim.weight_decay=nan"], "optim.weight_decay must be finite and >= 0, got nan"),
+    (["optim.weight_decay=-0.1"], "optim.weight_decay"),
+    (["optim.clip_norm=nan"], "optim.clip_norm must be finite and >= 0, got nan"),
+    (["optim.clip_norm=-1"], "optim.clip_norm"),
+    (["optim.end_lr_ratio=nan"], "optim.end_lr_ratio must be in [0, 1], got nan"),
+    (["optim.end_lr_ratio=1.5"], "optim.end_lr_ratio"),
+    (["optim.b1=nan"], "optim.b1 must be in [0, 1), got nan"),
+    (["optim.b2=1"], "optim.b2 must be in [0, 1), got 1.0"),
+    (["data.eval_fraction=nan"], "data.eval_fraction"),
+    (["log.peak_tflops_per_device=nan"], "log.peak_tflops_per_device"),
+    (["checkpoint.step=3", "checkpoint.resume=false"], "checkpoint.step=3"),
+    (["checkpoint.overwrite=true"], "checkpoint.overwrite=true"),
 ])
 def test_bad_overrides_name_the_offender(args, names):
   with pytest.raises(ValueError, match=".*".join(map(_re, [names]))):
@@ -106,3 +123,47 @@ def test_command_line_reports_config_errors(capsys):
   assert "optim.lr" in capsys.readouterr().err
   assert train.main(["--optim.nope", "1"]) == 2
   assert "optim.nope" in capsys.readouterr().err
+
+
+def test_unavailable_platform_is_named_with_the_ones_jax_has():
+  """In this process (backends already up) and in a fresh one (where JAX would try each GPU plugin
+  and report "Unable to initialize backend 'rocm'")."""
+  import subprocess
+  import sys
+  from lasp_jax.train.mesh import check_platform, setup_devices
+  with pytest.raises(RuntimeError, match=r"mesh.platform='gpu': no GPU backend .*\['cpu'\]"):
+    setup_devices(C.MeshConfig(platform="gpu"))
+  check_platform("cpu")
+  code = ("from lasp_jax.train.config import MeshConfig\n"
+          "from lasp_jax.train.mesh import setup_devices\n"
+          "setup_devices(MeshConfig(platform='gpu'))")
+  p = subprocess.run([sys.executable, "-c", code], cwd=C.REPO_ROOT, capture_output=True, text=True,
+                     timeout=120, env={**os.environ, "JAX_PLATFORMS": ""})
+  assert p.returncode != 0
+  assert "no GPU backend is available" in p.stderr and "['cpu']" in p.stderr, p.stderr[-2000:]
+
+
+def test_speed_honours_steps(monkeypatch, capsys):
+  """``train.py speed steps=N`` runs N steps per mesh (30 without ``steps=``), leaving out the
+  first ``min(5, N - 1)`` (compilation) from the medians."""
+  import train  # the top-level script
+  from lasp_jax.train import speed
+  runs = []
+
+  def fake_run(cfg):
+    runs.append(cfg)
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.run_dir, "metrics.jsonl"), "w") as f:
+      for s in range(1, cfg.steps + 1):
+        f.write(json.dumps({"kind": "train", "step": s, "loss": 1.0 / s, "tok_s": 10.0 * s,
+                            "step_time": 0.1}) + "\n")
+  monkeypatch.setattr(speed, "run", fake_run)
+  assert train.main(["speed", "steps=3", "log.progress=false"]) == 0
+  assert [c.steps for c in runs] == [3, 3] and "tokens/s" in capsys.readouterr().out
+  r = speed.compare(C.load_config(None, ["steps=3"]), steps=3)
+  assert all(v["tok_s"] == 30.0 and v["final_loss"] == 1 / 3 for v in r.values()), r
+  runs.clear()
+  assert train.main(["speed"]) == 0
+  assert [c.steps for c in runs] == [30, 30]
+  assert train.main(["speed", "steps=1"]) == 2
+  assert "steps=1 must be >= 2" in capsys.readouterr().err

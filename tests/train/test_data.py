@@ -1,5 +1,6 @@
 """Data: MQAR structure, determinism and resumable position, layouts, text and token files."""
 
+import json
 import os
 
 import jax
@@ -108,5 +109,70 @@ def test_text_bytes_and_token_files(tmp_path):
   odd = tmp_path / "odd.bin"
   odd.write_bytes(b"abc")
   with pytest.raises(ValueError, match="whole number of uint16"):
-    Batches(DataConfig(source="tokens", path=str(odd), seq_len=32, batch_size=2),
-            vocab_size=256, mesh=mesh, layout="contiguous")
+    Batches(DataConfig(source="tokens", path=str(odd), token_dtype="uint16", seq_len=32,
+                       batch_size=2), vocab_size=256, mesh=mesh, layout="contiguous")
+
+
+def test_token_dtype_comes_from_a_sidecar_or_is_required(tmp_path):
+  mesh = _mesh(1, 8)
+  ids = (np.arange(4000) * 7919 % 50000).astype(np.uint32)
+  path = tmp_path / "corpus.bin"
+  ids.tofile(path)
+
+  def batches(vocab_size=50000, **kw):
+    return Batches(DataConfig(source="tokens", path=str(path), seq_len=32, batch_size=2, **kw),
+                   vocab_size=vocab_size, mesh=mesh, layout="contiguous")
+
+  with pytest.raises(ValueError, match="corpus.bin.*no sidecar.*data.token_dtype=uint16 or uint32"
+                                       ".*prepare"):
+    batches()
+  with pytest.warns(UserWarning, match="corpus.bin.*looks like a uint32 file"):
+    batches(token_dtype="uint16")
+  path.with_name("corpus.bin.json").write_text(json.dumps(
+      {"dtype": "uint32", "vocab_size": 50000, "eos_id": None, "count": len(ids)}))
+  b = batches()                                 # the sidecar says uint32
+  assert b.get(0)["inputs"].dtype == np.int32 and int(np.asarray(b.get(0)["inputs"]).max()) > 256
+  with pytest.raises(ValueError, match="data.token_dtype=uint16 but .*corpus.bin.json says dtype "
+                                       "uint32"):
+    batches(token_dtype="uint16")
+  with pytest.raises(ValueError, match="vocab_size 50000, more than the model's vocab_size 256"):
+    batches(vocab_size=256)
+  path.with_name("corpus.bin.json").write_text(json.dumps({"dtype": "uint32", "count": 3}))
+  with pytest.raises(ValueError, match="says 3 uint32 tokens"):
+    batches()
+  empty = tmp_path / "empty.bin"
+  empty.write_bytes(b"")
+  with pytest.raises(ValueError, match="empty.bin.*empty file"):
+    Batches(DataConfig(source="tokens", path=str(empty), token_dtype="uint16", seq_len=32,
+                       batch_size=2), vocab_size=256, mesh=mesh, layout="contiguous")
+
+
+def test_prepare_writes_tokens_and_sidecar(tmp_path, capsys):
+  import train  # the top-level script
+  text = "héllo, wörld\n" * 40
+  src, dst = tmp_path / "in.txt", tmp_path / "out.bin"
+  src.write_text(text, encoding="utf-8")
+  assert train.main(["prepare", str(src), str(dst), "--tokenizer", "byte"]) == 0
+  assert "out.bin" in capsys.readouterr().out
+  raw = text.encode("utf-8")
+  meta = json.loads((tmp_path / "out.bin.json").read_text())
+  assert meta == {"dtype": "uint16", "vocab_size": 256, "eos_id": None, "count": len(raw),
+                  "tokenizer": "byte"}
+  np.testing.assert_array_equal(np.fromfile(dst, np.uint16), np.frombuffer(raw, np.uint8))
+  b = Batches(DataConfig(source="tokens", path=str(dst), seq_len=32, batch_size=2,
+                         eval_fraction=0.0), vocab_size=256, mesh=_mesh(1, 8), layout="contiguous")
+  assert bytes(np.asarray(b.get(0)["inputs"])[0, 0].astype(np.uint8)) in raw
+  bad = tmp_path / "bad.txt"
+  bad.write_bytes(b"ok \xff\xfe")
+  assert train.main(["prepare", str(bad), str(tmp_path / "bad.bin")]) == 2
+  assert "not UTF-8 text: byte 3" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "bad.bin")
+
+
+def test_mqar_vocab_error_names_the_key_it_came_from():
+  cfg = DataConfig(seq_len=64, batch_size=2, mqar=MqarConfig(num_kv_pairs=8, vocab_size=12))
+  with pytest.raises(ValueError, match="at least 17 tokens; data.mqar.vocab_size is 12"):
+    Batches(cfg, vocab_size=256, mesh=_mesh(1, 8), layout="contiguous")
+  with pytest.raises(ValueError, match="the model's vocab_size is 12"):
+    Batches(DataConfig(seq_len=64, batch_size=2, mqar=MqarConfig(num_kv_pairs=8)),
+            vocab_size=12, mesh=_mesh(1, 8), layout="contiguous")
