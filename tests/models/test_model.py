@@ -31,8 +31,10 @@ def _fast_compiles():
 
 def _config(variant, pattern):
   # chunk 8: each device's zigzag segment (N / 2W = 8 tokens) is one chunk; one device has 16.
-  return models.get_config("tiny", linear_variant=variant, layer_pattern=pattern, num_kv_heads=2,
-                           chunk_size=8)
+  cfg = models.get_config("tiny", linear_variant=variant, layer_pattern=pattern, num_kv_heads=2,
+                          chunk_size=8)
+  assert cfg.short_conv == 4  # every case runs the short conv (and its halo on 8 devices)
+  return cfg
 
 
 def _loss(state, tokens, weights, graphdef):
