@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 import kernels
-from kernels.linear_attention.api import resolve_backend, validate_inputs
+from kernels.linear_attention.api import check_chunk_size, resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
 from lasp_jax.sequence_parallel import lasp2 as lasp2_lib
 
@@ -37,7 +37,8 @@ def lasp1(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
   Returns:
     ``o (B, C, H, Dv)`` in q's dtype.
   """
-  validate_inputs(q, k, v, log_decay)
+  validate_inputs(q, k, v, log_decay, scale=scale)
+  check_chunk_size(chunk_size)
   _common.check_causal_linear(log_decay, causal, "lasp1")
   bsz, c_local, heads, _ = q.shape
   if c_local % chunk_size:
@@ -67,7 +68,8 @@ def lasp1_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
                     causal=True, scale=1.0, chunk_size=64, backend="auto"):
   """LASP-1 on global arrays ``(B, N, H, D)`` (contiguous layout); arguments as
   ``lasp_jax.lasp2_attention``. Returns ``o (B, N, H, Dv)`` sharded like q."""
-  validate_inputs(q, k, v, log_decay)
+  validate_inputs(q, k, v, log_decay, scale=scale)
+  check_chunk_size(chunk_size)
   _common.check_causal_linear(log_decay, causal, "lasp1_attention")
   mesh, _ = _common.mesh_sizes(mesh, seq_axis, batch_axis, q.shape[1], q.shape[0], chunk_size,
                                "chunk_size")

@@ -198,7 +198,9 @@ def ring_linear(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0):
   me = jax.lax.axis_index(axis_name)
   q_pos = layout_lib.local_positions("contiguous", me, w_size, c_local)
   q_b, pos_b = _common.split_queries(q.astype(f32) * scale, q_pos)
-  g = None if log_decay is None else log_decay.astype(f32)
+  # Clamped (``ref.clamp_log_decay``): a -inf head is an exact reset; unclamped, the diagonal's
+  # distance 0 would give 0 * -inf = NaN.
+  g = None if log_decay is None else ref.clamp_log_decay(log_decay)
 
   def step(acc, kv, src):
     kv_pos = layout_lib.local_positions("contiguous", src, w_size, c_local)

@@ -163,3 +163,34 @@ def test_bad_input(mesh):
     bl.ring_softmax_attention(q, k, v, mesh=mesh, seq_axis="seq")
   with pytest.raises(ValueError, match="layout"):
     bl.ring_softmax_attention(q, k, v, mesh=mesh, layout="striped")
+
+
+@pytest.fixture(scope="module")
+def mesh4():
+  return jax.make_mesh((4,), ("sp",), devices=jax.devices()[:4])
+
+
+def test_lasp1_bad_chunk_size(mesh4):
+  """chunk_size 0, negative or not an int: the shared ValueError (as lasp2), never a
+  ZeroDivisionError; a valid chunk size still matches the float64 recurrence (W=4, N=64)."""
+  q, k, v = (_rand(i, (1, 64, 2, 8)) for i in range(3))
+  spec = jax.sharding.PartitionSpec(None, "sp", None, None)
+  auto = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("sp",))   # per-shard op: Auto axes
+  for bad in (0, -8, 8.0, True):
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+      bl.lasp1_attention(q, k, v, mesh=mesh4, chunk_size=bad)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int"):
+      jax.shard_map(lambda q, k, v: bl.lasp1(q, k, v, axis_name="sp", chunk_size=bad),
+                    mesh=auto, in_specs=(spec,) * 3, out_specs=spec)(q, k, v)
+  out = bl.lasp1_attention(q, k, v, mesh=mesh4, chunk_size=8)
+  assert rel_err(out, f64(_lin_ref, q, k, v, None)) < TOL
+
+
+def test_ring_linear_minus_inf_decay(mesh4):
+  """A per-head log-decay of -inf is an exact reset (each token sees only itself), as in the main
+  ops: no 0 * -inf = NaN on the diagonal. Forward and grads against the float64 recurrence."""
+  q, k, v = (_rand(i, (1, 64, 2, 8)) for i in range(3))
+  g = jnp.asarray([-jnp.inf, -0.1], jnp.float32)
+  with jax.set_mesh(mesh4):
+    _check([lambda q, k, v, g: bl.ring_linear_attention(q, k, v, g, scale=0.5)],
+           lambda q, k, v, g: linear_recurrence(q, k, v, g, scale=0.5)[0], (q, k, v, g))
