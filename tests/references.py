@@ -24,10 +24,13 @@ def f64(fn, *args, **kwargs):
     return jax.tree.map(np.asarray, out)
 
 
-def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, causal=True):
+def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, causal=True,
+                      segment_ids=None):
   """``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``, ``o_i = scale * q_i S_i`` (SPEC section 2).
 
   Shapes as SPEC section 1. Returns ``(o, final_state)``. Bidirectional: ``o_i = scale q_i sum_j k_j^T v_j``.
+  ``segment_ids (B, N)`` (SPEC section 13): at a token whose id differs from the previous token's
+  the state before it is dropped, ``S_i = k_i^T v_i`` (a select, so nothing of it survives).
   """
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
@@ -44,12 +47,19 @@ def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
     a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
   s0 = jnp.zeros((bsz, h, dk, dv), q.dtype) if initial_state is None else initial_state
 
+  starts = np.zeros((n, bsz), bool)
+  if segment_ids is not None:
+    ids = np.asarray(segment_ids)
+    starts[1:] = (ids[:, 1:] != ids[:, :-1]).T
+
   def step(s, xs):
-    a_i, q_i, k_i, v_i = xs
-    s = a_i[..., None] * s + k_i[..., :, None] * v_i[..., None, :]
+    a_i, q_i, k_i, v_i, start_i = xs
+    s = jnp.where(start_i[:, None, None, None], 0.0, a_i[..., None] * s)
+    s = s + k_i[..., :, None] * v_i[..., None, :]
     return s, scale * jnp.einsum("bhk,bhkv->bhv", q_i, s)
 
-  s_final, o = jax.lax.scan(step, s0, (a, *(jnp.moveaxis(x, 1, 0) for x in (q, k, v))))
+  s_final, o = jax.lax.scan(
+      step, s0, (a, *(jnp.moveaxis(x, 1, 0) for x in (q, k, v)), jnp.asarray(starts)))
   return jnp.moveaxis(o, 0, 1), s_final
 
 

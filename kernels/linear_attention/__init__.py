@@ -1,8 +1,10 @@
 """Chunked linear attention: Pallas kernels (TPU, GPU) and the pure-jnp XLA path."""
 
 from kernels.linear_attention.api import (check_log_decay, chunk_linear_attention, default_backend,
-                                          resolve_backend, validate_inputs)
+                                          document_starts, reset_log_decay, resolve_backend,
+                                          validate_inputs)
 from kernels.linear_attention.reference import chunk_linear_attention_xla
 
 __all__ = ["check_log_decay", "chunk_linear_attention", "chunk_linear_attention_xla",
-           "default_backend", "resolve_backend", "validate_inputs"]
+           "default_backend", "document_starts", "reset_log_decay", "resolve_backend",
+           "validate_inputs"]

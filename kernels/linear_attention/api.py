@@ -126,7 +126,49 @@ def _check_not_float64(name, x):
                     f"bfloat16")
 
 
-def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None, scale=1.0):
+def check_segment_ids(segment_ids, shape):
+  """Raises unless ``segment_ids`` is None or an integer array of ``shape`` (B, N)."""
+  if segment_ids is None:
+    return
+  if getattr(segment_ids, "shape", None) is None or tuple(segment_ids.shape) != tuple(shape):
+    raise ValueError(f"segment_ids must have shape (B, N)={tuple(shape)}, got "
+                     f"{getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
+  if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+    raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
+
+
+def document_starts(segment_ids):
+  """``(B, N)`` bool: True where the id differs from the previous token's (SPEC section 13).
+
+  Token 0 is never a start here: whatever comes before it (an initial state, a previous segment)
+  is the caller's to drop or keep.
+  """
+  later = segment_ids[:, 1:] != segment_ids[:, :-1]
+  return jnp.concatenate([jnp.zeros_like(later[:, :1]), later], axis=1)
+
+
+def reset_log_decay(log_decay, segment_ids, heads):
+  """The log-decay with every document start folded in as ``-inf``, an exact reset (SPEC 10).
+
+  ``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i`` with ``g_i = -inf`` drops the state before token
+  i, and every in-chunk weight across i is ``exp`` of a sum containing it: exactly 0. So packed
+  documents need no other mechanism in the kernels: ``None`` and ``(H,)`` decays become
+  per-token ``(B, N, H)``, ``(B, N, H, Dk)`` stays per-channel. The gradient at a start is 0,
+  the exact one (the decay there multiplies a dropped state).
+  """
+  starts = document_starts(segment_ids)
+  bsz, n = segment_ids.shape
+  if log_decay is None or log_decay.ndim == 1:
+    g = jnp.zeros((heads,), jnp.float32) if log_decay is None else log_decay.astype(jnp.float32)
+    g = jnp.broadcast_to(g, (bsz, n, heads))
+  else:
+    g = log_decay
+  mask = starts[:, :, None] if g.ndim == 3 else starts[:, :, None, None]
+  return jnp.where(mask, -jnp.inf, g)
+
+
+def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None, scale=1.0,
+                    segment_ids=None):
   """Checks the input contract (module docstring); raises ValueError/TypeError naming the value."""
   for name, x in (("q", q), ("k", k), ("v", v)):
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
@@ -160,6 +202,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
       raise ValueError(f"initial_state must have shape (B, H, Dk, Dv)={(bsz, h, dk, dv)}, "
                        f"got {tuple(initial_state.shape)}")
     _check_not_float64("initial_state", initial_state)
+  check_segment_ids(segment_ids, (bsz, n))
   if chunk_size is not None:
     check_chunk_size(chunk_size)
     if n % chunk_size:
@@ -167,7 +210,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
 
 
 def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
-                           chunk_size=64, backend=None, interpret=None):
+                           segment_ids=None, chunk_size=64, backend=None, interpret=None):
   """Causal chunked linear attention (SPEC sections 2-3) on one device.
 
   Args:
@@ -175,7 +218,11 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset; module docstring for the checks).
     scale: multiplies q; None means ``Dk ** -0.5`` (as in LASP-2H).
-    initial_state: None (zeros) or ``(B, H, Dk, Dv)``.
+    initial_state: None (zeros) or ``(B, H, Dk, Dv)``; it feeds the first document of each row.
+    segment_ids: None or ``(B, N)`` int: packed documents. A document starts wherever the id
+      differs from the previous token's, and the state restarts from zero there (the in-chunk
+      mask is causal and same-document); realised as an exact ``-inf`` decay at each start
+      (``reset_log_decay``), so the Pallas kernels serve packed inputs too.
     chunk_size: tokens per chunk; must divide N.
     backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device).
     interpret: run Pallas kernels in interpret mode (CPU testing); None means "when not on
@@ -198,8 +245,10 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
   intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
   ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale)
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
   scale = reference.resolve_scale(scale, q.shape[-1])
+  if segment_ids is not None:
+    log_decay = reset_log_decay(log_decay, segment_ids, q.shape[2])
   backend = default_backend() if backend is None else backend
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")

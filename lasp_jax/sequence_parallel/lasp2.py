@@ -6,21 +6,25 @@ Three entry points:
 - ``lasp2_attention``: the same on global ``(B, N, H, D)`` arrays over a mesh axis.
 
 Per device the forward pass is:
-1. the local zero-initial state of each segment and its total log-decay (a cheap matmul),
-2. ONE all-gather of those, fused into one float32 buffer of ``W * S * B * H * Dk * (Dv + 1)``
-   floats (``S`` segments per device: 1 contiguous, 2 zigzag; the ``+1`` column only when the decay
-   is data dependent), issued before and independent of the intra-chunk work so XLA can overlap them,
-3. the incoming state of each segment, a decayed exclusive prefix over earlier segments,
-4. output = local chunked attention from zero (the kernels) + ``scale * (q * exp(b)) S_in``.
+1. each segment's summary (SPEC 10): its zero-initial state and its total log-decay (a cheap
+   matmul and a sum); with packed documents (``segment_ids``) every start is an exact ``-inf``
+   decay, so a segment holding a start has ``M = 0``,
+2. the exchange (``exchange.allgather_prefix``): ONE all-gather of every segment's summary in one
+   float32 buffer of ``W * S * B * (H * Dk * Dv [+ H * Dg] [+ 2])`` floats (``S`` segments per
+   device: 1 contiguous, 2 zigzag; the log-decay only when it is data dependent, the first and last
+   segment ids only with packed documents), issued before and independent of the intra-chunk work
+   so XLA can overlap them, then a local fold: the incoming state of each segment (and the final
+   state, the same on every device),
+3. output = local chunked attention from zero (the kernels) + ``scale * (q * exp(b)) S_in``.
 
 The backward pass is autodiff: the transpose of the all-gather is one reduce-scatter of the same
 size, so one state-sized collective per direction, none that grows with N.
 
 Numerics: log-decays are clamped to ``reference.LOG_DECAY_FLOOR`` (exact: ``exp`` of anything at or
 below it is 0), so ``-inf`` resets are exact zeros and never NaN; every weight is ``exp`` of a
-direct sum of log-decays (segment prefixes, suffixes, sums of whole segments' gammas). The incoming
-state *selects* the earlier segments' states (it does not weight later ones by 0), so a NaN or inf
-in a later segment never reaches an earlier segment's output.
+direct sum of log-decays (segment prefixes, suffixes, sums of whole segments' gammas). The fold
+of the exchange combines only earlier segments into a segment's incoming state, so a NaN or inf in a
+later segment never reaches an earlier segment's output.
 """
 
 from __future__ import annotations
@@ -33,7 +37,9 @@ from jax.sharding import PartitionSpec as P
 
 import kernels
 from kernels.linear_attention import reference as ref
-from kernels.linear_attention.api import check_chunk_size, resolve_backend, validate_inputs
+from kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
+                                          validate_inputs)
+from lasp_jax.sequence_parallel import exchange
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
@@ -53,8 +59,9 @@ def _check_decay_mode(log_decay, causal):
                      "bidirectional attention")
 
 
-def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial_state=None,
-                     return_final_state=False, chunk_size=64, backend="auto"):
+def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, segment_ids=None,
+                     initial_state=None, return_final_state=False, chunk_size=64,
+                     backend="auto"):
   """Linear attention on one device (SPEC sections 2-3).
 
   Args:
@@ -65,7 +72,9 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial
     causal: causal recurrence (token i sees j <= i) or bidirectional (sees all tokens).
     scale: multiplies q (1.0 is the paper's unnormalised linear attention); None means
       ``Dk ** -0.5``, as in LASP-2H.
-    initial_state: None or ``(B, H, Dk, Dv)``; causal only.
+    segment_ids: None or ``(B, N)`` int: packed documents; the state restarts from zero wherever
+      the id differs from the previous token's (SPEC section 13); causal only.
+    initial_state: None or ``(B, H, Dk, Dv)``, feeding the first document of each row; causal only.
     return_final_state: also return the state after the last token, float32 ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N.
     backend: ``"auto"`` (Pallas on TPU/GPU, XLA on CPU), ``"xla"``, ``"tpu"`` or ``"gpu"``.
@@ -73,16 +82,16 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, initial
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, or ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale)
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
   _check_decay_mode(log_decay, causal)
+  _check_causal_only(causal, segment_ids, initial_state, False)
   scale = ref.resolve_scale(scale, q.shape[-1])
   if causal:
+    g = log_decay if segment_ids is None else reset_log_decay(log_decay, segment_ids, q.shape[2])
     o, s_final = kernels.chunk_linear_attention(
-        q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
-        backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
+        q, k, v, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+        backend=_kernel_backend(backend, q, v, g, chunk_size))
   else:
-    if initial_state is not None:
-      raise ValueError("initial_state must be None when causal=False")
     s_final = jnp.einsum("bnhk,bnhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
     o = (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(jnp.float32), s_final)).astype(q.dtype)
   return (o, s_final) if return_final_state else o
@@ -143,52 +152,33 @@ def add_incoming(o_local, q, b_in, s_in, scale):
   return o_local.astype(jnp.float32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
 
 
-def _incoming_states(states, gammas, my_positions):
-  """Decayed exclusive prefix over global segment order (SPEC 4, step 3).
-
-  Args:
-    states: ``(P, B, H, Dk, Dv)`` local zero-initial states in global segment order.
-    gammas: ``(P, B, H, Dg)`` total log-decay of each segment, or None.
-    my_positions: the global positions ``p`` of this shard's segments (length S, may be traced).
-
-  Returns:
-    ``(S, B, H, Dk, Dv)``: ``S_in(p) = sum_{s<p} exp(sum_{s<u<p} gamma_u) St_s``.
-  """
-  num = states.shape[0]
-  idx = jnp.arange(num)
-  p = jnp.stack([jnp.asarray(x) for x in my_positions])[:, None]           # (S, 1)
-  before = idx[None, :] < p                                                  # (S, P): s < p
-  # Select the earlier segments' states, do not weight the later ones by 0: 0 * NaN is NaN, and a
-  # NaN or inf in a later segment must not reach this one. (S, P, B, H, Dk, Dv); S is 1 or 2.
-  earlier = jnp.where(before[:, :, None, None, None, None], states[None], 0.0)
-  if gammas is None:
-    return jnp.sum(earlier, axis=1)
-  # log weight of s: the direct sum of gamma_u over s < u < p (no differences of prefix sums;
-  # gammas are clamped sums, finite unless NaN, and `where` keeps a later NaN out).
-  between = (idx[None, :, None] < idx[None, None, :]) & (idx[None, None, :] < p[:, :, None])
-  log_w = jnp.sum(jnp.where(between[..., None, None, None], gammas[None, None], 0.0), axis=2)
-  w = ref.masked_exp(log_w, before[:, :, None, None, None])                  # (S, P, B, H, Dg)
-  return jnp.einsum("spbhk,spbhkv->sbhkv",
-                    jnp.broadcast_to(w, w.shape[:-1] + (states.shape[3],)), earlier)
-
-
-def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_size=64,
-          layout="contiguous", backend="auto"):
+def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment_ids=None,
+          initial_state=None, return_final_state=False, chunk_size=64, layout="contiguous",
+          backend="auto"):
   """LASP-2 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
 
   Args:
     q, k: ``(B, C, H, Dk)``; v: ``(B, C, H, Dv)``: this device's shard of the sequence.
     log_decay: None, ``(H,)`` (replicated), ``(B, C, H)`` or ``(B, C, H, Dk)`` (sharded like q).
     axis_name: the mesh axis the sequence is split over.
+    segment_ids: None or ``(B, C)`` int (sharded like q): packed documents; the state restarts
+      from zero wherever the id differs from the previous token's in natural order, also when
+      that token is on another device (SPEC section 13; no extra collective).
+    initial_state: None or ``(B, H, Dk, Dv)``, the same on every device of ``axis_name``: the
+      state before the first token, feeding the first document of each row.
+    return_final_state: also return the state after the last token of the whole sequence,
+      float32 ``(B, H, Dk, Dv)``, replicated over ``axis_name`` (one all-reduce of that state).
     layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5); the shard holds 1 or 2 segments.
     Others as ``linear_attention``.
 
   Returns:
-    ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation.
+    ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation, or
+    ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, scale=scale)
+  validate_inputs(q, k, v, log_decay, initial_state, scale=scale, segment_ids=segment_ids)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
+  _check_causal_only(causal, segment_ids, initial_state, return_final_state)
   scale = ref.resolve_scale(scale, q.shape[-1])
   nseg = layout_lib.segments_per_shard(layout)
   bsz, c_local, heads, dk = q.shape
@@ -197,8 +187,6 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
         f"local sequence length {c_local} is not a multiple of "
         f"{'2 * ' if nseg == 2 else ''}chunk_size={chunk_size}")
   f32 = jnp.float32
-  w_size = jax.lax.axis_size(axis_name)
-  me = jax.lax.axis_index(axis_name)
 
   if not causal:
     with jax.named_scope("lasp2_bidirectional"):
@@ -209,31 +197,23 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
   seg_len = c_local // nseg
   q_s, k_s, v_s = (_to_segments(x, nseg) for x in (q, k, v))
   g_s = log_decay if log_decay is None or log_decay.ndim == 1 else _to_segments(log_decay, nseg)
+  ids_s = _to_segments(segment_ids, nseg)
+  if ids_s is not None:  # starts inside a segment; one at its first token comes with the exchange
+    g_s = reset_log_decay(g_s, ids_s, heads)
   nb = nseg * bsz
   b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
-  data_dependent = log_decay is not None and log_decay.ndim > 1
 
   with jax.named_scope("lasp2_state_exchange"):
+    split = lambda x: x.reshape(nseg, bsz, *x.shape[1:])  # noqa: E731  (SB, ..) -> (S, B, ..)
     st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
-    if data_dependent:  # fuse gamma into the state buffer: one collective, not two
-      buf = jnp.concatenate([st, jnp.broadcast_to(gamma, st.shape[:3])[..., None]], axis=-1)
-    else:
-      buf = st
-    buf = buf.reshape(nseg, bsz, *buf.shape[1:])
-    gathered = jax.lax.all_gather(buf, axis_name)                           # (W, S, B, H, Dk, *)
-    gathered = gathered.reshape(w_size * nseg, *gathered.shape[2:])
-    order = layout_lib.segment_order(layout, w_size)
-    gathered = jnp.take(gathered, jnp.asarray(order), axis=0)               # global order
-    if data_dependent:
-      states, gammas = gathered[..., :-1], gathered[..., -1]
-      if gamma.shape[-1] == 1:
-        gammas = gammas[..., :1]
-    else:
-      states = gathered
-      gammas = None if gamma is None else jnp.broadcast_to(
-          gamma[:bsz][None], (w_size * nseg,) + gamma[:bsz].shape)
-    positions = [layout_lib.segment_global_index(layout, me, w_size, s) for s in range(nseg)]
-    s_in = _incoming_states(states, gammas, positions)                      # (S, B, H, Dk, Dv)
+    log_m = jnp.zeros((nb, heads, 1), f32) if gamma is None else gamma
+    local = exchange.DiagonalSummary(split(log_m), split(st))
+    # A decay known in advance (none, or constant per head) is not sent: only the states are.
+    constant = g_s is None or g_s.ndim == 1
+    edges = None if ids_s is None else (split(ids_s[:, 0]), split(ids_s[:, -1]))
+    s_in, s_final = exchange.allgather_prefix(
+        local, axis_name=axis_name, layout=layout, edge_ids=edges, initial=initial_state,
+        send=exchange.DiagonalSummary(not constant, True))
     s_in = s_in.reshape(nb, *s_in.shape[2:])
 
   with jax.named_scope("lasp2_local"):
@@ -243,7 +223,24 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, chunk_s
 
   with jax.named_scope("lasp2_combine"):
     o = add_incoming(o_local, q_s, b_in, s_in, scale)
-  return _from_segments(o.astype(q.dtype), nseg)
+  o = _from_segments(o.astype(q.dtype), nseg)
+  if not return_final_state:
+    return o
+  # Every device folded the same summaries, but shard_map cannot know that the result is
+  # replicated: one device's copy through a psum (one state-sized all-reduce, only when asked)
+  # makes it so, and its transpose sends the cotangent back to that one copy, not to W of them.
+  s_final = jnp.where(jax.lax.axis_index(axis_name) == 0, s_final, 0.0)
+  return o, jax.lax.psum(s_final, axis_name)
+
+
+def _check_causal_only(causal, segment_ids, initial_state, return_final_state):
+  if causal:
+    return
+  for name, val in (("segment_ids", segment_ids), ("initial_state", initial_state)):
+    if val is not None:
+      raise ValueError(f"{name} must be None when causal=False")
+  if return_final_state:
+    raise ValueError("return_final_state must be False when causal=False")
 
 
 def decay_spec(log_decay, batch_axis, seq_axis):
@@ -255,7 +252,9 @@ def decay_spec(log_decay, batch_axis, seq_axis):
 
 
 def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_axis=None,
-                    causal=True, scale=1.0, chunk_size=64, layout="contiguous", backend="auto"):
+                    causal=True, scale=1.0, segment_ids=None, initial_state=None,
+                    return_final_state=False, chunk_size=64, layout="contiguous",
+                    backend="auto"):
   """LASP-2 on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
 
   Args:
@@ -263,16 +262,21 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``.
     mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes); None uses the ``jax.set_mesh`` context.
     seq_axis: mesh axis that splits N; ``batch_axis``: optional mesh axis that splits B.
+    segment_ids: None or ``(B, N)`` int in the layout of q: packed documents (a start is where
+      the id differs from the previous token's in natural order, across devices too).
+    initial_state: None or ``(B, H, Dk, Dv)``; return_final_state: also return the final state
+      ``(B, H, Dk, Dv)`` float32, replicated along ``seq_axis`` (split along ``batch_axis``).
     layout: the sequence axis of the inputs (and output) is in ``"contiguous"`` or ``"zigzag"``
       order (``lasp_jax.zigzag``).
     Others as ``linear_attention``.
 
   Returns:
-    ``o (B, N, H, Dv)`` in q's dtype, sharded like q.
+    ``o (B, N, H, Dv)`` in q's dtype, sharded like q, or ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, scale=scale)
+  validate_inputs(q, k, v, log_decay, initial_state, scale=scale, segment_ids=segment_ids)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
+  _check_causal_only(causal, segment_ids, initial_state, return_final_state)
   mesh = sharding.resolve_mesh(mesh)
   w = sharding.axis_size(mesh, seq_axis, "seq_axis")
   nb = sharding.axis_size(mesh, batch_axis, "batch_axis")
@@ -286,9 +290,15 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
     raise ValueError(f"batch size B={bsz} is not a multiple of the {batch_axis!r} axis size {nb}")
   kernel_backend = _kernel_backend(backend, q, v, log_decay, chunk_size)
   x_spec = P(batch_axis, seq_axis, None, None)
+  state_spec = P(batch_axis, None, None, None)
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
-                         chunk_size=chunk_size, layout=layout, backend=backend)
+                         return_final_state=return_final_state, chunk_size=chunk_size,
+                         layout=layout, backend=backend)
   return sharding.shard_map(
-      fn, mesh, (x_spec, x_spec, x_spec, decay_spec(log_decay, batch_axis, seq_axis)), x_spec,
+      lambda q, k, v, g, ids, s0: fn(q, k, v, g, segment_ids=ids, initial_state=s0), mesh,
+      (x_spec, x_spec, x_spec, decay_spec(log_decay, batch_axis, seq_axis),
+       P(batch_axis, seq_axis), state_spec),
+      (x_spec, state_spec) if return_final_state else x_spec,
+      (q, k, v, log_decay, segment_ids, initial_state),
       # Pallas calls inside shard_map need check_vma=False (JAX 0.10).
-      (q, k, v, log_decay), check_vma=kernel_backend == "xla")
+      check_vma=kernel_backend == "xla")

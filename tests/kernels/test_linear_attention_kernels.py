@@ -44,15 +44,16 @@ def _loss(fn, weights):
   return loss
 
 
-def _check(backend, q, k, v, g, s0, chunk, tol):
+def _check(backend, q, k, v, g, s0, chunk, tol, segment_ids=None):
   scale = 0.8
 
   def kernel(q, k, v, g, s0):
     return kernels.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=s0,
-                                          chunk_size=chunk, backend=backend, interpret=True)
+                                          segment_ids=segment_ids, chunk_size=chunk,
+                                          backend=backend, interpret=True)
 
   def ref(q, k, v, g, s0):
-    return linear_recurrence(q, k, v, g, scale=scale, initial_state=s0)
+    return linear_recurrence(q, k, v, g, scale=scale, initial_state=s0, segment_ids=segment_ids)
 
   rng = np.random.default_rng(1)
   weights = (rng.standard_normal(v.shape), rng.standard_normal(s0.shape))
@@ -234,6 +235,28 @@ def test_tpu_kernels_under_tpu_semantics_interpreter():
     return
   races = getattr(tpu_interpreter, "races", None)
   assert not getattr(races, "races_found", False)
+
+
+# --- packed documents (issue 12) -----------------------------------------------------------------
+
+# Document starts (chunk 16, N = 64): at a chunk's first token (16, 48), one before and after a
+# chunk edge (31, 33), documents of 1, 2 and 3 tokens (20, 21, 23, 26); ids reused (mod 2).
+DOC_STARTS = (16, 20, 21, 23, 26, 31, 33, 48)
+
+
+@pytest.mark.parametrize("decay", ["none", "head", "token"])
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_packed_documents_restart_the_state(backend, decay):
+  """Segment ids in the kernels: the state restarts at every start (in-chunk mask causal and
+  same-document, carried state reset), the initial state feeds only the first document; forward,
+  final state and gradients against the float64 recurrence with resets."""
+  d = HEAD_DIM.get(backend, 16)
+  data = _data(11, 2, 64, 2, d, d, decay)
+  starts = np.zeros((2, 64), np.int32)
+  starts[0, list(DOC_STARTS)] = 1
+  starts[1, 40] = 1                                  # row 1: two long documents
+  ids = jnp.asarray(np.cumsum(starts, axis=1) % 2)
+  _check(backend, *data, 16, 2e-4, segment_ids=ids)
 
 
 # --- extreme and non-finite inputs (issue 11) -----------------------------------------------------

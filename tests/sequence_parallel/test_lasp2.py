@@ -235,7 +235,7 @@ def test_lasp2_communication_does_not_grow_with_n(decay):
   assert set(stats[0]) == {"all-gather", "reduce-scatter"}
   assert fwd["count"] == 1 and bwd["count"] == 1
   state_bytes = w * b * h * dk * dv * 4
-  extra = dk * w * b * h * 4 if decay == "token" else 0  # the fused gamma column
+  extra = w * b * h * 4 if decay == "token" else 0  # each segment's (H,) total log-decay
   assert fwd["bytes"] == state_bytes + extra
   assert bwd["bytes"] == (state_bytes + extra) // w
 
