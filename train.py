@@ -6,7 +6,8 @@
   python train.py plot runs/tiny                    # loss curve -> runs/tiny/loss.png
   python train.py speed [config] [overrides]        # tokens/s: sequence over all devices vs 1
                                                     # (30 steps each unless steps= is given)
-  python train.py prepare in.txt out.bin [--tokenizer byte]   # out.bin + out.bin.json sidecar
+  python train.py prepare in.txt out.bin [--split-blank-lines | --eos-id ID]
+                                                    # out.bin + its out.bin.json sidecar
 
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
@@ -26,7 +27,8 @@ def main(argv):
     print(plot_run(*argv[1:]))
     return 0
   if argv and argv[0] == "prepare":
-    return _prepare(argv[1:])
+    from lasp_jax.train.prepare import main as prepare_main
+    return prepare_main(argv[1:])
   from lasp_jax.train import load_config, run
   speed = bool(argv) and argv[0] == "speed"
   argv = argv[1:] if speed else argv
@@ -52,25 +54,6 @@ def main(argv):
     return 0
   summary = run(cfg)
   return 0 if summary["stopped_by"] is None else 130
-
-
-def _prepare(argv):
-  import argparse
-  ap = argparse.ArgumentParser(prog="python train.py prepare",
-                               description="UTF-8 text -> a token file and its .json sidecar")
-  ap.add_argument("input")
-  ap.add_argument("output")
-  ap.add_argument("--tokenizer", default="byte", help="byte (the only one)")
-  args = ap.parse_args(argv)
-  from lasp_jax.train.prepare import prepare
-  try:
-    meta = prepare(args.input, args.output, args.tokenizer)
-  except ValueError as e:
-    print(f"prepare: {e}", file=sys.stderr)
-    return 2
-  print(f"{args.output}: {meta['count']} {meta['dtype']} tokens, vocab_size {meta['vocab_size']} "
-        f"({meta['tokenizer']}); use data.source=tokens data.path={args.output}")
-  return 0
 
 
 if __name__ == "__main__":

@@ -59,6 +59,12 @@ class DataConfig:
   batch_size: int = 8                # global sequences per micro-batch
   seed: int = 0
   eval_fraction: float = 0.05        # text / tokens: the tail held out for eval
+  # text / tokens: the id that ends each document of a packed stream. With one, every example has
+  # segment_ids (the documents of its window) and the target after each EOS is masked out of the
+  # loss. text: a byte (the vocabulary is 256), e.g. 10 makes each line a document. tokens: None
+  # takes the sidecar's eos_id (``train.py prepare --split-blank-lines`` writes 256, vocab 257).
+  # None (and no sidecar eos_id): one unbroken stream, no segment_ids. mqar: must be None.
+  eos_id: int | None = None
   mqar: MqarConfig = field(default_factory=MqarConfig)
 
 
@@ -154,6 +160,14 @@ def validate(c: TrainConfig) -> None:
     raise ValueError(f"data.source={c.data.source!r} needs data.path")
   if not 0.0 <= c.data.eval_fraction < 1.0:
     raise ValueError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction!r}")
+  if c.data.eos_id is not None:
+    if c.data.source == "mqar":
+      raise ValueError(f"data.eos_id={c.data.eos_id}: the mqar source has no documents; eos_id is "
+                       f"for data.source=text or tokens")
+    _positive("data.eos_id", c.data.eos_id, allow_zero=True)
+    if c.data.source == "text" and c.data.eos_id >= 256:
+      raise ValueError(f"data.eos_id={c.data.eos_id} is not a byte: the text source's vocabulary "
+                       f"is 256 (ids 0 .. 255)")
   _positive("data.mqar.num_kv_pairs", c.data.mqar.num_kv_pairs)
   if c.data.mqar.vocab_size is not None:
     _positive("data.mqar.vocab_size", c.data.mqar.vocab_size)

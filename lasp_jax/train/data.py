@@ -10,6 +10,11 @@ tokens) and ``mask`` (float32, 1 where the loss counts: every token for text, th
 MQAR). They are global ``jax.Array``s sharded ``P(None, batch_axes, "sp")``, in the model's layout
 (zigzag order along N when the model's layout is zigzag), and each process reads only the rows its
 own devices hold.
+
+Packed documents (text / tokens with an EOS id, ``data.eos_id`` or the token file's sidecar): the
+batch has a fourth array ``segment_ids`` (int32, same shape, layout and sharding), the documents of
+each window numbered from 0, and ``mask`` is 0 where the input is an EOS, whose target is the next
+document's first token. Windows stay fixed slices of the stream, so resuming stays exact.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ Example = dict[str, np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------
-# Sources: each is a grain.MapDataset of examples {inputs, targets, mask}, each (N,).
+# Sources: each is a grain.MapDataset of examples {inputs, targets, mask[, segment_ids]}, each (N,).
 
 def mqar_vocab(vocab_size: int, num_kv_pairs: int, vocab_key: str = "the model's vocab_size"
                ) -> tuple[int, int]:
@@ -164,8 +169,56 @@ def load_tokens(cfg: DataConfig, vocab_size: int | None = None) -> np.ndarray:
   return tokens
 
 
-def window_dataset(tokens: np.ndarray, cfg: DataConfig, split: str, seed: int) -> grain.MapDataset:
-  """Non-overlapping windows of ``seq_len + 1`` tokens, shuffled anew each epoch (train split)."""
+def eos_id(cfg: DataConfig, vocab_size: int | None = None) -> int | None:
+  """The id that ends documents: ``data.eos_id``, else (tokens) the sidecar's ``eos_id``; None when
+  the stream is one document.
+
+  It must lie below the data's vocabulary (256 bytes for text; the sidecar's ``vocab_size`` for
+  tokens) and the model's ``vocab_size``; errors name where the id came from and its value.
+  """
+  if cfg.source == "mqar":
+    if cfg.eos_id is not None:
+      raise ValueError(f"data.eos_id={cfg.eos_id}: the mqar source has no documents; eos_id is "
+                       f"for data.source=text or tokens")
+    return None
+  eos, where = cfg.eos_id, f"data.eos_id={cfg.eos_id}"
+  data_vocab, data_name = 256, "the text source's byte vocabulary"
+  if cfg.source == "tokens":
+    path = resolve_path(cfg.path)
+    meta = read_sidecar(path) or {}
+    data_vocab, data_name = meta.get("vocab_size"), f"the vocab_size of {sidecar_path(path)}"
+    if eos is None:
+      eos, where = meta.get("eos_id"), f"{sidecar_path(path)}: eos_id {meta.get('eos_id')!r}"
+  if eos is None:
+    return None
+  if isinstance(eos, bool) or not isinstance(eos, int) or eos < 0:
+    raise ValueError(f"{where}: an EOS id must be a non-negative integer")
+  for limit, name in ((data_vocab, data_name), (vocab_size, "the model's vocab_size")):
+    if limit is not None and eos >= limit:
+      raise ValueError(f"{where} is not below {name} {limit}")
+  return eos
+
+
+def documents(inputs: np.ndarray, eos: int) -> tuple[np.ndarray, np.ndarray]:
+  """``(segment_ids, mask)`` of a window's ``inputs`` (N,), whose documents end with ``eos``.
+
+  segment_ids (N,) int32: 0 at the window's first token (mid-document or not), +1 after each EOS,
+  which belongs to the document it ends. mask (N,) float32: 0 where the input is an EOS, since its
+  target opens the next document and cannot be predicted from this one.
+  """
+  is_eos = inputs == eos
+  segment_ids = np.zeros(len(inputs), np.int32)
+  np.cumsum(is_eos[:-1], out=segment_ids[1:])
+  return segment_ids, (~is_eos).astype(np.float32)
+
+
+def window_dataset(tokens: np.ndarray, cfg: DataConfig, split: str, seed: int,
+                   eos: int | None = None) -> grain.MapDataset:
+  """Non-overlapping windows of ``seq_len + 1`` tokens, shuffled anew each epoch (train split).
+
+  With ``eos`` (see ``eos_id``) each example also has ``segment_ids`` and the masked targets of
+  ``documents``.
+  """
   L = cfg.seq_len
   num_windows = (len(tokens) - 1) // L
   num_eval = int(round(num_windows * cfg.eval_fraction)) if cfg.eval_fraction > 0 else 0
@@ -182,7 +235,10 @@ def window_dataset(tokens: np.ndarray, cfg: DataConfig, split: str, seed: int) -
   def window(w: int) -> Example:
     s = (start + int(w)) * L
     x = np.asarray(tokens[s:s + L + 1], dtype=np.int32)
-    return {"inputs": x[:-1], "targets": x[1:], "mask": np.ones(L, np.float32)}
+    if eos is None:
+      return {"inputs": x[:-1], "targets": x[1:], "mask": np.ones(L, np.float32)}
+    segment_ids, mask = documents(x[:-1], eos)
+    return {"inputs": x[:-1], "targets": x[1:], "mask": mask, "segment_ids": segment_ids}
 
   ds = grain.MapDataset.range(count)
   if split == "train":
@@ -207,6 +263,7 @@ class Batches:
   """Global, sharded batches ``(A, B, N)`` for a step, in the model's layout.
 
   ``split="train"`` gives step ``s``'s batch; ``split="eval"`` gives a fixed set of eval batches.
+  ``eos_id`` is the resolved document separator (None: no ``segment_ids`` in the batches).
   """
 
   def __init__(self, cfg: DataConfig, *, vocab_size: int, mesh, layout: str, micro_batches: int = 1,
@@ -238,10 +295,14 @@ class Batches:
     # eval: a different seed so that MQAR eval sequences are never trained on.
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
     if cfg.source == "mqar":
+      self.eos_id = eos_id(cfg)
       self.dataset = mqar_dataset(cfg, vocab_size, seed)
     else:
-      tokens = load_tokens(cfg, vocab_size)
-      self.dataset = window_dataset(tokens, cfg, split, seed)
+      tokens = load_tokens(cfg, vocab_size)     # first: its errors (no file, no dtype) come first
+      self.eos_id = eos_id(cfg, vocab_size)
+      self.dataset = window_dataset(tokens, cfg, split, seed, self.eos_id)
+    self.names = ("inputs", "targets", "mask") + (("segment_ids",) if self.eos_id is not None
+                                                  else ())
 
   def examples_per_step(self) -> int:
     return self.A * self.B
@@ -255,7 +316,7 @@ class Batches:
   def host_batch(self, start: int) -> dict[str, dict[tuple[int, int], np.ndarray]]:
     """This process's rows of the batch from example ``start``: ``{name: {(micro, row): (N,)}}``."""
     base = start
-    out = {"inputs": {}, "targets": {}, "mask": {}}
+    out = {k: {} for k in self.names}
     for a, b in self.local_rows:
       ex = self._example(base + a * self.B + b)
       for k in out:
@@ -268,8 +329,9 @@ class Batches:
     return out
 
   def get(self, start: int) -> dict[str, jax.Array]:
-    """Examples ``start .. start + A * B`` as global sharded arrays ``{inputs, targets, mask}``,
-    each (A, B, N); the loop passes ``start = step * A * B`` (the data position)."""
+    """Examples ``start .. start + A * B`` as global sharded arrays ``{inputs, targets, mask}``
+    (plus ``segment_ids`` with an EOS id), each (A, B, N); the loop passes
+    ``start = step * A * B`` (the data position)."""
     host = self.host_batch(start)
     return {k: self._assemble(rows) for k, rows in host.items()}
 
