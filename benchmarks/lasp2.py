@@ -1,11 +1,14 @@
 """LASP-2 on W simulated devices vs one-device linear attention: time and collective bytes.
 
-  python benchmarks/lasp2.py [--devices 8] [--n 16384 65536] [--out benchmarks/results/lasp2.json]
+  python benchmarks/lasp2.py [--devices 8] [--n 16384 65536] [--doc-len 2048]
+                             [--out benchmarks/results/lasp2.json]
 
-Forward+backward of ``lasp2_attention`` over a W-device sequence axis and of ``linear_attention`` on
-one device, same (B, N, H, D), timed side by side (interleaved repeats, median), plus the collective
-count and bytes of the LASP-2 program read from its compiled HLO. On one CPU the W simulated devices
-share the same cores, so the time ratio measures the overhead of the split, not a speed-up.
+Forward+backward of ``lasp2_attention`` over a W-device sequence axis, of the same with packed
+documents (``segment_ids``: documents of ``--doc-len`` tokens on average, random lengths, so their
+starts fall anywhere, device edges included; 0 skips it) and of ``linear_attention`` on one device,
+same (B, N, H, D), timed side by side (interleaved repeats, median), plus the collective count and
+bytes of the LASP-2 programs read from their compiled HLO. On one CPU the W simulated devices share
+the same cores, so the time ratio measures the overhead of the split, not a speed-up.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ def main(argv=None):
   ap.add_argument("--dim", type=int, default=64)
   ap.add_argument("--decay", choices=["none", "head", "token", "channel"], default="token")
   ap.add_argument("--chunk", type=int, default=64)
+  ap.add_argument("--doc-len", type=int, default=2048)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--out", default="benchmarks/results/lasp2.json")
   args = ap.parse_args(argv)
@@ -52,20 +56,27 @@ def main(argv=None):
          "channel": jax.nn.log_sigmoid(3 + jax.random.normal(ks[3], (b, n, h, d)))}[args.decay]
 
     def make(op):
-      def loss(q, k, v, g):
-        return jnp.sum(op(q, k, v, g).astype(jnp.float32) ** 2)
+      def loss(q, k, v, g, *ids):
+        return jnp.sum(op(q, k, v, g, *ids).astype(jnp.float32) ** 2)
       return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
 
     sp = make(lambda *a: lasp_jax.lasp2_attention(*a, mesh=mesh, chunk_size=args.chunk))
+    packed = make(lambda q, k, v, g, ids: lasp_jax.lasp2_attention(
+        q, k, v, g, mesh=mesh, segment_ids=ids, chunk_size=args.chunk))
     one = make(lambda *a: lasp_jax.linear_attention(*a, chunk_size=args.chunk))
     xs = NamedSharding(mesh, P(None, "sp", None, None))
     gs = None if g is None or g.ndim == 1 else NamedSharding(mesh, P(None, "sp", *[None] * (g.ndim - 2)))
+    # Documents of random lengths (mean --doc-len): a start wherever a uniform draw says so.
+    starts = np.random.default_rng(0).random((b, n)) < 1.0 / max(args.doc_len, 1)
+    ids = jnp.asarray(np.cumsum(starts, axis=1), jnp.int32)
     with jax.set_mesh(mesh):
       sp_args = [jax.device_put(x, xs) for x in (q, k, v)] + [
           g if gs is None else jax.device_put(g, gs)]
+      packed_args = sp_args + [jax.device_put(ids, NamedSharding(mesh, P(None, "sp")))]
       abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) if x is not None
-                  else None for x in sp_args]
-      stats = comm.summarize(comm.collective_stats(sp, *abstract, mesh=mesh))
+                  else None for x in packed_args]
+      stats = comm.summarize(comm.collective_stats(sp, *abstract[:4], mesh=mesh))
+      packed_stats = comm.summarize(comm.collective_stats(packed, *abstract, mesh=mesh))
 
     def timed(fn, fn_args, in_mesh):
       t0 = time.perf_counter()
@@ -78,22 +89,29 @@ def main(argv=None):
 
     one_args = [jax.device_put(x, jax.devices()[0]) if x is not None else None
                 for x in (q, k, v, g)]
-    timed(sp, sp_args, True), timed(one, one_args, False)  # compile
-    t_sp, t_one = [], []
-    for _ in range(args.repeats):  # interleaved: both see the same machine load
+    timed(sp, sp_args, True), timed(packed, packed_args, True), timed(one, one_args, False)
+    t_sp, t_packed, t_one = [], [], []
+    for _ in range(args.repeats):  # interleaved: all see the same machine load
       t_sp.append(timed(sp, sp_args, True))
+      t_packed.append(timed(packed, packed_args, True))
       t_one.append(timed(one, one_args, False))
+    med = lambda t: 1e3 * float(np.median(t))  # noqa: E731
     row = dict(n=n, b=b, h=h, d=d, w=w, decay=args.decay, chunk=args.chunk,
-               lasp2_ms=1e3 * float(np.median(t_sp)), one_device_ms=1e3 * float(np.median(t_one)),
-               collectives=stats, state_floats_formula=w * b * h * d * d)
+               documents=int(np.sum(starts)) + b, lasp2_ms=med(t_sp), packed_ms=med(t_packed),
+               one_device_ms=med(t_one), collectives=stats, packed_collectives=packed_stats,
+               state_floats_formula=w * b * h * d * d)
     row["ratio_lasp2_over_one"] = row["lasp2_ms"] / row["one_device_ms"]
+    row["ratio_packed_over_lasp2"] = row["packed_ms"] / row["lasp2_ms"]
     rows.append(row)
 
-  print(f"{'N':>8} {'W':>3} {'lasp2 ms':>10} {'1-dev ms':>10} {'ratio':>6}  collectives (fwd+bwd)")
+  print(f"{'N':>8} {'W':>3} {'lasp2 ms':>10} {'packed ms':>10} {'1-dev ms':>10} {'sp/1':>5} "
+        f"{'pk/sp':>5}  collectives fwd+bwd (lasp2 | packed)")
   for r in rows:
-    coll = ", ".join(f"{k}: {v['count']}x {v['bytes']} B" for k, v in r["collectives"].items())
-    print(f"{r['n']:>8} {r['w']:>3} {r['lasp2_ms']:>10.1f} {r['one_device_ms']:>10.1f} "
-          f"{r['ratio_lasp2_over_one']:>6.2f}  {coll}")
+    coll = lambda c: ", ".join(f"{k}: {v['count']}x {v['bytes']} B" for k, v in c.items())  # noqa
+    print(f"{r['n']:>8} {r['w']:>3} {r['lasp2_ms']:>10.1f} {r['packed_ms']:>10.1f} "
+          f"{r['one_device_ms']:>10.1f} {r['ratio_lasp2_over_one']:>5.2f} "
+          f"{r['ratio_packed_over_lasp2']:>5.2f}  {coll(r['collectives'])} | "
+          f"{coll(r['packed_collectives'])}")
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=1)

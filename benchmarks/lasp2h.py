@@ -42,8 +42,7 @@ from kernels.attention import flash_attention  # noqa: E402
 from lasp_jax import comm  # noqa: E402
 from kernels.attention import pick_block  # noqa: E402
 from lasp_jax.sequence_parallel import layout as layout_lib  # noqa: E402
-from lasp_jax.sequence_parallel.lasp2h import (  # noqa: E402
-    _gathered_positions, computed_blocks_per_device)
+from lasp_jax.sequence_parallel.lasp2h import computed_blocks_per_device  # noqa: E402
 
 W = 8
 
@@ -127,7 +126,7 @@ def _repeat_times(fn, args, reps):
 def busiest_device_time(n, layout, device, *, bsz, heads, kv_heads, dim, reps):
   """Fwd+bwd of one device's local attention (exactly the kernel call lasp2h makes), alone."""
   c = n // W
-  kv_pos = _gathered_positions(layout, W, c)
+  kv_pos = layout_lib.storage_positions(layout, W, c)
   q_pos = jnp.asarray(kv_pos[device * c:(device + 1) * c])
   block = pick_block(c // layout_lib.segments_per_shard(layout))
   key = jax.random.split(jax.random.PRNGKey(2), 3)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from lasp_jax.models.sharding_rules import Context
@@ -70,16 +73,57 @@ def rope_positions(n: int, ctx: Context, layout: str):
   return pos
 
 
-def apply_rope(x_BxNxHxD, positions_N, base: float):
+def document_positions(segment_ids_BxN, ctx: Context, cfg):
+  """True positions ``(B, N)`` int32 of the tokens within their documents, in the model's layout.
+
+  A document starts wherever the id differs from the previous token's in natural order (SPEC
+  section 13), and its first token is at position 0 (so is the row's first token). The ids must
+  already be sharded like the tokens.
+  """
+  if not ctx.sequence_parallel or ctx.seq_shards == 1:
+    return _positions_in_documents(segment_ids_BxN)  # storage order is the natural one
+  from lasp_jax.sequence_parallel import sharding
+  # Not unzigzag + cummax: the SPMD partitioner turns a cummax over the sharded sequence into an
+  # all-gather of all of it plus all-to-alls (Auto axes; Explicit axes refuse the shifted slice of
+  # the start flags), so the one all-gather is done explicitly, once for all layers.
+  spec = jax.sharding.PartitionSpec(ctx.batch_axis, cfg.seq_axis)
+  fn = functools.partial(_document_positions_shard, axis_name=cfg.seq_axis, layout=cfg.layout)
+  return sharding.shard_map(fn, ctx.mesh, (spec,), spec, (segment_ids_BxN,))
+
+
+def _positions_in_documents(ids_BxN):
+  """Positions within documents of a whole sequence in natural order: ``t - start(t)``."""
+  from kernels.linear_attention.api import document_starts
+  ar = jax.lax.broadcasted_iota(jnp.int32, ids_BxN.shape, 1)
+  return ar - jax.lax.cummax(jnp.where(document_starts(ids_BxN), ar, 0), axis=1)
+
+
+def _document_positions_shard(ids_BxC, *, axis_name, layout):
+  """Per shard: ONE all-gather of the ids (``B N`` int32, as each LASP-2H layer gathers them),
+  then the whole row's positions in natural order locally, of which this shard's tokens."""
+  from lasp_jax.sequence_parallel import layout as layout_lib
+  w, c = jax.lax.axis_size(axis_name), ids_BxC.shape[1]
+  ids_BxN = jax.lax.all_gather(ids_BxC, axis_name, axis=1, tiled=True)  # storage order
+  natural = np.argsort(layout_lib.storage_positions(layout, w, c))  # storage slot per position
+  pos_BxN = _positions_in_documents(ids_BxN[:, natural])
+  own = layout_lib.local_positions(layout, jax.lax.axis_index(axis_name), w, c)
+  return jnp.take(pos_BxN, own, axis=1)
+
+
+def apply_rope(x_BxNxHxD, positions, base: float):
   """Rotary embedding (Llama-3 convention, half-split pairs): pair ``(x_i, x_{i+D/2})`` is
-  rotated by angle ``p * base**(-2i/D)`` at true global position ``p``. Computed in float32."""
+  rotated by angle ``p * base**(-2i/D)`` at true position ``p``: ``positions`` is ``(N,)``
+  (global positions, shared by the batch) or ``(B, N)`` (positions within packed documents).
+  Computed in float32."""
   d = x_BxNxHxD.shape[-1]
   if d % 2:
     raise ValueError(f"RoPE needs an even head_dim, got {d}")
   inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
-  ang_NxF = positions_N.astype(jnp.float32)[:, None] * inv_freq[None, :]
-  cos = jnp.cos(ang_NxF)[None, :, None, :]
-  sin = jnp.sin(ang_NxF)[None, :, None, :]
+  ang = positions.astype(jnp.float32)[..., None] * inv_freq  # (N, F) or (B, N, F)
+  # -> (1, N, 1, F) or (B, N, 1, F), against x (B, N, H, F) halves
+  lead = (None, slice(None)) if positions.ndim == 1 else (slice(None), slice(None))
+  cos = jnp.cos(ang)[lead + (None, slice(None))]
+  sin = jnp.sin(ang)[lead + (None, slice(None))]
   x = x_BxNxHxD.astype(jnp.float32)
   x1, x2 = x[..., : d // 2], x[..., d // 2:]
   out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)

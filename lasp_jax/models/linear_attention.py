@@ -88,26 +88,28 @@ def rebased_features(x_BxNxHxF, gamma_HxF, beta_HxF):
   return (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
 
 
-def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context):
+def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
   """``SiLU(causal_conv1d(x))`` over the ``H * D`` channels of a projection (SPEC section 12), with
-  the halo exchange when the mesh has the sequence axis."""
+  the halo exchange when the mesh has the sequence axis; no taps across a document start of
+  ``segment_ids (B, N)``."""
   import lasp_jax
   bsz, n, h, d = x_BxNxHxD.shape
   y = lasp_jax.causal_conv1d(x_BxNxHxD.reshape(bsz, n, h * d), weight_KxHxD.reshape(-1, h * d),
-                             activation="silu", seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
-                             layout=cfg.layout)
+                             activation="silu", segment_ids=segment_ids, seq_axis=cfg.seq_axis,
+                             batch_axis=ctx.batch_axis, layout=cfg.layout)
   return y.reshape(bsz, n, h, d)
 
 
-def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context):
-  """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device."""
+def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None):
+  """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device; the
+  state restarts at every document start of ``segment_ids (B, N)``."""
   import lasp_jax
   if ctx.sequence_parallel:
     return lasp_jax.lasp2_attention(
         q, k, v, log_decay, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis, causal=True,
-        scale=scale, chunk_size=cfg.chunk_size, layout=cfg.layout)
+        scale=scale, segment_ids=segment_ids, chunk_size=cfg.chunk_size, layout=cfg.layout)
   return lasp_jax.linear_attention(q, k, v, log_decay, causal=True, scale=scale,
-                                   chunk_size=cfg.chunk_size)
+                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size)
 
 
 class LinearAttention(nnx.Module):
@@ -183,7 +185,7 @@ class LinearAttention(nnx.Module):
       return jax.nn.log_sigmoid(logit + self.b_g[...].astype(jnp.float32)) / cfg.gate_normalizer
     return None
 
-  def __call__(self, x_BxNxD, ctx: Context):
+  def __call__(self, x_BxNxD, ctx: Context, segment_ids_BxN=None):
     cfg, variant = self.cfg, self.cfg.linear_variant
     heads = ("act_batch", "act_seq", "act_heads", None)
     wspec = ("embed", "q_heads", "head_dim")
@@ -193,7 +195,8 @@ class LinearAttention(nnx.Module):
       v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_v, wspec), heads)
       if cfg.short_conv:
         cspec = ("conv", "q_heads", "head_dim")
-        q, k, v = (ctx.constrain(short_conv(x, ctx.weight(w, cspec), cfg=cfg, ctx=ctx), heads)
+        q, k, v = (ctx.constrain(short_conv(x, ctx.weight(w, cspec), cfg=cfg, ctx=ctx,
+                                            segment_ids=segment_ids_BxN), heads)
                    for x, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
       dv = v.shape[-1]
       if variant in ("based", "rebased"):
@@ -204,13 +207,14 @@ class LinearAttention(nnx.Module):
           gamma, beta = self.fm_gamma[...], self.fm_beta[...]
           q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
         v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-        o1 = core_attention(q, k, v1, None, scale=1.0, cfg=cfg, ctx=ctx)
+        o1 = core_attention(q, k, v1, None, scale=1.0, cfg=cfg, ctx=ctx,
+                            segment_ids=segment_ids_BxN)
         o32 = o1.astype(jnp.float32)
         o = (o32[..., :dv] / (o32[..., dv:] + NORMALISER_EPS)).astype(v.dtype)
       else:
         q, k = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map)
         o = core_attention(q, k, v, self._log_decay(x_BxNxD, ctx), scale=q.shape[-1] ** -0.5,
-                           cfg=cfg, ctx=ctx)
+                           cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN)
       o = ctx.constrain(o, heads)
       o = rms_norm(o, self.o_norm[...], cfg.norm_eps)
       gate = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_og, wspec), heads)

@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from lasp_jax.models.config import ModelConfig
-from lasp_jax.models.layers import RMSNorm, SwiGLU, param, rope_positions
+from lasp_jax.models.layers import RMSNorm, SwiGLU, document_positions, param, rope_positions
 from lasp_jax.models.linear_attention import LinearAttention
 from lasp_jax.models.sharding_rules import ShardingRules, make_context
 from lasp_jax.models.softmax_attention import SoftmaxAttention
@@ -37,18 +37,25 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
     self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, std=cfg.init_std, dtype=dt, rngs=rngs)
 
-  def __call__(self, x_BxNxD, ctx, positions_N):
+  def __call__(self, x_BxNxD, ctx, positions, segment_ids_BxN=None):
     h = self.attn_norm(x_BxNxD, ctx)
     if self.kind == "linear":
-      h = self.attn(h, ctx)
+      h = self.attn(h, ctx, segment_ids_BxN)
     else:
-      h = self.attn(h, ctx, positions_N)
+      h = self.attn(h, ctx, positions, segment_ids_BxN)
     x_BxNxD = x_BxNxD + h
     return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD, ctx), ctx)
 
 
 class LinearLlama(nnx.Module):
-  """The decoder. ``model(tokens_BxN) -> logits_BxNxV`` (float32), tokens in ``cfg.layout`` order."""
+  """The decoder. ``model(tokens_BxN, segment_ids=None) -> logits_BxNxV`` (float32), tokens in
+  ``cfg.layout`` order.
+
+  ``segment_ids (B, N)`` int, in the layout of the tokens, packs documents (SPEC section 13): a
+  document starts wherever the id differs from the previous token's in natural order; every layer
+  then sees only its own document and RoPE positions restart at 0 at each start, so a document's
+  logits do not depend on what is packed before it.
+  """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if not isinstance(config, ModelConfig):
@@ -63,11 +70,17 @@ class LinearLlama(nnx.Module):
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt,
                            std=cfg.init_std)
 
-  def __call__(self, tokens_BxN):
+  def __call__(self, tokens_BxN, segment_ids=None):
     cfg = self.config
     if tokens_BxN.ndim != 2 or not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer (B, N) array, got {tokens_BxN.dtype} "
                        f"{tokens_BxN.shape}")
+    if segment_ids is not None:
+      if getattr(segment_ids, "shape", None) != tokens_BxN.shape:
+        raise ValueError(f"segment_ids must have the tokens' shape (B, N) = {tokens_BxN.shape}, "
+                         f"got {getattr(segment_ids, 'shape', type(segment_ids).__name__)}")
+      if not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+        raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
     ctx = make_context(cfg)
     n = tokens_BxN.shape[1]
     if cfg.layout == "zigzag" and ctx.seq_shards > 1 and n % (2 * ctx.seq_shards):
@@ -80,12 +93,16 @@ class LinearLlama(nnx.Module):
       if ctx.mesh is not None:  # a replicated table: the lookup is then local to every device
         table = ctx.constrain(table, (None, None))
       x = ctx.take_rows(table, tokens_BxN, act)
-    positions_N = rope_positions(n, ctx, cfg.layout)
+    if segment_ids is None:
+      positions = rope_positions(n, ctx, cfg.layout)  # (N,)
+    else:
+      segment_ids = ctx.constrain(jnp.asarray(segment_ids), ("act_batch", "act_seq"))
+      positions = document_positions(segment_ids, ctx, cfg)  # (B, N)
     for layer in self.layers:
       if cfg.remat:
-        x = nnx.remat(lambda lyr, y, p: lyr(y, ctx, p))(layer, x, positions_N)
+        x = nnx.remat(lambda lyr, y, p, s: lyr(y, ctx, p, s))(layer, x, positions, segment_ids)
       else:
-        x = layer(x, ctx, positions_N)
+        x = layer(x, ctx, positions, segment_ids)
     x = self.final_norm(x, ctx)
     with jax.named_scope("lm_head"):
       out = ("act_batch", "act_seq", "act_vocab")

@@ -1,4 +1,5 @@
-"""The softmax-attention layer of a hybrid: Llama-3 style, RoPE at true global positions, GQA.
+"""The softmax-attention layer of a hybrid: Llama-3 style, RoPE at true global positions (or
+positions within packed documents), GQA.
 
     q = RoPE(x W_q), k = RoPE(x W_k)        (B, N, H, D), (B, N, Hkv, D)
     v = x W_v                               (B, N, Hkv, D)
@@ -16,14 +17,19 @@ from lasp_jax.models.layers import apply_rope, param
 from lasp_jax.models.sharding_rules import Context
 
 
-def core_softmax(q, k, v, *, cfg, ctx: Context):
-  """Causal GQA attention: LASP-2H when the mesh has the sequence axis, else one device."""
+def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None):
+  """Causal GQA attention: LASP-2H when the mesh has the sequence axis, else one device. With
+  ``segment_ids (B, N)`` a query sees only keys of its own document (equal ids)."""
   scale = q.shape[-1] ** -0.5
   if ctx.sequence_parallel:
     from lasp_jax.sequence_parallel.lasp2h import lasp2h_attention
     return lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
-                            causal=True, scale=scale, layout=cfg.layout)
+                            causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout)
   # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
+  if segment_ids is not None:  # dot_product_attention would need a dense (N, N) mask
+    from kernels.attention import flash
+    return flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
+                                 kv_segment_ids=segment_ids)
   return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
 
 
@@ -40,7 +46,8 @@ class SoftmaxAttention(nnx.Module):
     self.w_v = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dt, std=std)
     self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
 
-  def __call__(self, x_BxNxD, ctx: Context, positions_N):
+  def __call__(self, x_BxNxD, ctx: Context, positions, segment_ids_BxN=None):
+    """``positions``: RoPE positions, ``(N,)`` or ``(B, N)`` (within packed documents)."""
     cfg = self.cfg
     heads = ("act_batch", "act_seq", "act_heads", None)
     with jax.named_scope("softmax_attention"):
@@ -50,8 +57,9 @@ class SoftmaxAttention(nnx.Module):
                      ctx.weight(self.w_k, ("embed", "kv_heads", "head_dim")), heads)
       v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
                      ctx.weight(self.w_v, ("embed", "kv_heads", "head_dim")), heads)
-      q = apply_rope(q, positions_N, cfg.rope_base)
-      k = apply_rope(k, positions_N, cfg.rope_base)
-      o = ctx.constrain(core_softmax(q, k, v, cfg=cfg, ctx=ctx), heads)
+      q = apply_rope(q, positions, cfg.rope_base)
+      k = apply_rope(k, positions, cfg.rope_base)
+      o = ctx.constrain(core_softmax(q, k, v, cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN),
+                        heads)
       return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
                         ("act_batch", "act_seq", "act_embed"))

@@ -59,13 +59,6 @@ def _validate(q, k, v, segment_ids, layout, num_shards=None):
     raise ValueError(f"local sequence length {n} must be even in the zigzag layout")
 
 
-def _gathered_positions(layout, num_shards, local_len):
-  """True global positions ``(W * C,)`` of the all-gathered sequence in storage order (host)."""
-  nseg = layout_lib.segments_per_shard(layout)
-  seg_len = local_len // nseg
-  ar = np.arange(seg_len, dtype=np.int32)
-  return np.concatenate([ar + seg_len * layout_lib.segment_global_index(layout, r, num_shards, s)
-                         for r in range(num_shards) for s in range(nseg)])
 
 
 def _kernel_config(q, k, *, causal, scale, layout, has_segments):
@@ -80,7 +73,7 @@ def _forward(plan, q, k, v, seg):
   w = jax.lax.axis_size(plan.axis_name)
   c = q.shape[1]
   q_pos = layout_lib.local_positions(plan.layout, jax.lax.axis_index(plan.axis_name), w, c)
-  kv_pos = jnp.asarray(_gathered_positions(plan.layout, w, c))
+  kv_pos = jnp.asarray(layout_lib.storage_positions(plan.layout, w, c))
   with jax.named_scope("lasp2h_gather_kv"):
     kv = jax.lax.all_gather(jnp.stack([k, v]), plan.axis_name, axis=2, tiled=True)
     seg_all = None if seg is None else jax.lax.all_gather(seg, plan.axis_name, axis=1, tiled=True)
@@ -181,7 +174,7 @@ def computed_blocks_per_device(seq_len, num_shards, *, layout="contiguous", caus
     raise ValueError(f"sequence length {seq_len} is not divisible by {nseg * num_shards}")
   c = seq_len // num_shards
   block = flash.pick_block(c // nseg)
-  kv_pos = _gathered_positions(layout, num_shards, c)
+  kv_pos = layout_lib.storage_positions(layout, num_shards, c)
   counts = []
   for r in range(num_shards):
     q_pos = kv_pos[r * c:(r + 1) * c]

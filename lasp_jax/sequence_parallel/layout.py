@@ -66,6 +66,16 @@ def local_positions(layout: str, shard_index, num_shards: int, local_len: int):
   return jnp.concatenate([ar + jnp.asarray(o, jnp.int32) for o in offsets])
 
 
+def storage_positions(layout: str, num_shards: int, local_len: int) -> np.ndarray:
+  """True global positions ``(W * C,)`` int32 of a sequence in storage order (a global array in
+  ``layout`` order, or the all-gather of its shards), computed on the host."""
+  nseg = segments_per_shard(layout)
+  seg_len = local_len // nseg
+  ar = np.arange(seg_len, dtype=np.int32)
+  return np.concatenate([ar + seg_len * segment_global_index(layout, r, num_shards, s)
+                         for r in range(num_shards) for s in range(nseg)])
+
+
 def _check_divisible(x, num_shards, axis, what):
   n = x.shape[axis]
   if not isinstance(num_shards, int) or num_shards <= 0:

@@ -64,10 +64,11 @@ def model_config(cfg: TrainConfig, mesh):
 # ----------------------------------------------------------------------------------------------
 # The step functions (pure, jitted once).
 
-def _sums(graphdef, rest, params, inputs, targets, mask):
-  """Sum of masked token NLLs and ``(token count, correct count)`` for one micro-batch (B, N)."""
+def _sums(graphdef, rest, params, inputs, targets, mask, segment_ids=None):
+  """Sum of masked token NLLs and ``(token count, correct count)`` for one micro-batch (B, N);
+  ``segment_ids`` (B, N) or None: the packed documents of ``inputs``."""
   model = nnx.merge(graphdef, params, rest)
-  logits = model(inputs).astype(jnp.float32)
+  logits = model(inputs, segment_ids).astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
   return jnp.sum(nll * mask), (jnp.sum(mask), jnp.sum(correct * mask))
@@ -76,16 +77,20 @@ def _sums(graphdef, rest, params, inputs, targets, mask):
 def make_train_step(graphdef, tx, lr_schedule):
   """``step(params, rest, opt_state, batch, step) -> (params, opt_state, metrics)``.
 
-  ``batch`` arrays are (A, B, N). The gradient is of the summed NLL over all ``A`` micro-batches
-  divided by their token count: accumulation gives the same update as one batch of ``A * B``.
+  ``batch`` arrays are (A, B, N), ``segment_ids`` among them when the data packs documents (its
+  keys are part of the jitted structure: a run's batches all have the same, one compile). The
+  gradient is of the summed NLL over all ``A`` micro-batches divided by their token count:
+  accumulation gives the same update as one batch of ``A * B``.
   ``rest`` is the model's non-parameter state (passed, not closed over, so that one compiled step
   serves every run of the same model and optimiser in a process).
   """
   def step(params, rest, opt_state, batch, step):
-    vg = jax.value_and_grad(lambda p, x, y, m: _sums(graphdef, rest, p, x, y, m), has_aux=True)
-    xs, ys, ms = batch["inputs"], batch["targets"], batch["mask"]
-    if xs.shape[0] == 1:
-      (loss_sum, (count, correct)), grads = vg(params, xs[0], ys[0], ms[0])
+    vg = jax.value_and_grad(lambda p, *xyms: _sums(graphdef, rest, p, *xyms), has_aux=True)
+    xyms = (batch["inputs"], batch["targets"], batch["mask"])
+    if "segment_ids" in batch:
+      xyms += (batch["segment_ids"],)
+    if xyms[0].shape[0] == 1:
+      (loss_sum, (count, correct)), grads = vg(params, *(a[0] for a in xyms))
     else:
       def body(carry, xym):
         g_acc, l_acc, c_acc, k_acc = carry
@@ -93,7 +98,7 @@ def make_train_step(graphdef, tx, lr_schedule):
         return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c, k_acc + k), None
       zeros = jax.tree.map(jnp.zeros_like, params)
       z = jnp.zeros((), jnp.float32)
-      (grads, loss_sum, count, correct), _ = jax.lax.scan(body, (zeros, z, z, z), (xs, ys, ms))
+      (grads, loss_sum, count, correct), _ = jax.lax.scan(body, (zeros, z, z, z), xyms)
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -109,8 +114,9 @@ def make_train_step(graphdef, tx, lr_schedule):
 def make_eval_step(graphdef):
   """``eval(params, rest, batch) -> (loss_sum, count, correct)`` over a batch (1, B, N)."""
   def ev(params, rest, batch):
+    seg = batch["segment_ids"][0] if "segment_ids" in batch else None
     loss_sum, (count, correct) = _sums(graphdef, rest, params, batch["inputs"][0],
-                                       batch["targets"][0], batch["mask"][0])
+                                       batch["targets"][0], batch["mask"][0], seg)
     return loss_sum, count, correct
   return jax.jit(ev)
 

@@ -1,0 +1,99 @@
+"""LinearLlama with packed documents (SPEC section 13): a document's logits do not depend on what
+is packed before it, on one device and on 8 simulated devices in the zigzag layout."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import lasp_jax
+from lasp_jax import models
+from tests.models.test_model import N, TOL, W, _config, _fast_compiles  # noqa: F401 (fixture)
+from tests.references import rel_err
+
+# A hybrid with the short conv (halo across devices), a per-channel data-dependent decay and a
+# softmax layer (LASP-2H, RoPE, GQA).
+VARIANT, PATTERN = "gla", "LN"
+A_LEN = 37  # what precedes doc D: ends mid-chunk and mid-shard, so every reset is exercised
+
+
+def _packed():
+  """Tokens and ids (3, N): rows ``[A | D]``, ``[C1 | C2 | D]`` (D at the same positions) and
+  ``[D | E]`` (D alone at the start). Ids are arbitrary values: only changes mark starts."""
+  draw = lambda i, n: jax.random.randint(jax.random.key(10 + i), (n,), 0, 256)  # noqa: E731
+  d_len = N - A_LEN
+  d = draw(0, d_len)
+  tokens = jnp.stack([jnp.concatenate([draw(1, A_LEN), d]),
+                      jnp.concatenate([draw(2, A_LEN), d]),
+                      jnp.concatenate([d, draw(3, A_LEN)])]).astype(jnp.int32)
+  ids = np.stack([np.r_[np.full(A_LEN, 0), np.full(d_len, 1)],
+                  np.r_[np.full(20, 7), np.full(A_LEN - 20, 3), np.full(d_len, 9)],
+                  np.r_[np.full(d_len, 4), np.full(A_LEN, 5)]]).astype(np.int32)
+  return tokens, jnp.asarray(ids)
+
+
+def _forward(state, tokens, ids, graphdef):
+  return nnx.merge(graphdef, state)(tokens, segment_ids=ids)
+
+
+_forward_jit = jax.jit(_forward, static_argnums=3)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device():
+  graphdef, state = nnx.split(models.create_model(_config(VARIANT, PATTERN)))
+  tokens, ids = _packed()
+  return graphdef, state, _forward_jit(state, tokens, ids, graphdef)
+
+
+def _check_invariant(logits):
+  logits, d_len = np.asarray(logits), N - A_LEN
+  doc0, doc1, alone = logits[0, A_LEN:], logits[1, A_LEN:], logits[2, :d_len]
+  assert rel_err(doc1, doc0) < TOL
+  assert rel_err(alone, doc0) < TOL
+
+
+def test_document_logits_do_not_depend_on_what_precedes_it():
+  _, _, logits = _one_device()
+  _check_invariant(logits)
+
+
+def test_zigzag_on_8_devices_matches_one_device():
+  _, state, ref = _one_device()
+  tokens, ids = _packed()
+  cfg = _config(VARIANT, PATTERN).replace(layout="zigzag")
+  graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.LinearLlama(cfg, rngs=nnx.Rngs(0))))
+  with jax.set_mesh(jax.make_mesh((W,), ("sp",))):
+    logits = _forward_jit(state, lasp_jax.zigzag(tokens, W), lasp_jax.zigzag(ids, W), graphdef)
+  assert logits.sharding.spec[1] == "sp"
+  logits = lasp_jax.unzigzag(logits, W)
+  assert rel_err(logits, ref) < TOL
+  _check_invariant(logits)
+
+
+def test_document_positions_restart_at_each_start():
+  from lasp_jax.models.layers import document_positions
+  from lasp_jax.models.sharding_rules import make_context
+  _, ids = _packed()
+  cfg = _config(VARIANT, PATTERN)
+  pos = np.asarray(document_positions(ids, make_context(cfg), cfg))
+  d_len = N - A_LEN
+  np.testing.assert_array_equal(pos[0], np.r_[np.arange(A_LEN), np.arange(d_len)])
+  np.testing.assert_array_equal(pos[1], np.r_[np.arange(20), np.arange(A_LEN - 20),
+                                              np.arange(d_len)])
+  np.testing.assert_array_equal(pos[2], np.r_[np.arange(d_len), np.arange(A_LEN)])
+
+
+def test_bad_segment_ids():
+  graphdef, state, _ = _one_device()
+  model = nnx.merge(graphdef, state)
+  tokens, ids = _packed()
+  with pytest.raises(ValueError, match="segment_ids"):
+    model(tokens, segment_ids=ids[:, :64])
+  with pytest.raises(ValueError, match="segment_ids"):
+    model(tokens, segment_ids=ids[0])
+  with pytest.raises(TypeError, match="segment_ids"):
+    model(tokens, segment_ids=ids.astype(jnp.float32))
