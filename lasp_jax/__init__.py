@@ -5,5 +5,5 @@ from lasp_jax.sequence_parallel.lasp2 import lasp2, lasp2_attention, linear_atte
 from lasp_jax.sequence_parallel.lasp2h import lasp2h, lasp2h_attention
 from lasp_jax.sequence_parallel.layout import unzigzag, zigzag
 
-__all__ = ["causal_conv1d", "causal_conv1d_shard", "lasp2", "lasp2_attention", "lasp2h", "lasp2h_attention", "linear_attention", "unzigzag",
-           "zigzag"]
+__all__ = ["causal_conv1d", "causal_conv1d_shard", "lasp2", "lasp2_attention", "lasp2h",
+           "lasp2h_attention", "linear_attention", "unzigzag", "zigzag"]
