@@ -89,6 +89,7 @@ def prepare(src: str, dst: str, tokenizer: str = "byte", *, split_blank_lines: b
   decoder = codecs.getincrementaldecoder("utf-8")()
   paragraphs = _Paragraphs(PARAGRAPH_EOS) if split_blank_lines else None
   read = count = 0
+  os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
   tmp = dst + ".tmp"
   try:
     with open(src, "rb") as fin, open(tmp, "wb") as fout:
