@@ -236,8 +236,8 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
     ValueError: bad shapes (SPEC section 1), a concrete positive log-decay, ``chunk_size`` not a
       positive int or not dividing N, or (Pallas
       backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
-      >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` head dims that are
-      multiples of 128 and a chunk size that is a multiple of 8 (float32) or 16 (bfloat16).
+      >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` a chunk size that is a
+      multiple of 8 (float32) or 16 (bfloat16); other head dims are zero-padded to 128 lanes.
     TypeError: non-float or float64 inputs, a ``scale`` that is not a number or None, or
       (Pallas backends) q, k, v not all float32 or all bfloat16.
 

@@ -12,9 +12,9 @@ head, ``(chunk_size, D)``. The log-decay comes in as one ``(1, chunk_size)`` row
 kernel builds its column forms with lane sums and its pairwise sums with an exact 0/1 matmul
 (``_pallas_common.chunk_decay``) instead of a lane/sublane transpose.
 Checked tiling rules (:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which
-packs two rows per sublane) and ``Dk``, ``Dv`` multiples of 128 (the lane width; smaller heads would
-waste the MXU). Only the plain and the TPU-semantics interpreters and the Mosaic lowering have run
-these kernels; no TPU compile or timing yet.
+packs two rows per sublane). Head dims ``Dk``, ``Dv`` off the 128-lane width are zero-padded to it
+around the kernels (exact; costs the padded traffic). Only the plain and the TPU-semantics
+interpreters and the Mosaic lowering have run these kernels; no TPU compile or timing yet.
 """
 
 from __future__ import annotations
@@ -42,9 +42,8 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     raise ValueError(f"backend 'tpu' needs chunk_size to be a multiple of {sublanes} for "
                      f"{jnp.dtype(q.dtype).name} inputs (sublane tiling), got {c}")
   for name, val in (("head dim Dk", dk), ("head dim Dv", dv)):
-    if val % LANES:
-      raise ValueError(f"backend 'tpu' needs {name} to be a multiple of {LANES} (lane tiling), "
-                       f"got {val}")
+    if val < 1:
+      raise ValueError(f"backend 'tpu' needs {name} >= 1, got {val}")
   if q.dtype not in (jnp.float32, jnp.bfloat16):
     raise TypeError(f"backend 'tpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 
@@ -221,7 +220,8 @@ def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_st
   """Causal chunked linear attention through the Mosaic kernels.
 
   Args:
-    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; all float32 or all bfloat16.
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; all float32 or all bfloat16; head dims that
+      are not multiples of 128 are zero-padded to one (exact).
     log_decay: None, ``(H,)`` or ``(B, N, H)`` (the per-channel form goes to the XLA path in
       ``api.chunk_linear_attention``).
     scale: multiplies q. initial_state: None or ``(B, H, Dk, Dv)``.
@@ -237,5 +237,15 @@ def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_st
   check_shapes(q, v, bs)
   if not isinstance(interpret, pltpu.InterpretParams):
     interpret = bool(interpret)
-  return common.run(q, k, v, log_decay, initial_state, common.Config(
+  # Head dims off the 128-lane tiling are zero-padded up to it, outside the kernels: zero key
+  # channels add nothing to q.k or to the state, zero value channels give zero output columns,
+  # which are cut off again (exact, gradients included). It costs the padded HBM traffic; a pad in
+  # VMEM would not, but needs a TPU to check that Mosaic lowers it.
+  dk, dv = q.shape[-1], v.shape[-1]
+  pk, pv = -dk % LANES, -dv % LANES
+  pad = lambda x, p: x if p == 0 else jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, p)])  # noqa
+  if initial_state is not None:
+    initial_state = jnp.pad(initial_state, [(0, 0), (0, 0), (0, pk), (0, pv)])
+  o, s = common.run(pad(q, pk), pad(k, pk), pad(v, pv), log_decay, initial_state, common.Config(
       forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale), interpret=interpret))
+  return o[..., :dv], s[:, :, :dk, :dv]
