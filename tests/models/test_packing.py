@@ -35,18 +35,25 @@ def _packed():
   return tokens, jnp.asarray(ids)
 
 
-def _forward(state, tokens, ids, graphdef):
-  return nnx.merge(graphdef, state)(tokens, segment_ids=ids)
+def _loss(state, tokens, ids, weights, graphdef):
+  logits = nnx.merge(graphdef, state)(tokens, segment_ids=ids)
+  return jnp.sum(logits * weights), logits
 
 
-_forward_jit = jax.jit(_forward, static_argnums=3)
+# Logits and the gradient of <logits, weights> w.r.t. every parameter, in one program.
+_forward_jit = jax.jit(jax.value_and_grad(_loss, has_aux=True), static_argnums=4)
+
+
+def _weights():
+  return jax.random.normal(jax.random.key(3), (3, N, 256))
 
 
 @functools.lru_cache(maxsize=None)
 def _one_device():
   graphdef, state = nnx.split(models.create_model(_config(VARIANT, PATTERN)))
   tokens, ids = _packed()
-  return graphdef, state, _forward_jit(state, tokens, ids, graphdef)
+  (_, logits), grads = _forward_jit(state, tokens, ids, _weights(), graphdef)
+  return graphdef, state, logits, grads
 
 
 def _check_invariant(logits):
@@ -57,21 +64,25 @@ def _check_invariant(logits):
 
 
 def test_document_logits_do_not_depend_on_what_precedes_it():
-  _, _, logits = _one_device()
+  _, _, logits, _ = _one_device()
   _check_invariant(logits)
 
 
 def test_zigzag_on_8_devices_matches_one_device():
-  _, state, ref = _one_device()
+  """Logits and parameter gradients with packed documents: 8 devices (zigzag) == one device."""
+  _, state, ref, ref_grads = _one_device()
   tokens, ids = _packed()
   cfg = _config(VARIANT, PATTERN).replace(layout="zigzag")
   graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.LinearLlama(cfg, rngs=nnx.Rngs(0))))
+  zz = lambda x: lasp_jax.zigzag(x, W)  # noqa: E731
   with jax.set_mesh(jax.make_mesh((W,), ("sp",))):
-    logits = _forward_jit(state, lasp_jax.zigzag(tokens, W), lasp_jax.zigzag(ids, W), graphdef)
+    (_, logits), grads = _forward_jit(state, zz(tokens), zz(ids), zz(_weights()), graphdef)
   assert logits.sharding.spec[1] == "sp"
   logits = lasp_jax.unzigzag(logits, W)
   assert rel_err(logits, ref) < TOL
   _check_invariant(logits)
+  errs = jax.tree.map(rel_err, grads, ref_grads)
+  assert max(jax.tree.leaves(errs)) < TOL, errs
 
 
 def test_document_positions_restart_at_each_start():
@@ -88,7 +99,7 @@ def test_document_positions_restart_at_each_start():
 
 
 def test_bad_segment_ids():
-  graphdef, state, _ = _one_device()
+  graphdef, state, _, _ = _one_device()
   model = nnx.merge(graphdef, state)
   tokens, ids = _packed()
   with pytest.raises(ValueError, match="segment_ids"):
