@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels._checks import check_float_array
+
 DEFAULT_BLOCK = 512
 _NEG_INF = -jnp.inf
 
@@ -127,12 +129,7 @@ def validate_inputs(q, k, v, q_positions=None, kv_positions=None, q_segment_ids=
                     kv_segment_ids=None, block_q=None, block_k=None):
   """Shape/dtype checks; raises ValueError/TypeError naming the offending value."""
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have shape (B, N, H, D), got {tuple(x.shape)}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+    check_float_array(name, x, "(B, N, H, D)")
     # B = 0 is just an empty result, but N, H or D = 0 would reach a division by zero.
     if 0 in x.shape[1:]:
       raise ValueError(f"{name} must have N, H, D > 0, got shape {tuple(x.shape)}")

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from kernels._checks import check_float_array
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
 BACKENDS = ("xla", "tpu", "gpu")
@@ -171,12 +172,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
                     segment_ids=None):
   """Checks the input contract (module docstring); raises ValueError/TypeError naming the value."""
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-      raise TypeError(f"{name} must be an array, got {type(x).__name__}")
-    if x.ndim != 4:
-      raise ValueError(f"{name} must have shape (B, N, H, D), got {x.shape}")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"{name} must be a float array, got dtype {x.dtype}")
+    check_float_array(name, x, "(B, N, H, D)")
     _check_not_float64(name, x)
   if q.shape != k.shape:
     raise ValueError(f"q and k must have the same shape, got q {q.shape} and k {k.shape}")

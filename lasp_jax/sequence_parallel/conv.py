@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from kernels._checks import check_float_array
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
@@ -31,12 +32,7 @@ ACTIVATIONS = (None, "silu")
 
 
 def _validate(x, weight, bias, activation, segment_ids, layout):
-  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-    raise TypeError(f"x must be an array, got {type(x).__name__}")
-  if x.ndim != 3:
-    raise ValueError(f"x must have shape (B, N, C), got {x.shape}")
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"x must be a float array, got dtype {x.dtype}")
+  check_float_array("x", x, "(B, N, C)")
   channels = x.shape[-1]
   if not hasattr(weight, "shape") or weight.ndim != 2 or weight.shape[1] != channels:
     raise ValueError(f"weight must have shape (K, C) = (K, {channels}) for x {x.shape}, got "
