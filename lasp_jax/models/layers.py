@@ -83,9 +83,9 @@ def document_positions(segment_ids_BxN, ctx: Context, cfg):
   if not ctx.sequence_parallel or ctx.seq_shards == 1:
     return _positions_in_documents(segment_ids_BxN)  # storage order is the natural one
   from lasp_jax.sequence_parallel import sharding
-  # Not unzigzag + cummax: the SPMD partitioner turns a cummax over the sharded sequence into an
-  # all-gather of all of it plus all-to-alls (Auto axes; Explicit axes refuse the shifted slice of
-  # the start flags), so the one all-gather is done explicitly, once for all layers.
+  # Not unzigzag + cummax on the global array: the SPMD partitioner turns a cummax over the sharded
+  # sequence into an all-gather of all of it plus all-to-alls. Per shard, only each segment's
+  # edges need to travel (``_document_positions_shard``).
   spec = jax.sharding.PartitionSpec(ctx.batch_axis, cfg.seq_axis)
   fn = functools.partial(_document_positions_shard, axis_name=cfg.seq_axis, layout=cfg.layout)
   return sharding.shard_map(fn, ctx.mesh, (spec,), spec, (segment_ids_BxN,))
@@ -99,15 +99,38 @@ def _positions_in_documents(ids_BxN):
 
 
 def _document_positions_shard(ids_BxC, *, axis_name, layout):
-  """Per shard: ONE all-gather of the ids (``B N`` int32, as each LASP-2H layer gathers them),
-  then the whole row's positions in natural order locally, of which this shard's tokens."""
+  """Per shard: the positions of its tokens within their documents, from ONE all-gather of three
+  ints per segment and row (first id, last id, last start inside it): ``3 W S B`` ints, not the
+  ``B N`` ids. A token's document starts at the latest start at or before it in natural order:
+  inside its segment, at the segment's first token (when its id differs from the predecessor's
+  last), or in an earlier segment."""
+  from kernels.linear_attention.api import document_starts
   from lasp_jax.sequence_parallel import layout as layout_lib
   w, c = jax.lax.axis_size(axis_name), ids_BxC.shape[1]
-  ids_BxN = jax.lax.all_gather(ids_BxC, axis_name, axis=1, tiled=True)  # storage order
-  natural = np.argsort(layout_lib.storage_positions(layout, w, c))  # storage slot per position
-  pos_BxN = _positions_in_documents(ids_BxN[:, natural])
-  own = layout_lib.local_positions(layout, jax.lax.axis_index(axis_name), w, c)
-  return jnp.take(pos_BxN, own, axis=1)
+  nseg = layout_lib.segments_per_shard(layout)
+  seg_len = c // nseg
+  me = jax.lax.axis_index(axis_name)
+  segs = [ids_BxC[:, s * seg_len:(s + 1) * seg_len] for s in range(nseg)]
+  offsets = [layout_lib.segment_global_index(layout, me, w, s) * seg_len for s in range(nseg)]
+  ar = jax.lax.broadcasted_iota(jnp.int32, segs[0].shape, 1)
+  # Global position of the latest start inside each segment up to each token (-1: none yet).
+  inner = [jax.lax.cummax(jnp.where(document_starts(x), ar + o, -1), axis=1)
+           for x, o in zip(segs, offsets)]
+  edges = jnp.stack([jnp.stack([x[:, 0], x[:, -1], i[:, -1]], -1) for x, i in zip(segs, inner)])
+  gathered = jax.lax.all_gather(edges, axis_name).reshape(w * nseg, *edges.shape[1:])
+  gathered = jnp.take(gathered, jnp.asarray(layout_lib.segment_order(layout, w)), axis=0)
+  first, last, last_inner = gathered[..., 0], gathered[..., 1], gathered[..., 2]  # (P, B)
+  seg_start = jnp.arange(w * nseg, dtype=jnp.int32)[:, None] * seg_len
+  at_first = jnp.concatenate([jnp.ones_like(first[:1], bool), first[1:] != last[:-1]])
+  latest = jnp.maximum(last_inner, jnp.where(at_first, seg_start, -1))       # (P, B)
+  before = jnp.concatenate([jnp.full_like(latest[:1], -1),
+                            jax.lax.cummax(latest, axis=0)[:-1]])           # starts before p
+  out = []
+  for s, (i, o) in enumerate(zip(inner, offsets)):
+    p = layout_lib.segment_global_index(layout, me, w, s)
+    own = jnp.maximum(jnp.take(before, p, axis=0), jnp.where(jnp.take(at_first, p, axis=0), o, -1))
+    out.append(ar + o - jnp.maximum(i, own[:, None]))
+  return jnp.concatenate(out, axis=1)
 
 
 def apply_rope(x_BxNxHxD, positions, base: float):

@@ -98,6 +98,25 @@ def test_document_positions_restart_at_each_start():
   np.testing.assert_array_equal(pos[2], np.r_[np.arange(d_len), np.arange(A_LEN)])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_document_positions_on_8_devices_equal_one_device(layout):
+  """The per-shard positions (edges of each segment gathered, not the ids) equal the one-device
+  ones, with starts inside segments, at their first token and none for a whole segment."""
+  from lasp_jax.models.layers import document_positions
+  from lasp_jax.models.sharding_rules import make_context
+  _, ids = _packed()
+  ids = jnp.concatenate([ids, jnp.asarray(np.repeat([0, 1, 2, 3], N // 4)[None], jnp.int32)])
+  cfg = _config(VARIANT, PATTERN).replace(layout=layout)
+  want = np.asarray(document_positions(ids, make_context(cfg), cfg))
+  zz = (lambda x: lasp_jax.zigzag(x, W)) if layout == "zigzag" else (lambda x: x)
+  mesh = jax.make_mesh((W,), ("sp",))
+  with jax.set_mesh(mesh):
+    spec = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, "sp"))
+    x = jax.reshard(zz(ids), spec)
+    got = jax.jit(lambda x: document_positions(x, make_context(cfg), cfg))(x)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(zz(want)))
+
+
 def test_bad_segment_ids():
   graphdef, state, _, _ = _one_device()
   model = nnx.merge(graphdef, state)
@@ -108,3 +127,20 @@ def test_bad_segment_ids():
     model(tokens, segment_ids=ids[0])
   with pytest.raises(TypeError, match="segment_ids"):
     model(tokens, segment_ids=ids.astype(jnp.float32))
+
+
+def test_document_positions_gather_only_segment_edges():
+  """One all-gather of 3 ints per segment and row, whatever N (compiled HLO)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P
+
+  from lasp_jax import comm
+  from lasp_jax.models.layers import document_positions
+  from lasp_jax.models.sharding_rules import make_context
+  mesh = jax.make_mesh((W,), ("sp",))
+  for layout, nseg in (("contiguous", 1), ("zigzag", 2)):
+    cfg = _config(VARIANT, PATTERN).replace(layout=layout)
+    stats = [comm.summarize(comm.collective_stats(
+        lambda i: document_positions(i, make_context(cfg), cfg),
+        jax.ShapeDtypeStruct((2, n), jnp.int32, sharding=NamedSharding(mesh, P(None, "sp"))),
+        mesh=mesh)) for n in (1024, 8192)]
+    assert stats[0] == stats[1] == {"all-gather": {"count": 1, "bytes": W * nseg * 2 * 3 * 4}}
