@@ -53,9 +53,11 @@ class DiagonalSummary:
 
 
 def _bits(ids):
-  """int ids -> float32 with the same bits (exact through the gather; int64 ids are first
-  compared to the int32 range by the caller's dtype rules)."""
-  return jax.lax.bitcast_convert_type(ids.astype(jnp.int32), jnp.float32)
+  """Integer ids ``(S, B)`` -> float32 ``(S, B, k)`` holding the same bits (``k = 2`` for 64-bit
+  ids), so that they travel exactly in the float buffer and keep their whole width."""
+  if ids.dtype.itemsize < 4:
+    ids = ids.astype(jnp.int32)
+  return jax.lax.bitcast_convert_type(ids, jnp.float32).reshape(*ids.shape, -1)
 
 
 def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, send=None):
@@ -82,7 +84,7 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
   parts = [x.reshape(nseg, bsz, -1).astype(jnp.float32)
            for x, s in zip(leaves, send_flags) if s]
   if edge_ids is not None:
-    parts += [_bits(i)[..., None] for i in edge_ids]
+    parts += [_bits(i) for i in edge_ids]
   buf = jnp.concatenate(parts, axis=-1)                                    # (S, B, F)
   w = jax.lax.axis_size(axis_name)
   gathered = jax.lax.all_gather(buf, axis_name).reshape(w * nseg, bsz, -1)
@@ -100,9 +102,10 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
   summaries = jax.tree.unflatten(treedef, out)
   starts = None
   if edge_ids is not None:
-    ids = jax.lax.bitcast_convert_type(gathered[..., offset:], jnp.int32)  # (P, B, 2)
-    first, last = ids[..., 0], ids[..., 1]
-    starts = jnp.concatenate([jnp.zeros((1, bsz), bool), first[1:] != last[:-1]])  # (P, B)
+    ids = jax.lax.bitcast_convert_type(gathered[..., offset:], jnp.int32)  # (P, B, 2k)
+    first, last = jnp.split(ids, 2, axis=-1)
+    changed = jnp.any(first[1:] != last[:-1], axis=-1)
+    starts = jnp.concatenate([jnp.zeros((1, bsz), bool), changed])          # (P, B)
     summaries = jax.vmap(lambda sm, st: sm.reset(st))(summaries, starts)
   if initial is not None:  # the summary (0, S_0) before segment 0
     zero = jax.tree.map(lambda x: x[:1], summaries).reset(jnp.ones((bsz,), bool))

@@ -143,6 +143,19 @@ def test_segment_ids_add_no_collective():
   assert extra == W * B * 2 * 4, extra               # first and last id of each segment
 
 
+def test_wide_segment_ids_keep_their_width_across_devices():
+  """int64 ids (x64) that differ only above 2**32, changing exactly at a device edge: still a
+  document start (the ids cross devices bit for bit, not cast to int32)."""
+  q, k, v, g, _, _, _ = _inputs("token")
+  mesh = sp_mesh(W)
+  narrow = jnp.asarray(np.repeat([[0, 1]], B, axis=0).repeat(N // 2, axis=1), jnp.int32)
+  want = lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh, segment_ids=narrow, chunk_size=CHUNK)
+  with jax.enable_x64(True):
+    wide = jnp.asarray(np.asarray(narrow, np.int64) << 33)
+    got = lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh, segment_ids=wide, chunk_size=CHUNK)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_bad_packing_inputs():
   q, k, v, g, s0, _, _ = _inputs("token")
   mesh = sp_mesh(W)
