@@ -128,24 +128,24 @@ def causal_conv1d_shard(x, weight, bias=None, *, axis_name=None, activation=None
         f"each local segment has {seg_len} tokens (local length {x.shape[1]}, layout {layout!r}) "
         f"but kernel size K={k} needs K-1={k - 1} tokens from one predecessor: use fewer devices "
         f"or a longer sequence")
-  xs = [x[:, s * seg_len:(s + 1) * seg_len] for s in range(nseg)]
-  ids = [None] * nseg if segment_ids is None else [
-      segment_ids[:, s * seg_len:(s + 1) * seg_len] for s in range(nseg)]
-  h = k - 1
+  bsz, h = x.shape[0], k - 1
+  # Segments stacked on the batch axis: one use of the weight, so one gradient all-reduce.
+  x_s = layout_lib.to_segments(x, nseg)                                    # (S B, L, C)
+  ids_s = layout_lib.to_segments(segment_ids, nseg)
   if axis_name is None or h == 0:
-    halos = [(jnp.zeros((x.shape[0], h, x.shape[2]), x.dtype),
-              None if i is None else jnp.zeros((x.shape[0], h), i.dtype)) for i in ids]
+    halo = jnp.zeros((x_s.shape[0], h, x_s.shape[2]), x.dtype)
+    halo_ids = None if ids_s is None else jnp.zeros((x_s.shape[0], h), ids_s.dtype)
   else:
+    per_segment = lambda a: [None if a is None else a[s * bsz:(s + 1) * bsz]  # noqa: E731
+                             for s in range(nseg)]
+    tail_ids = None if ids_s is None else ids_s[:, seg_len - h:]
     with jax.named_scope("conv_halo_exchange"):
-      halos = _halos([(xi[:, seg_len - h:], None if i is None else i[:, seg_len - h:])
-                      for xi, i in zip(xs, ids)], axis_name, layout)
+      halos = _halos(list(zip(per_segment(x_s[:, seg_len - h:]), per_segment(tail_ids))),
+                     axis_name, layout)
+    halo = jnp.concatenate([hx for hx, _ in halos])
+    halo_ids = None if ids_s is None else jnp.concatenate([hi for _, hi in halos])
   # Without a predecessor the halo is zeros, so its taps add nothing whatever its ids say.
-  # Segments are stacked on the batch axis: one use of the weight, so one gradient all-reduce.
-  cat = lambda parts: None if parts[0] is None else jnp.concatenate(parts, axis=0)  # noqa: E731
-  y = _conv_segment(cat(xs), cat([hx for hx, _ in halos]), weight, cat(ids),
-                    cat([hi for _, hi in halos]))
-  if nseg == 2:
-    y = jnp.concatenate(jnp.split(y, 2, axis=0), axis=1)
+  y = layout_lib.from_segments(_conv_segment(x_s, halo, weight, ids_s, halo_ids), nseg)
   return _finish(y, bias, activation, x.dtype)
 
 

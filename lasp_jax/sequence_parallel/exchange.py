@@ -108,7 +108,8 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
     starts = jnp.concatenate([jnp.zeros((1, bsz), bool), changed])          # (P, B)
     summaries = jax.vmap(lambda sm, st: sm.reset(st))(summaries, starts)
   if initial is not None:  # the summary (0, S_0) before segment 0
-    zero = jax.tree.map(lambda x: x[:1], summaries).reset(jnp.ones((bsz,), bool))
+    zero = jax.vmap(lambda sm: sm.reset(jnp.ones((bsz,), bool)))(
+        jax.tree.map(lambda x: x[:1], summaries))
     zero = dataclasses.replace(zero, state=initial.astype(jnp.float32)[None])
     summaries = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), zero, summaries)
 

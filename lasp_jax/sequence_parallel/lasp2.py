@@ -87,31 +87,13 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, segment
   _check_causal_only(causal, segment_ids, initial_state, False)
   scale = ref.resolve_scale(scale, q.shape[-1])
   if causal:
-    g = log_decay if segment_ids is None else reset_log_decay(log_decay, segment_ids, q.shape[2])
     o, s_final = kernels.chunk_linear_attention(
-        q, k, v, g, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
-        backend=_kernel_backend(backend, q, v, g, chunk_size))
+        q, k, v, log_decay, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
+        chunk_size=chunk_size, backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
   else:
     s_final = jnp.einsum("bnhk,bnhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
     o = (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(jnp.float32), s_final)).astype(q.dtype)
   return (o, s_final) if return_final_state else o
-
-
-def _to_segments(x, nseg):
-  """``(B, C, ...) -> (S * B, C / S, ...)``, segment-major."""
-  if x is None or nseg == 1:
-    return x
-  b, c = x.shape[:2]
-  x = x.reshape(b, nseg, c // nseg, *x.shape[2:])
-  return jnp.swapaxes(x, 0, 1).reshape(nseg * b, c // nseg, *x.shape[3:])
-
-
-def _from_segments(x, nseg):
-  if nseg == 1:
-    return x
-  sb, l = x.shape[:2]
-  x = x.reshape(nseg, sb // nseg, l, *x.shape[2:])
-  return jnp.swapaxes(x, 0, 1).reshape(sb // nseg, nseg * l, *x.shape[3:])
 
 
 def segment_decays(log_decay, nb, seg_len, heads):
@@ -195,9 +177,9 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment
       return (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(f32), total)).astype(q.dtype)
 
   seg_len = c_local // nseg
-  q_s, k_s, v_s = (_to_segments(x, nseg) for x in (q, k, v))
-  g_s = log_decay if log_decay is None or log_decay.ndim == 1 else _to_segments(log_decay, nseg)
-  ids_s = _to_segments(segment_ids, nseg)
+  q_s, k_s, v_s = (layout_lib.to_segments(x, nseg) for x in (q, k, v))
+  g_s = log_decay if log_decay is None or log_decay.ndim == 1 else layout_lib.to_segments(log_decay, nseg)
+  ids_s = layout_lib.to_segments(segment_ids, nseg)
   if ids_s is not None:  # starts inside a segment; one at its first token comes with the exchange
     g_s = reset_log_decay(g_s, ids_s, heads)
   nb = nseg * bsz
@@ -223,7 +205,7 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment
 
   with jax.named_scope("lasp2_combine"):
     o = add_incoming(o_local, q_s, b_in, s_in, scale)
-  o = _from_segments(o.astype(q.dtype), nseg)
+  o = layout_lib.from_segments(o.astype(q.dtype), nseg)
   if not return_final_state:
     return o
   # Every device folded the same summaries, but shard_map cannot know that the result is

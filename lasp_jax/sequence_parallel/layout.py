@@ -66,6 +66,25 @@ def local_positions(layout: str, shard_index, num_shards: int, local_len: int):
   return jnp.concatenate([ar + jnp.asarray(o, jnp.int32) for o in offsets])
 
 
+def to_segments(x, nseg: int):
+  """A shard's ``S`` segments stacked on the batch axis: ``(B, C, ...) -> (S * B, C / S, ...)``,
+  segment-major (None stays None)."""
+  if x is None or nseg == 1:
+    return x
+  b, c = x.shape[:2]
+  x = x.reshape(b, nseg, c // nseg, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(nseg * b, c // nseg, *x.shape[3:])
+
+
+def from_segments(x, nseg: int):
+  """The inverse of :func:`to_segments`: ``(S * B, L, ...) -> (B, S * L, ...)``."""
+  if nseg == 1:
+    return x
+  sb, length = x.shape[:2]
+  x = x.reshape(nseg, sb // nseg, length, *x.shape[2:])
+  return jnp.swapaxes(x, 0, 1).reshape(sb // nseg, nseg * length, *x.shape[3:])
+
+
 def storage_positions(layout: str, num_shards: int, local_len: int) -> np.ndarray:
   """True global positions ``(W * C,)`` int32 of a sequence in storage order (a global array in
   ``layout`` order, or the all-gather of its shards), computed on the host."""
