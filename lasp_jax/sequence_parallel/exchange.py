@@ -52,6 +52,29 @@ class DiagonalSummary:
                            self.state)
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaSummary:
+  """``S_out = m S_in + state`` for a batch of segments of the delta rule (SPEC section 11).
+
+  ``m (B, H, Dk, Dk)`` float32: the segment's transition, the product of its tokens'
+  ``(I - beta_i k_i^T k_i) diag(exp g_i)`` (a reset is ``m = 0``); ``state (B, H, Dk, Dv)``
+  float32: the segment's state from zero.
+  """
+  m: jax.Array
+  state: jax.Array
+
+  def compose(self, earlier: "DeltaSummary") -> "DeltaSummary":
+    """``self o earlier``: first ``earlier``, then ``self``."""
+    mm = lambda a, b: jnp.einsum("...ij,...jk->...ik", a, b,  # noqa: E731
+                                 precision=jax.lax.Precision.HIGHEST)
+    return DeltaSummary(mm(self.m, earlier.m), mm(self.m, earlier.state) + self.state)
+
+  def reset(self, starts_B) -> "DeltaSummary":
+    """The summary with its incoming state dropped (``m = 0``) where ``starts_B`` (B,) is True."""
+    return DeltaSummary(jnp.where(starts_B[:, None, None, None], 0.0, self.m), self.state)
+
+
 def _bits(ids):
   """Integer ids ``(S, B)`` -> float32 ``(S, B, k)`` holding the same bits (``k = 2`` for 64-bit
   ids), so that they travel exactly in the float buffer and keep their whole width."""
