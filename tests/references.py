@@ -125,3 +125,40 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None):
     tap = jnp.take(x, np.clip(src, 0, n - 1), axis=1)
     y = y + jnp.where(ok[..., None], tap, 0.0) * weight[j]
   return jax.nn.silu(y) if activation == "silu" else y
+
+
+def delta_recurrence(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=None,
+                     segment_ids=None):
+  """``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``
+  (SPEC section 11), token by token; ``beta (B, N, H)``, decays and ``segment_ids`` as
+  :func:`linear_recurrence`. Returns ``(o, final_state)``.
+
+  Written as fla's naive recurrence: decay the state, then the delta update
+  ``v'_i = beta_i (v_i - S^T k_i)``, ``S += k_i v'_i^T``.
+  """
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  if log_decay is None:
+    a = jnp.ones((n, bsz, h, dk), q.dtype)
+  elif log_decay.ndim == 1:
+    a = jnp.broadcast_to(jnp.exp(log_decay)[None, None, :, None], (n, bsz, h, dk))
+  elif log_decay.ndim == 3:
+    a = jnp.broadcast_to(jnp.exp(jnp.moveaxis(log_decay, 1, 0))[..., None], (n, bsz, h, dk))
+  else:
+    a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
+  s0 = jnp.zeros((bsz, h, dk, dv), q.dtype) if initial_state is None else initial_state
+  starts = np.zeros((n, bsz), bool)
+  if segment_ids is not None:
+    ids = np.asarray(segment_ids)
+    starts[1:] = (ids[:, 1:] != ids[:, :-1]).T
+
+  def step(s, xs):
+    a_i, q_i, k_i, v_i, b_i, start_i = xs
+    s = jnp.where(start_i[:, None, None, None], 0.0, a_i[..., None] * s)
+    v_new = b_i[..., None] * (v_i - jnp.einsum("bhkv,bhk->bhv", s, k_i))
+    s = s + k_i[..., :, None] * v_new[..., None, :]
+    return s, scale * jnp.einsum("bhk,bhkv->bhv", q_i, s)
+
+  s_final, o = jax.lax.scan(
+      step, s0, (a, *(jnp.moveaxis(x, 1, 0) for x in (q, k, v, beta)), jnp.asarray(starts)))
+  return jnp.moveaxis(o, 0, 1), s_final

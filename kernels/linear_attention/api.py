@@ -205,7 +205,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
       raise ValueError(f"sequence length N={n} is not a multiple of chunk_size={chunk_size}")
 
 
-def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
+def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, initial_state=None,
                            segment_ids=None, chunk_size=64, backend=None, interpret=None):
   """Causal chunked linear attention (SPEC sections 2-3) on one device.
 
@@ -213,6 +213,8 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset; module docstring for the checks).
+    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule instead (SPEC section 11,
+      ``kernels.delta_rule.chunk_delta_rule``, which takes the same other arguments).
     scale: multiplies q; None means ``Dk ** -0.5`` (as in LASP-2H).
     initial_state: None (zeros) or ``(B, H, Dk, Dv)``; it feeds the first document of each row.
     segment_ids: None or ``(B, N)`` int: packed documents. A document starts wherever the id
@@ -241,6 +243,11 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
   intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
   ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
+  if beta is not None:
+    from kernels.delta_rule import api as delta_api  # the delta rule builds on this module
+    return delta_api.chunk_delta_rule(
+        q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
+        segment_ids=segment_ids, chunk_size=chunk_size, backend=backend, interpret=interpret)
   validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
   scale = reference.resolve_scale(scale, q.shape[-1])
   if segment_ids is not None:

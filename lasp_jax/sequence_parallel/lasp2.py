@@ -36,6 +36,8 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 import kernels
+from kernels.delta_rule import api as delta_api
+from kernels.delta_rule import reference as delta_ref
 from kernels.linear_attention import reference as ref
 from kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
                                           validate_inputs)
@@ -59,16 +61,19 @@ def _check_decay_mode(log_decay, causal):
                      "bidirectional attention")
 
 
-def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, segment_ids=None,
-                     initial_state=None, return_final_state=False, chunk_size=64,
-                     backend="auto"):
-  """Linear attention on one device (SPEC sections 2-3).
+def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1.0,
+                     segment_ids=None, initial_state=None, return_final_state=False,
+                     chunk_size=64, backend="auto"):
+  """Linear attention on one device (SPEC sections 2-3), or the delta rule (SPEC 11).
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset); causal only. A positive entry is a ValueError when concrete;
       under jit see ``kernels.linear_attention.check_log_decay``.
+    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule (DeltaNet with no decay, Gated
+      DeltaNet with ``(B, N, H)``, KDA with ``(B, N, H, Dk)``),
+      ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``; causal only.
     causal: causal recurrence (token i sees j <= i) or bidirectional (sees all tokens).
     scale: multiplies q (1.0 is the paper's unnormalised linear attention); None means
       ``Dk ** -0.5``, as in LASP-2H.
@@ -82,14 +87,15 @@ def linear_attention(q, k, v, log_decay=None, *, causal=True, scale=1.0, segment
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, or ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids)
   _check_decay_mode(log_decay, causal)
-  _check_causal_only(causal, segment_ids, initial_state, False)
+  _check_causal_only(causal, segment_ids, initial_state, False, beta)
   scale = ref.resolve_scale(scale, q.shape[-1])
   if causal:
     o, s_final = kernels.chunk_linear_attention(
-        q, k, v, log_decay, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
-        chunk_size=chunk_size, backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
+        q, k, v, log_decay, beta=beta, scale=scale, initial_state=initial_state,
+        segment_ids=segment_ids, chunk_size=chunk_size,
+        backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
   else:
     s_final = jnp.einsum("bnhk,bnhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
     o = (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(jnp.float32), s_final)).astype(q.dtype)
@@ -134,15 +140,17 @@ def add_incoming(o_local, q, b_in, s_in, scale):
   return o_local.astype(jnp.float32) + scale * jnp.einsum("blhk,bhkv->blhv", q_dec, s_in)
 
 
-def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment_ids=None,
-          initial_state=None, return_final_state=False, chunk_size=64, layout="contiguous",
-          backend="auto"):
+def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1.0,
+          segment_ids=None, initial_state=None, return_final_state=False, chunk_size=64,
+          layout="contiguous", backend="auto"):
   """LASP-2 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
 
   Args:
     q, k: ``(B, C, H, Dk)``; v: ``(B, C, H, Dv)``: this device's shard of the sequence.
     log_decay: None, ``(H,)`` (replicated), ``(B, C, H)`` or ``(B, C, H, Dk)`` (sharded like q).
     axis_name: the mesh axis the sequence is split over.
+    beta: None, or ``(B, C, H)`` in ``[0, 2]`` (sharded like q): the delta rule (SPEC section 11);
+      the exchange then carries each segment's ``Dk x Dk`` transition with its state.
     segment_ids: None or ``(B, C)`` int (sharded like q): packed documents; the state restarts
       from zero wherever the id differs from the previous token's in natural order, also when
       that token is on another device (SPEC section 13; no extra collective).
@@ -157,10 +165,10 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment
     ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation, or
     ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, scale=scale, segment_ids=segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
-  _check_causal_only(causal, segment_ids, initial_state, return_final_state)
+  _check_causal_only(causal, segment_ids, initial_state, return_final_state, beta)
   scale = ref.resolve_scale(scale, q.shape[-1])
   nseg = layout_lib.segments_per_shard(layout)
   bsz, c_local, heads, dk = q.shape
@@ -176,35 +184,27 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment
       total = jnp.sum(jax.lax.all_gather(st, axis_name), axis=0)
       return (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(f32), total)).astype(q.dtype)
 
-  seg_len = c_local // nseg
   q_s, k_s, v_s = (layout_lib.to_segments(x, nseg) for x in (q, k, v))
   g_s = log_decay if log_decay is None or log_decay.ndim == 1 else layout_lib.to_segments(log_decay, nseg)
   ids_s = layout_lib.to_segments(segment_ids, nseg)
   if ids_s is not None:  # starts inside a segment; one at its first token comes with the exchange
     g_s = reset_log_decay(g_s, ids_s, heads)
-  nb = nseg * bsz
-  b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
+  split = lambda x: x.reshape(nseg, bsz, *x.shape[1:])  # noqa: E731  (SB, ..) -> (S, B, ..)
+  edges = None if ids_s is None else (split(ids_s[:, 0]), split(ids_s[:, -1]))
 
-  with jax.named_scope("lasp2_state_exchange"):
-    split = lambda x: x.reshape(nseg, bsz, *x.shape[1:])  # noqa: E731  (SB, ..) -> (S, B, ..)
-    st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
-    log_m = jnp.zeros((nb, heads, 1), f32) if gamma is None else gamma
-    local = exchange.DiagonalSummary(split(log_m), split(st))
-    # A decay known in advance (none, or constant per head) is not sent: only the states are.
-    constant = g_s is None or g_s.ndim == 1
-    edges = None if ids_s is None else (split(ids_s[:, 0]), split(ids_s[:, -1]))
+  def prefix(local, send=None):
     s_in, s_final = exchange.allgather_prefix(
         local, axis_name=axis_name, layout=layout, edge_ids=edges, initial=initial_state,
-        send=exchange.DiagonalSummary(not constant, True))
-    s_in = s_in.reshape(nb, *s_in.shape[2:])
+        send=send)
+    return s_in.reshape(nseg * bsz, *s_in.shape[2:]), s_final
 
-  with jax.named_scope("lasp2_local"):
-    o_local, _ = kernels.chunk_linear_attention(
-        q_s, k_s, v_s, g_s, scale=scale, chunk_size=chunk_size,
-        backend=_kernel_backend(backend, q_s, v_s, g_s, chunk_size))
-
-  with jax.named_scope("lasp2_combine"):
-    o = add_incoming(o_local, q_s, b_in, s_in, scale)
+  kernel_backend = _kernel_backend(backend, q_s, v_s, g_s, chunk_size)
+  if beta is None:
+    o, s_final = _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size,
+                                    kernel_backend)
+  else:
+    o, s_final = _delta_segments(q_s, k_s, v_s, layout_lib.to_segments(beta, nseg), g_s, prefix,
+                                 split, scale, chunk_size, kernel_backend)
   o = layout_lib.from_segments(o.astype(q.dtype), nseg)
   if not return_final_state:
     return o
@@ -215,10 +215,53 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, causal=True, scale=1.0, segment
   return o, jax.lax.psum(s_final, axis_name)
 
 
-def _check_causal_only(causal, segment_ids, initial_state, return_final_state):
+def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend):
+  """Diagonal decays: summaries ``(gamma, St)``, the exchange, then the local pass from zero
+  (independent of the exchange, so XLA can overlap them) plus ``scale (q e^b) S_in``."""
+  nb, seg_len, heads, _ = q_s.shape
+  b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
+  with jax.named_scope("lasp2_state_exchange"):
+    st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
+    log_m = jnp.zeros((nb, heads, 1), jnp.float32) if gamma is None else gamma
+    # A decay known in advance (none, or constant per head) is not sent: only the states are.
+    constant = g_s is None or g_s.ndim == 1
+    s_in, s_final = prefix(exchange.DiagonalSummary(split(log_m), split(st)),
+                           send=exchange.DiagonalSummary(not constant, True))
+  with jax.named_scope("lasp2_local"):
+    o_local, _ = kernels.chunk_linear_attention(q_s, k_s, v_s, g_s, scale=scale,
+                                                chunk_size=chunk_size, backend=backend)
+  with jax.named_scope("lasp2_combine"):
+    return add_incoming(o_local, q_s, b_in, s_in, scale), s_final
+
+
+def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size, backend):
+  """The delta rule (SPEC 10-11): the WY stage per chunk (independent of the exchange), the
+  segment's ``(M, E)`` summary (``Dk x Dk`` transition) through the exchange, then the state pass
+  and the output from the incoming state."""
+  with jax.named_scope("lasp2_delta_prepare"):
+    chunks = delta_api.prepare(k_s, v_s, beta_s, g_s, chunk_size=chunk_size)
+  with jax.named_scope("lasp2_state_exchange"):
+    m, e = delta_ref.segment_summary(chunks)
+    s_in, s_final = prefix(exchange.DeltaSummary(split(m), split(e)))
+  with jax.named_scope("lasp2_local"):
+    o, _ = delta_api.apply(q_s, k_s, chunks, g_s, scale=scale, initial_state=s_in,
+                           chunk_size=chunk_size, backend=backend)
+  return o, s_final
+
+
+def _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids):
+  if beta is None:
+    validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
+  else:
+    delta_api.validate_inputs(q, k, v, beta, log_decay, initial_state, chunk_size, scale,
+                              segment_ids)
+
+
+def _check_causal_only(causal, segment_ids, initial_state, return_final_state, beta=None):
   if causal:
     return
-  for name, val in (("segment_ids", segment_ids), ("initial_state", initial_state)):
+  for name, val in (("segment_ids", segment_ids), ("initial_state", initial_state),
+                    ("beta", beta)):
     if val is not None:
       raise ValueError(f"{name} must be None when causal=False")
   if return_final_state:
@@ -233,15 +276,16 @@ def decay_spec(log_decay, batch_axis, seq_axis):
   return P(batch_axis, seq_axis, *([None] * (log_decay.ndim - 2)))
 
 
-def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_axis=None,
-                    causal=True, scale=1.0, segment_ids=None, initial_state=None,
-                    return_final_state=False, chunk_size=64, layout="contiguous",
-                    backend="auto"):
+def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="sp",
+                    batch_axis=None, causal=True, scale=1.0, segment_ids=None,
+                    initial_state=None, return_final_state=False, chunk_size=64,
+                    layout="contiguous", backend="auto"):
   """LASP-2 on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; sharded or not (they are resharded).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``.
+    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule (SPEC section 11).
     mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes); None uses the ``jax.set_mesh`` context.
     seq_axis: mesh axis that splits N; ``batch_axis``: optional mesh axis that splits B.
     segment_ids: None or ``(B, N)`` int in the layout of q: packed documents (a start is where
@@ -255,10 +299,10 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, sharded like q, or ``(o, final_state)``.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, scale=scale, segment_ids=segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
-  _check_causal_only(causal, segment_ids, initial_state, return_final_state)
+  _check_causal_only(causal, segment_ids, initial_state, return_final_state, beta)
   mesh = sharding.resolve_mesh(mesh)
   w = sharding.axis_size(mesh, seq_axis, "seq_axis")
   nb = sharding.axis_size(mesh, batch_axis, "batch_axis")
@@ -276,11 +320,13 @@ def lasp2_attention(q, k, v, log_decay=None, *, mesh=None, seq_axis="sp", batch_
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
                          return_final_state=return_final_state, chunk_size=chunk_size,
                          layout=layout, backend=backend)
+  row_spec = P(batch_axis, seq_axis)
   return sharding.shard_map(
-      lambda q, k, v, g, ids, s0: fn(q, k, v, g, segment_ids=ids, initial_state=s0), mesh,
+      lambda q, k, v, g, b, ids, s0: fn(q, k, v, g, beta=b, segment_ids=ids, initial_state=s0),
+      mesh,
       (x_spec, x_spec, x_spec, decay_spec(log_decay, batch_axis, seq_axis),
-       P(batch_axis, seq_axis), state_spec),
+       P(batch_axis, seq_axis, None), row_spec, state_spec),
       (x_spec, state_spec) if return_final_state else x_spec,
-      (q, k, v, log_decay, segment_ids, initial_state),
+      (q, k, v, log_decay, beta, segment_ids, initial_state),
       # Pallas calls inside shard_map need check_vma=False (JAX 0.10).
       check_vma=kernel_backend == "xla")

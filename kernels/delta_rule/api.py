@@ -1,0 +1,164 @@
+"""Public entry point of the delta-rule kernels: validates inputs, picks a backend per stage.
+
+The delta rule runs in three stages (``reference`` module docstring): the WY solve per chunk
+(XLA: batched ``c x c`` triangular solves and matmuls, which XLA tiles well on every backend), the
+sequential state pass over chunks (XLA ``lax.scan`` or the Pallas kernels of ``pallas_tpu`` /
+``pallas_gpu``, forward and backward) and the output, which is diagonal-decay linear attention with
+the corrected values ``U`` (``kernels.linear_attention``: XLA or its Pallas kernels).
+
+Sequence-parallel callers use the phases separately: :func:`prepare` (stage 1), then
+``reference.segment_summary`` for the exchange, then :func:`apply` (stages 2-3) from the incoming
+state. :func:`chunk_delta_rule` is all of it on one device.
+
+Input contract: that of the linear-attention ops (``kernels.linear_attention.api``) plus
+``beta (B, N, H)`` in ``[0, 2]`` (above 1 the transition has a negative eigenvalue: Grazzi et al.,
+2024); a concrete beta outside it is a ValueError naming the value and its index. The op does not
+normalise k: with ``||k_i|| = 1`` and ``beta <= 2`` every transition has norm <= 1, so the
+recurrence cannot grow; the models L2-normalise q and k.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kernels._checks import check_float_array
+from kernels.delta_rule import reference
+from kernels.linear_attention import api as la_api
+from kernels.linear_attention import reference as la_ref
+
+BACKENDS = ("xla", "tpu", "gpu")
+BETA_MAX = 2.0
+
+
+def check_beta(beta, shape):
+  """Raises unless ``beta`` is a float array of ``shape`` (B, N, H) with (if concrete) every
+  entry in ``[0, 2]``; NaN is not checked (it propagates forward only)."""
+  check_float_array("beta", beta, "(B, N, H)")
+  if tuple(beta.shape) != tuple(shape):
+    raise ValueError(f"beta must have shape (B, N, H)={tuple(shape)}, got {tuple(beta.shape)}")
+  la_api._check_not_float64("beta", beta)
+  if isinstance(beta, jax.core.Tracer):
+    return
+  b = np.asarray(jax.device_get(beta), np.float64)
+  bad = ~np.isnan(b) & ((b < 0) | (b > BETA_MAX))
+  if bad.any():
+    flat = int(np.flatnonzero(bad)[0])
+    raise ValueError(f"beta must lie in [0, {BETA_MAX:g}] (above 1: negative eigenvalues), got "
+                     f"{float(b.flat[flat]):.6g} at index {la_api._index_str(flat, b.shape)}")
+
+
+def validate_inputs(q, k, v, beta, log_decay=None, initial_state=None, chunk_size=None, scale=1.0,
+                    segment_ids=None):
+  """The linear-attention contract plus ``beta``; raises ValueError/TypeError naming the value."""
+  la_api.validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
+  check_beta(beta, q.shape[:3])
+
+
+def _state_pass(backend):
+  if backend == "xla":
+    return reference.delta_state_pass_xla
+  if backend == "tpu":
+    from kernels.delta_rule import pallas_tpu
+    return pallas_tpu.delta_state_pass_tpu
+  from kernels.delta_rule import pallas_gpu
+  return pallas_gpu.delta_state_pass_gpu
+
+
+def prepare(k, v, beta, log_decay=None, *, chunk_size=64) -> reference.DeltaChunks:
+  """Stage 1 on validated inputs: ``reference.prepare_chunks`` with the decay in per-token form.
+
+  ``log_decay`` already holds any document resets (``la_api.reset_log_decay``).
+  """
+  bsz, n, h, _ = k.shape
+  g = la_ref.per_token_log_decay(log_decay, bsz, n, h)
+  return reference.prepare_chunks(k, v, beta, g, reference.chunk_len(chunk_size, g))
+
+
+def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_size=64,
+          backend="xla", interpret=None):
+  """Stages 2-3 from ``initial_state``: returns ``(o (B, N, H, Dv) in q's dtype, final_state)``.
+
+  ``chunks`` from :func:`prepare` of the same tokens; ``log_decay`` as given to it; ``backend`` is
+  resolved (``"xla"``, ``"tpu"`` or ``"gpu"``).
+  """
+  bsz, _, h, dk = q.shape
+  dv = chunks.u0.shape[-1]
+  s0 = (jnp.zeros((bsz, h, dk, dv), jnp.float32) if initial_state is None
+        else initial_state.astype(jnp.float32))
+  pass_backend = backend if _pallas_tiles(backend, chunks) else "xla"
+  if pass_backend == "xla":
+    u, s_final = reference.delta_state_pass_xla(chunks.w, chunks.u0, chunks.k_end,
+                                                chunks.log_gamma, s0)
+  else:
+    kwargs = {} if interpret is None else {"interpret": interpret}
+    if interpret is None:
+      kwargs["interpret"] = la_api.default_backend() != pass_backend
+    u, s_final = _state_pass(pass_backend)(chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma,
+                                           s0, **kwargs)
+  u = reference.values_to_tokens(u).astype(q.dtype)
+  la_backend = backend
+  if backend != "xla":
+    la_backend = la_api.resolve_backend("auto", q, u, log_decay, chunk_size)
+    la_backend = backend if la_backend == backend else "xla"
+  o, _ = la_api.chunk_linear_attention(
+      q, k.astype(q.dtype), u, log_decay, scale=scale, initial_state=s0, chunk_size=chunk_size,
+      backend=la_backend, interpret=interpret)
+  return o, s_final
+
+
+def _pallas_tiles(backend, chunks) -> bool:
+  """Whether the state-pass kernel of ``backend`` can tile these chunks (else XLA runs it)."""
+  if backend == "xla":
+    return False
+  module = _state_pass(backend).__module__
+  check = getattr(__import__(module, fromlist=["check_shapes"]), "check_shapes")
+  try:
+    check(chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma)
+  except (ValueError, TypeError):
+    return False
+  return True
+
+
+def resolve_backend(backend) -> str:
+  """``None``/``"auto"``: the default device's Pallas kernels (XLA on CPU); else as given."""
+  if backend in (None, "auto"):
+    return la_api.default_backend()
+  if backend not in BACKENDS:
+    raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
+  return backend
+
+
+def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=None,
+                     segment_ids=None, chunk_size=64, backend=None, interpret=None):
+  """The causal delta rule (SPEC section 11), chunked, on one device.
+
+  ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``.
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    beta: ``(B, N, H)``, in ``[0, 2]``.
+    log_decay: None (DeltaNet), ``(H,)``, ``(B, N, H)`` (Gated DeltaNet) or ``(B, N, H, Dk)``
+      (KDA); entries in ``[-inf, 0]`` (``-inf``: an exact reset).
+    scale: multiplies q; None means ``Dk ** -0.5``.
+    initial_state: None (zeros) or ``(B, H, Dk, Dv)``, feeding the first document of each row.
+    segment_ids: None or ``(B, N)`` int: packed documents; the state restarts from zero wherever
+      the id differs from the previous token's (an exact ``-inf`` decay there).
+    chunk_size: tokens per chunk (the WY block); must divide N. A per-channel decay uses its
+      largest divisor <= 16 for the solve.
+    backend: ``"xla"``, ``"tpu"``, ``"gpu"``, ``"auto"`` or None (from the default device); a
+      Pallas stage that cannot tile the shapes runs on XLA.
+    interpret: run Pallas kernels in interpret mode; None: when not on their hardware.
+
+  Returns:
+    ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
+  """
+  validate_inputs(q, k, v, beta, log_decay, initial_state, chunk_size, scale, segment_ids)
+  scale = la_ref.resolve_scale(scale, q.shape[-1])
+  backend = resolve_backend(backend)
+  if segment_ids is not None:
+    log_decay = la_api.reset_log_decay(log_decay, segment_ids, q.shape[2])
+  chunks = prepare(k, v, beta, log_decay, chunk_size=chunk_size)
+  return apply(q, k, chunks, log_decay, scale=scale, initial_state=initial_state,
+               chunk_size=chunk_size, backend=backend, interpret=interpret)

@@ -1,0 +1,145 @@
+"""The chunked delta rule in pure jnp: the XLA path, and the stages the Pallas kernels plug into.
+
+``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``
+(SPEC section 11). Write ``P_i = diag(exp g_i) S_{i-1}`` and ``u_i = beta_i (v_i - k_i P_i)``
+(fla's ``v_new``): then ``S_i = diag(exp g_i) S_{i-1} + k_i^T u_i``, a *diagonal-decay* recurrence
+with values ``u``. So the delta rule is three stages per chunk of ``c`` tokens, with the chunk's
+incoming state ``S``, ``b_i`` the in-chunk inclusive log-decay sums and ``K_b = K * e^{b}``:
+
+1. :func:`prepare_chunks` (per chunk, parallel): the WY/UT form. ``u_i`` depends on earlier
+   ``u_j`` of the chunk through ``A_ij = beta_i <k_i * e^{b_i - b_j}, k_j>`` (``j < i``), so
+   ``(I + A) U = diag(beta) (V - K_b S)``: one unit lower-triangular solve per chunk gives
+   ``W = (I + A)^{-1} diag(beta) K_b`` and ``U0 = (I + A)^{-1} diag(beta) V``, and ``U = U0 - W S``.
+2. :func:`delta_state_pass_xla` (sequential over chunks; Pallas kernels in ``pallas_tpu`` /
+   ``pallas_gpu``): ``U_n = U0_n - W_n S``, ``S <- e^{gamma_n} S + K_end_n^T U_n`` with
+   ``K_end = K * e^{sum_{l>j} g_l}`` and ``gamma_n`` the chunk's total log-decay.
+3. the output is diagonal-decay linear attention of ``(q, k, U, g)`` from the same initial state:
+   ``kernels.linear_attention`` (XLA or its Pallas kernels, forward and backward).
+
+Stage 3 rebuilds the chunk states from ``U`` instead of reading them from stage 2: per-chunk states
+are never stored (SPEC section 3). A chunk also has an affine summary ``S_out = M S + E`` with
+``M = diag(e^{gamma}) - K_end^T W`` (``Dk x Dk``) and ``E = K_end^T U0``: :func:`segment_summary`
+folds them into a segment's ``DeltaSummary`` for the sequence-parallel exchange (SPEC section 10).
+
+Numerics as ``kernels.linear_attention.reference``: log-decays clamped to ``LOG_DECAY_FLOOR`` (a
+reset, ``-inf``, is an exact zero transition), every decay factor ``exp`` of a direct sum
+(``pairwise_log_decay`` for ``b_i - b_j``), masks are selections; transitions composed in float32
+at HIGHEST precision (fla saw bf16 chains drift). A NaN reaches only later tokens: the triangular
+solve and the state pass only read earlier rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from kernels.linear_attention import reference as la_ref
+
+F32 = jnp.float32
+HIGHEST = jax.lax.Precision.HIGHEST
+# Per-channel (KDA) decays make A a (c, c, Dk) tensor per chunk: keep c small there, as for GLA.
+PER_CHANNEL_SUBCHUNK = la_ref.PER_CHANNEL_SUBCHUNK
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaChunks:
+  """Stage 1's per-chunk operands, float32, in the layout ``x_BxHxNCxCxD``.
+
+  ``w``, ``k_end``: ``(B, H, NC, C, Dk)``; ``u0``: ``(B, H, NC, C, Dv)``; ``log_gamma``:
+  ``(B, H, NC, Dg)``, each chunk's total (clamped) log-decay, ``Dg`` in {1, Dk}.
+  """
+  w: jax.Array
+  u0: jax.Array
+  k_end: jax.Array
+  log_gamma: jax.Array
+
+
+def chunk_len(chunk_size: int, log_decay) -> int:
+  """The chunk the delta rule uses: ``chunk_size``, or its largest divisor <= 16 for a per-channel
+  decay (``log_decay`` in the per-token ``(B, N, H, Dg)`` form, or None)."""
+  if log_decay is not None and log_decay.shape[-1] > 1:
+    return max(d for d in range(1, min(chunk_size, PER_CHANNEL_SUBCHUNK) + 1) if chunk_size % d == 0)
+  return chunk_size
+
+
+def prepare_chunks(k, v, beta, g, chunk) -> DeltaChunks:
+  """Stage 1 (module docstring): ``W``, ``U0``, ``K_end`` and ``gamma`` of every chunk.
+
+  Args:
+    k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; beta: ``(B, N, H)``; any float dtype.
+    g: None or the per-token clamped log-decay ``(B, N, H, Dg)`` (``la_ref.per_token_log_decay``).
+    chunk: tokens per chunk, dividing N.
+  """
+  bsz, n, h, dk = k.shape
+  k_c = la_ref._to_chunks(k.astype(F32), chunk)                       # (B, H, NC, C, Dk)
+  v_c = la_ref._to_chunks(v.astype(F32), chunk)
+  beta_c = la_ref._to_chunks(beta.astype(F32)[..., None], chunk)      # (B, H, NC, C, 1)
+  strict = jnp.tril(jnp.ones((chunk, chunk), bool), -1)
+  if g is None:
+    kk = jnp.einsum("bhnid,bhnjd->bhnij", k_c, k_c)
+    k_in, k_end = k_c, k_c
+    log_gamma = jnp.zeros((bsz, h, n // chunk, 1), F32)
+  else:
+    g_c = la_ref._to_chunks(g, chunk)                                 # (B, H, NC, C, Dg)
+    log_w = la_ref.pairwise_log_decay(g_c, axis=3)                    # sum_{j<l<=i} g_l
+    if g.shape[-1] == 1:
+      kk = jnp.einsum("bhnid,bhnjd->bhnij", k_c, k_c) * la_ref.masked_exp(log_w[..., 0], strict)
+    else:
+      kk = jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", k_c, k_c,
+                      la_ref.masked_exp(log_w, strict[..., None]))
+    k_in = k_c * jnp.exp(la_ref.cumsum_inclusive(g_c, axis=3))
+    k_end = k_c * jnp.exp(la_ref.cumsum_reverse_exclusive(g_c, axis=3))
+    log_gamma = jnp.sum(g_c, axis=3)
+  a = jnp.where(strict, beta_c * kk, 0.0)                             # A_ij, i > j
+  eye = jnp.eye(chunk, dtype=F32)
+  rhs = beta_c * jnp.concatenate([k_in, v_c], axis=-1)                # diag(beta) [K_b | V]
+  sol = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  return DeltaChunks(w=sol[..., :dk], u0=sol[..., dk:], k_end=k_end, log_gamma=log_gamma)
+
+
+def delta_state_pass_xla(w, u0, k_end, log_gamma, s0):
+  """Stage 2 (module docstring) by ``lax.scan``: returns ``(u (B, H, NC, C, Dv), s_final)``.
+
+  Shapes as :class:`DeltaChunks`; ``s0 (B, H, Dk, Dv)``; all float32.
+  """
+  def step(s, xs):
+    w_n, u0_n, k_n, lg_n = xs
+    u_n = u0_n - jnp.einsum("bhck,bhkv->bhcv", w_n, s, precision=HIGHEST)
+    s = jnp.exp(lg_n)[..., None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, u_n, precision=HIGHEST)
+    return s, u_n
+
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u0, k_end, log_gamma))
+  s_final, u = jax.lax.scan(step, la_ref.match_vma(s0.astype(F32), w), xs)
+  return jnp.moveaxis(u, 0, 2), s_final
+
+
+def segment_summary(chunks: DeltaChunks):
+  """The affine summary ``(M, E)`` of all chunks of each row: ``M (B, H, Dk, Dk)``, the product
+  of the chunk transitions ``diag(e^{gamma_n}) - K_end_n^T W_n``, and ``E (B, H, Dk, Dv)``, the
+  state from zero; float32, composed at HIGHEST precision."""
+  dk = chunks.w.shape[-1]
+  mm = lambda a, b: jnp.einsum("bhij,bhjk->bhik", a, b, precision=HIGHEST)  # noqa: E731
+  eye = jnp.eye(dk, dtype=F32)
+
+  def step(carry, xs):
+    m, e = carry
+    w_n, u0_n, k_n, lg_n = xs
+    m_n = eye * jnp.exp(lg_n)[..., None, :] - jnp.einsum("bhci,bhcj->bhij", k_n, w_n,
+                                                         precision=HIGHEST)
+    e_n = jnp.einsum("bhck,bhcv->bhkv", k_n, u0_n, precision=HIGHEST)
+    return (mm(m_n, m), mm(m_n, e) + e_n), None
+
+  bsz, h, _, _, dv = chunks.u0.shape
+  init = (jnp.broadcast_to(eye, (bsz, h, dk, dk)), jnp.zeros((bsz, h, dk, dv), F32))
+  init = jax.tree.map(lambda x: la_ref.match_vma(x, chunks.w), init)
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma))
+  (m, e), _ = jax.lax.scan(step, init, xs)
+  return m, e
+
+
+def values_to_tokens(u):
+  """``(B, H, NC, C, Dv)`` -> ``(B, N, H, Dv)``."""
+  return la_ref._from_chunks(u)
