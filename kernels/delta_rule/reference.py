@@ -6,7 +6,7 @@
 with values ``u``. So the delta rule is three stages per chunk of ``c`` tokens, with the chunk's
 incoming state ``S``, ``b_i`` the in-chunk inclusive log-decay sums and ``K_b = K * e^{b}``:
 
-1. :func:`prepare_chunks` (per chunk, parallel): the WY/UT form. ``u_i`` depends on earlier
+1. :func:`prepare_chunks` (per chunk, parallel): the WY/UT form (the solve by :func:`unit_lower_inverse`). ``u_i`` depends on earlier
    ``u_j`` of the chunk through ``A_ij = beta_i <k_i * e^{b_i - b_j}, k_j>`` (``j < i``), so
    ``(I + A) U = diag(beta) (V - K_b S)``: one unit lower-triangular solve per chunk gives
    ``W = (I + A)^{-1} diag(beta) K_b`` and ``U0 = (I + A)^{-1} diag(beta) V``, and ``U = U0 - W S``.
@@ -94,10 +94,56 @@ def prepare_chunks(k, v, beta, g, chunk) -> DeltaChunks:
     k_end = k_c * jnp.exp(la_ref.cumsum_reverse_exclusive(g_c, axis=3))
     log_gamma = jnp.sum(g_c, axis=3)
   a = jnp.where(strict, beta_c * kk, 0.0)                             # A_ij, i > j
-  eye = jnp.eye(chunk, dtype=F32)
   rhs = beta_c * jnp.concatenate([k_in, v_c], axis=-1)                # diag(beta) [K_b | V]
-  sol = jax.scipy.linalg.solve_triangular(eye + a, rhs, lower=True, unit_diagonal=True)
+  sol = solve_unit_lower(a, rhs)
   return DeltaChunks(w=sol[..., :dk], u0=sol[..., dk:], k_end=k_end, log_gamma=log_gamma)
+
+
+def unit_lower_inverse(a):
+  """``(I + a)^{-1}`` for a strictly lower-triangular ``a (..., c, c)`` (finite), float32.
+
+  Block elimination, bottom up: the inverse of ``[[L11, 0], [L21, L22]]`` is
+  ``[[T11, 0], [-T22 L21 T11, T22]]``, so ``log2 c`` levels of batched matmuls turn the inverses
+  of the ``s x s`` diagonal blocks into those of the ``2s x 2s`` ones (``c`` is padded to a power
+  of two with identity rows). Only matmuls: no LAPACK call, which on CPU would be OpenBLAS, whose
+  threads deadlock when several simulated devices call it at once, and no powers of ``a``
+  (a Neumann product would cancel huge terms when keys repeat).
+  """
+  c = a.shape[-1]
+  p = 1 << max(c - 1, 0).bit_length()
+  if p != c:
+    a = jnp.pad(a, [(0, 0)] * (a.ndim - 2) + [(0, p - c), (0, p - c)])
+  batch = a.shape[:-2]
+  t = jnp.ones((*batch, p, 1, 1), F32)             # the 1 x 1 diagonal blocks: unit diagonal
+  s = 1
+  while s < p:
+    nb = p // (2 * s)
+    blocks = a.reshape(*batch, nb, 2 * s, nb, 2 * s)
+    blocks = jnp.moveaxis(jnp.diagonal(blocks, axis1=-4, axis2=-2), -1, -3)   # (..., nb, 2s, 2s)
+    t11, t22 = t[..., 0::2, :, :], t[..., 1::2, :, :]
+    mm = lambda x, y: jnp.matmul(x, y, precision=HIGHEST)  # noqa: E731
+    t21 = -mm(mm(t22, blocks[..., s:, :s]), t11)
+    t = jnp.concatenate([jnp.concatenate([t11, jnp.zeros_like(t11)], axis=-1),
+                         jnp.concatenate([t21, t22], axis=-1)], axis=-2)
+    s *= 2
+  return t[..., 0, :c, :c]
+
+
+def solve_unit_lower(a, rhs):
+  """``(I + a)^{-1} rhs`` for strictly lower ``a (..., c, c)`` and ``rhs (..., c, F)``.
+
+  Row ``i`` of the solution depends on rows ``<= i`` only, and so does a non-finite input: the
+  inverse and the matmul run on the finite part (a zero weight times a later NaN would otherwise
+  reach earlier rows), then every row from the first one holding a non-finite ``a`` or ``rhs``
+  entry on is NaN, as the recurrence would make it.
+  """
+  ok_a, ok_r = la_ref._is_finite(a), la_ref._is_finite(rhs)
+  sol = jnp.matmul(unit_lower_inverse(jnp.where(ok_a, a, 0.0)), jnp.where(ok_r, rhs, 0.0),
+                   precision=HIGHEST)
+  bad = ~(jnp.all(ok_a, axis=-1) & jnp.all(ok_r, axis=-1))            # (..., c)
+  rows = jnp.arange(a.shape[-1])
+  first_bad = jnp.min(jnp.where(bad, rows, a.shape[-1]), axis=-1, keepdims=True)
+  return jnp.where((rows >= first_bad)[..., None], jnp.nan, sol)
 
 
 def delta_state_pass_xla(w, u0, k_end, log_gamma, s0):

@@ -1,0 +1,180 @@
+"""What the TPU and GPU Pallas state-pass kernels share: per-chunk math, input checks, custom_vjp.
+
+Stage 2 of the chunked delta rule (``reference.delta_state_pass_xla``), per (batch, head), all
+float32, with ``S`` the state before chunk ``n`` and ``a_n = exp(log_gamma_n)`` (``(Dk,)``):
+
+    u_n = u0_n - w_n S                    (C, Dv)
+    S  <- a_n[:, None] * S + k_end_n^T u_n
+
+Backward (the transpose of one chunk step), carrying ``dS``, the cotangent of the state *after*
+chunk ``n``, from ``ds_final`` down to chunk 0:
+
+    du_tot      = du_n + k_end_n dS        (C, Dv)   (u_n feeds the output and the next state)
+    d k_end_n   = u_n dS^T                 (C, Dk)
+    d log_gam_n = a_n * sum_v(S * dS)      (Dk,)     (summed over Dk outside for Dg = 1)
+    d w_n       = -du_tot S^T              (C, Dk)
+    d u0_n      = du_tot
+    dS         <- a_n[:, None] * dS - w_n^T du_tot    (after chunk 0: d s0)
+
+It needs ``S`` before every chunk in reverse order. Those states are not residuals of the forward:
+the backward first rebuilds them with a ``states`` kernel, ``S <- a S + k_end^T u`` from the saved
+``u`` (no ``w`` matmul; the same expression as the forward, so the same states), written to HBM as
+``(B, H, NC, Dk, Dv)``, then runs the ``reverse`` kernel. Residuals are the inputs and ``u``.
+
+A reset chunk (``log_gamma = -1e4`` after the caller's clamp) has ``a = 0`` exactly: the state
+restarts and ``d log_gamma = 0 * ... = 0``, both exact. The kernels always see a per-channel
+``(B, H, NC, Dk)`` log-decay: a ``Dg = 1`` one is broadcast before the custom_vjp (a few floats
+per chunk), so autodiff sums its gradient over Dk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from kernels._checks import check_float_array
+
+F32 = jnp.float32
+
+
+def mm(a, b, contract):
+  """Float32 matmul at HIGHEST precision (TPU would use bf16 passes, Triton TF32, by default).
+
+  ``contract``: "nn" a @ b, "nt" a @ b^T, "tn" a^T @ b.
+  """
+  dims = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[contract]
+  return jax.lax.dot_general(a, b, (dims, ((), ())), precision=jax.lax.Precision.HIGHEST,
+                             preferred_element_type=F32)
+
+
+def state_step(s, k_end, u, a_col):
+  """``a S + k_end^T u``: ``s (Dk, Dv')``, ``k_end (C, Dk)``, ``u (C, Dv')``, ``a_col (Dk, 1)``."""
+  return a_col * s + mm(k_end, u, "tn")
+
+
+def forward_chunk(w, u0, k_end, a_col, s):
+  """One chunk forward: ``(u (C, Dv'), S after the chunk (Dk, Dv'))``; ``Dv'`` may be a slice."""
+  u = u0 - mm(w, s, "nn")
+  return u, state_step(s, k_end, u, a_col)
+
+
+def reverse_chunk(w, k_end, u, du, a_col, s, ds):
+  """One chunk of the reverse pass (module docstring).
+
+  Args: ``w, k_end (C, Dk)``; ``u, du (C, Dv')``; ``a_col (Dk, 1)``; ``s`` the state before the
+  chunk and ``ds`` the cotangent of the state after it, ``(Dk, Dv')``. With a Dv slice ``Dv'``,
+  ``d k_end``, ``d w`` and ``d log_gamma`` are that slice's partial sums (summed over slices by
+  the caller); ``du_tot`` and ``dS`` are exact per slice (columns of ``dS`` do not mix).
+
+  Returns ``(dw (C, Dk), du0 (C, Dv'), dk_end (C, Dk), dlg_col (Dk, 1), dS before the chunk)``.
+  """
+  du_tot = du + mm(k_end, ds, "nn")
+  dk_end = mm(u, ds, "nt")
+  dlg_col = a_col * jnp.sum(s * ds, axis=1, keepdims=True)
+  dw = -mm(du_tot, s, "nt")
+  ds_prev = a_col * ds - mm(w, du_tot, "tn")
+  return dw, du_tot, dk_end, dlg_col, ds_prev
+
+
+# ---------------------------------------------------------------- XLA-side glue around the kernels
+
+
+def check_inputs(backend, w, u0, k_end, log_gamma, s0=None):
+  """Ranks, dtypes and matching dims of the state-pass inputs; returns ``(B, H, NC, C, Dk, Dv)``.
+
+  ValueError (TypeError for a non-float) naming the offending input and value.
+  """
+  check_float_array("w", w, "(B, H, NC, C, Dk)")
+  check_float_array("u0", u0, "(B, H, NC, C, Dv)")
+  check_float_array("k_end", k_end, "(B, H, NC, C, Dk)")
+  check_float_array("log_gamma", log_gamma, "(B, H, NC, Dg)")
+  bsz, h, nc, c, dk = w.shape
+  dv = u0.shape[-1]
+  if k_end.shape != w.shape:
+    raise ValueError(f"backend {backend!r}: k_end must have w's shape {tuple(w.shape)}, got "
+                     f"{tuple(k_end.shape)}")
+  if u0.shape[:4] != w.shape[:4]:
+    raise ValueError(f"backend {backend!r}: u0 must have shape (B, H, NC, C, Dv) = "
+                     f"{(bsz, h, nc, c, 'Dv')}, got {tuple(u0.shape)}")
+  if log_gamma.shape[:3] != (bsz, h, nc) or log_gamma.shape[-1] not in (1, dk):
+    raise ValueError(f"backend {backend!r}: log_gamma must have shape (B, H, NC, Dg) with Dg in "
+                     f"{{1, Dk={dk}}}, i.e. {(bsz, h, nc)} + (1,) or ({dk},), got "
+                     f"{tuple(log_gamma.shape)}")
+  if s0 is not None:
+    check_float_array("s0", s0, "(B, H, Dk, Dv)")
+    if s0.shape != (bsz, h, dk, dv):
+      raise ValueError(f"backend {backend!r}: s0 must have shape (B, H, Dk, Dv) = "
+                       f"{(bsz, h, dk, dv)}, got {tuple(s0.shape)}")
+  for name, val in (("NC (number of chunks)", nc), ("C (chunk size)", c), ("Dk", dk),
+                    ("Dv", dv)):
+    if val < 1:
+      raise ValueError(f"backend {backend!r} needs {name} >= 1, got {val}")
+  return bsz, h, nc, c, dk, dv
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A backend's three pallas_call builders and their static parameters (hashable).
+
+  ``forward(w, u0, k_end, lg, s0, cfg) -> (u, s_final)``;
+  ``states(k_end, u, lg, s0, cfg) -> (B, H, NC, Dk, Dv)``, the state before each chunk;
+  ``reverse(w, k_end, u, du, lg, states, ds_final, cfg) -> (dw, du0, dk_end, dlg, ds0)``.
+  ``lg`` is the per-channel ``(B, H, NC, Dk)`` float32 log-decay; everything is float32.
+  """
+  forward: Callable
+  states: Callable
+  reverse: Callable
+  interpret: object           # bool, or pltpu.InterpretParams (hashable) for the TPU kernels
+  block_v: int | None = None  # GPU: value channels per program (None: all of Dv)
+  num_warps: int | None = None
+  num_stages: int | None = None
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def state_pass_vjp(w, u0, k_end, lg, s0, cfg: Config):
+  """``(u, s_final)`` through ``cfg``'s kernels; float32 inputs, ``lg (B, H, NC, Dk)``."""
+  return cfg.forward(w, u0, k_end, lg, s0, cfg)
+
+
+def _fwd(w, u0, k_end, lg, s0, cfg):
+  u, s_final = cfg.forward(w, u0, k_end, lg, s0, cfg)
+  return (u, s_final), (w, k_end, lg, s0, u)     # u0 is not needed by the backward
+
+
+def _bwd(cfg, res, cotangents):
+  w, k_end, lg, s0, u = res
+  du, ds_final = (x.astype(F32) for x in cotangents)
+  states = cfg.states(k_end, u, lg, s0, cfg)
+  return cfg.reverse(w, k_end, u, du, lg, states, ds_final, cfg)
+
+
+state_pass_vjp.defvjp(_fwd, _bwd)
+
+
+def run(w, u0, k_end, log_gamma, s0, cfg: Config, pad_to=None):
+  """Shared entry of both backends: float32, the per-channel log-decay, optional zero padding.
+
+  ``pad_to``: None, or a multiple that Dk and Dv are zero-padded up to around the kernels (exact:
+  zero key channels of ``w``/``k_end`` and zero rows of ``s0`` keep the padded state rows zero
+  whatever their decay; zero value channels give zero ``u`` columns; both are cut off again, and
+  autodiff of pad and slice gives the gradients).
+  """
+  dk, dv = w.shape[-1], u0.shape[-1]
+  w, u0, k_end, s0 = (x.astype(F32) for x in (w, u0, k_end, s0))
+  lg = jnp.broadcast_to(log_gamma.astype(F32), log_gamma.shape[:-1] + (dk,))
+  if pad_to is not None:
+    pk, pv = -dk % pad_to, -dv % pad_to
+    if pk or pv:
+      def pad(x, p, axis=-1):
+        widths = [(0, 0)] * x.ndim
+        widths[axis] = (0, p)
+        return jnp.pad(x, widths)
+      w, k_end, lg = pad(w, pk), pad(k_end, pk), pad(lg, pk)
+      u0 = pad(u0, pv)
+      s0 = pad(pad(s0, pk, -2), pv)
+  u, s_final = state_pass_vjp(w, u0, k_end, lg, s0, cfg)
+  return u[..., :dv], s_final[..., :dk, :dv]
