@@ -15,6 +15,12 @@ Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the im
   reading q, k, v, dO and writing dq, dk, dv.
 - roofline time = max(FLOPs / peak, bytes / bandwidth); ``roofline %`` = roofline time / time.
 Peaks default to an H200's measured 790 TFLOP/s (bf16) and 4300 GB/s; pass --peak-* elsewhere.
+
+The delta rule (``kernels.delta_rule.chunk_delta_rule``, SPEC 11: rows ``delta-pallas`` with the
+Pallas state pass and output kernels, ``delta-xla``) runs on the main shape with the per-token decay
+(Gated DeltaNet), unit-norm keys and a fixed ``beta = 0.5``; gradients of q, k, v and the decay. Its
+rows keep the linear-attention yardstick above (the delta rule adds the WY solve, ``~c^2 (Dk + Dv)``
+more FLOPs per token), so their roofline % is of that yardstick, a lower bound of the delta rule's.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from kernels.delta_rule import api as delta_api  # noqa: E402
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference  # noqa: E402
 
 MAIN_SHAPE = (8, 8192, 16, 128, 128)
@@ -58,6 +65,16 @@ def _pallas_fn(backend, block_sizes, interpret):
 def _xla_fn(chunk):
   def fn(q, k, v, g):
     return reference.chunk_linear_attention_xla(q, k, v, g, chunk_size=chunk)
+  return fn
+
+
+def _delta_fn(backend, chunk, interpret):
+  """The delta rule with ``beta = 0.5`` and unit-norm keys, ``(q, k, v, g) -> (o, S)``."""
+  def fn(q, k, v, g):
+    k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(q.dtype)
+    beta = jnp.full(q.shape[:3], 0.5, q.dtype)
+    return delta_api.chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk, backend=backend,
+                                      interpret=interpret if backend != "xla" else None)
   return fn
 
 
@@ -338,10 +355,12 @@ def main(argv=None):
   main_shape = SMALL_SHAPES[0] if args.small else MAIN_SHAPE
   jobs = [(main_shape, "none", variants[:1], True), (main_shape, "token", variants[:1], True),
           (main_shape, "none", variants[1:], False)]
+  jobs.append((main_shape, "token", [("delta-pallas", default)], "delta"))
   if not args.small and not args.no_others:
     jobs += [(shape, "token", variants[:1], True) for shape in OTHER_SHAPES]
   if args.shape:
-    jobs = [(tuple(int(x) for x in args.shape.split(",")), "none", variants[:1], True)]
+    shape = tuple(int(x) for x in args.shape.split(","))
+    jobs = [(shape, "none", variants[:1], True), (shape, "token", variants[:1], "delta")]
 
   def late():
     if args.deadline is not None and time.perf_counter() - t_start > args.deadline:
@@ -351,8 +370,12 @@ def main(argv=None):
     return False
 
   for shape, decay, vs, with_xla in jobs:
-    runs = [(name, _pallas_fn(backend, bs, interpret), bs) for name, bs in vs]
-    if with_xla:
+    if with_xla == "delta":
+      runs = [("delta-pallas", _delta_fn(backend, default.chunk_size, interpret), default),
+              ("delta-xla", _delta_fn("xla", default.chunk_size, interpret), default)]
+    else:
+      runs = [(name, _pallas_fn(backend, bs, interpret), bs) for name, bs in vs]
+    if with_xla is True:
       runs.append(("xla", _xla_fn(default.chunk_size), default))
     for name, fn, bs in runs:
       if late():
@@ -399,7 +422,12 @@ def _print_table(result):
       by_key.setdefault((tuple(row["shape"]), row["decay"]), []).append(row)
   for (shape, decay), rows in by_key.items():
     xla = [r for r in rows if r["impl"] == "xla"]
-    pal = [r for r in rows if r["impl"] != "xla"]
+    pal = [r for r in rows if r["impl"] not in ("xla", "delta-xla", "delta-pallas")]
+    dx = [r for r in rows if r["impl"] == "delta-xla"]
+    dp = [r for r in rows if r["impl"] == "delta-pallas"]
+    if dx and dp:
+      print(f"delta rule {shape} {decay}: Pallas vs XLA: fwd {dx[0]['fwd_ms'] / dp[0]['fwd_ms']:.2f}x, "
+            f"fwd+bwd {dx[0]['fwdbwd_ms'] / dp[0]['fwdbwd_ms']:.2f}x")
     if xla and pal:
       best = min(pal, key=lambda r: r["fwdbwd_ms"])
       print(f"speed-up {shape} {decay}: best Pallas ({best['impl']}) vs XLA: fwd "

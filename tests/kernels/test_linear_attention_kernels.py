@@ -197,7 +197,8 @@ def test_lasp2_with_pallas_backend_matches_recurrence(backend):
 
 
 def test_benchmark_smoke(tmp_path):
-  """benchmarks/kernels.py at toy size on CPU (XLA path + GPU-style kernels in interpret mode)."""
+  """benchmarks/kernels.py at toy size on CPU (XLA path + GPU-style kernels in interpret mode),
+  the delta rule's rows included."""
   import json
 
   from benchmarks import kernels as bench
@@ -205,7 +206,7 @@ def test_benchmark_smoke(tmp_path):
   bench.main(["--small", "--shape", "1,64,1,32,32", "--chunk", "16", "--iters", "1",
               "--out", str(out)])
   rows = json.loads(out.read_text())["rows"]
-  assert {r["impl"] for r in rows} == {"pallas", "xla"}
+  assert {r["impl"] for r in rows} == {"pallas", "xla", "delta-pallas", "delta-xla"}
   for r in rows:
     assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwd_gbs"] > 0
 
