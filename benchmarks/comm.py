@@ -13,6 +13,13 @@ runs) and its HLO read:
 - sequential steps: collectives on the longest dependency chain (rounds that cannot overlap),
 beside SPEC section 9's forward formulas. Two sweeps: N grows at fixed W, and W grows at fixed N.
 Simulated devices: up to 64 (``JAX_NUM_CPU_DEVICES`` is set before jax starts).
+
+Third sweep, the state exchange alone (SPEC 10; ``benchmarks/_exchange.py``): the all-gather
+(LASP-2) against the log-depth scan, diagonal and delta summaries (``B, H, Dk = Dv = --dim``),
+contiguous and zigzag, with packed-document ids, for ``--exchange-ws`` (2 .. 256: one subprocess
+per W with that many simulated devices; compile only; ``--exchange-ws`` with no values skips it).
+The whole LASP-2 op is not compiled at W = 256 (slow on CPU, and its local pass is the same for
+both strategies).
 """
 
 from __future__ import annotations
@@ -28,12 +35,14 @@ if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 if _HERE not in sys.path:
   sys.path.append(_HERE)
+import _exchange as X  # noqa: E402
 import _methods as M  # noqa: E402
 
 
 def parse(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
+  ap.add_argument("--methods", nargs="*", default=list(M.METHODS), choices=M.METHODS,
+                  help="none: only the exchange sweep")
   ap.add_argument("--n", type=int, nargs="+",
                   default=[2048, 16384, 131072, 1048576], help="N sweep")
   ap.add_argument("--w", type=int, default=8, help="W of the N sweep")
@@ -46,6 +55,12 @@ def parse(argv):
   ap.add_argument("--dtype", default="float32",
                   help="input dtype; XLA:CPU upcasts bf16 collectives to f32, so bf16 reads as f32 here")
   ap.add_argument("--chunk", type=int, default=64)
+  ap.add_argument("--exchange-ws", type=int, nargs="*", default=[2, 4, 8, 16, 32, 64, 128, 256],
+                  help="W of the exchange sweep (none: skip it)")
+  ap.add_argument("--exchange-kinds", nargs="+", default=["diagonal", "delta"],
+                  choices=["diagonal", "delta"])
+  ap.add_argument("--exchange-layouts", nargs="+", default=["contiguous", "zigzag"],
+                  choices=["contiguous", "zigzag"])
   ap.add_argument("--small", action="store_true", help="toy sizes (smoke test)")
   ap.add_argument("--out", default="benchmarks/results/comm.json")
   ap.add_argument("--plot", default=None, help="PNG path (default: --out with .png)")
@@ -53,6 +68,8 @@ def parse(argv):
   if args.small:
     args.n, args.w, args.ws, args.n_for_ws = [512], 4, [4], 512
     args.heads, args.kv_heads, args.dim, args.chunk = 4, 2, 16, 16
+    args.exchange_ws = [w for w in args.exchange_ws if w <= 4][-1:] if args.exchange_ws else []
+    args.exchange_layouts = ["zigzag"]   # the two-slot schedule; contiguous is a subset of it
   return args
 
 
@@ -142,12 +159,31 @@ def main(argv=None):
   print(table(rows_w, f"== W sweep at N={args.n_for_ws} =="))
   for n in notes:
     print("note:", n)
+  rows_x = exchange_sweep(args)
   M.write_json(args.out, dict(backend=jax.default_backend(), jax=jax.__version__,
-                              args=vars(args), notes=notes, n_sweep=rows_n, w_sweep=rows_w))
+                              args=vars(args), notes=notes, n_sweep=rows_n, w_sweep=rows_w,
+                              exchange_sweep=rows_x))
   png = args.plot or os.path.splitext(args.out)[0] + ".png"
   plot(rows_n, rows_w, args, png)
-  print(f"wrote {args.out} and {png}")
+  written = [args.out, png]
+  if rows_x:
+    written.append(os.path.splitext(png)[0] + "_exchange.png")
+    X.plot(rows_x, written[-1])
+  print("wrote " + ", ".join(written))
   return rows_n, rows_w
+
+
+def exchange_sweep(args):
+  """The exchange alone, allgather vs scan, per W (a subprocess each): counts, bytes, steps."""
+  if not args.exchange_ws:
+    return []
+  rows = X.sweep(args.exchange_ws, kinds=args.exchange_kinds, layouts=args.exchange_layouts,
+                 batch=args.batch, heads=args.heads, dk=args.dim, dv=args.dim)
+  print()
+  print(f"== Exchange alone (SPEC 10), B={args.batch} H={args.heads} Dk=Dv={args.dim}, with "
+        "document ids: collectives, steps in sequence, bytes received ==")
+  print(X.table(rows, ("colls", "steps", "recv")))
+  return rows
 
 
 if __name__ == "__main__":

@@ -1,13 +1,15 @@
 """LASP-2 on W simulated devices vs one-device linear attention: time and collective bytes.
 
-  python benchmarks/lasp2.py [--devices 8] [--n 16384 65536] [--doc-len 2048]
+  python benchmarks/lasp2.py [--devices 8] [--n 16384 65536] [--doc-len 2048] [--no-delta]
                              [--out benchmarks/results/lasp2.json]
 
 Forward+backward of ``lasp2_attention`` over a W-device sequence axis, of the same with packed
 documents (``segment_ids``: documents of ``--doc-len`` tokens on average, random lengths, so their
 starts fall anywhere, device edges included; 0 skips it) and of ``linear_attention`` on one device,
 same (B, N, H, D), timed side by side (interleaved repeats, median), plus the collective count and
-bytes of the LASP-2 programs read from their compiled HLO. On one CPU the W simulated devices share
+bytes of the LASP-2 programs read from their compiled HLO. The delta rule (SPEC 11: the same decay,
+``beta = sigmoid``, unit-norm keys) is timed in the same loop, under LASP-2 and on one device, so
+its cost relative to the diagonal family is a ratio of one run. On one CPU the W simulated devices share
 the same cores, so the time ratio measures the overhead of the split, not a speed-up.
 """
 
@@ -31,6 +33,7 @@ def main(argv=None):
   ap.add_argument("--chunk", type=int, default=64)
   ap.add_argument("--doc-len", type=int, default=2048)
   ap.add_argument("--repeats", type=int, default=5)
+  ap.add_argument("--no-delta", action="store_true", help="skip the delta-rule rows")
   ap.add_argument("--out", default="benchmarks/results/lasp2.json")
   args = ap.parse_args(argv)
   os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(args.devices))
@@ -64,6 +67,13 @@ def main(argv=None):
     packed = make(lambda q, k, v, g, ids: lasp_jax.lasp2_attention(
         q, k, v, g, mesh=mesh, segment_ids=ids, chunk_size=args.chunk))
     one = make(lambda *a: lasp_jax.linear_attention(*a, chunk_size=args.chunk))
+    # The delta rule at the same shape: unit-norm keys (as its models give it), beta in (0, 1).
+    k_unit = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(5), (b, n, h)))
+    delta_sp = make(lambda q, k, v, g, beta: lasp_jax.lasp2_attention(
+        q, k, v, g, beta=beta, mesh=mesh, chunk_size=args.chunk))
+    delta_one = make(lambda q, k, v, g, beta: lasp_jax.linear_attention(
+        q, k, v, g, beta=beta, chunk_size=args.chunk))
     xs = NamedSharding(mesh, P(None, "sp", None, None))
     gs = None if g is None or g.ndim == 1 else NamedSharding(mesh, P(None, "sp", *[None] * (g.ndim - 2)))
     # Documents of random lengths (mean --doc-len): a start wherever a uniform draw says so.
@@ -77,6 +87,11 @@ def main(argv=None):
                   else None for x in packed_args]
       stats = comm.summarize(comm.collective_stats(sp, *abstract[:4], mesh=mesh))
       packed_stats = comm.summarize(comm.collective_stats(packed, *abstract, mesh=mesh))
+      delta_args = sp_args[:1] + [jax.device_put(k_unit, xs)] + sp_args[2:] + [
+          jax.device_put(beta, NamedSharding(mesh, P(None, "sp", None)))]
+      delta_stats = comm.summarize(comm.collective_stats(
+          delta_sp, *[jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+                      if x is not None else None for x in delta_args], mesh=mesh))
 
     def timed(fn, fn_args, in_mesh):
       t0 = time.perf_counter()
@@ -89,12 +104,20 @@ def main(argv=None):
 
     one_args = [jax.device_put(x, jax.devices()[0]) if x is not None else None
                 for x in (q, k, v, g)]
-    timed(sp, sp_args, True), timed(packed, packed_args, True), timed(one, one_args, False)
-    t_sp, t_packed, t_one = [], [], []
+    delta_one_args = [jax.device_put(x, jax.devices()[0]) if x is not None else None
+                      for x in (q, k_unit, v, g, beta)]
+    programs = {"lasp2": (sp, sp_args, True), "packed": (packed, packed_args, True),
+                "one": (one, one_args, False)}
+    if not args.no_delta:
+      programs.update(delta_lasp2=(delta_sp, delta_args, True),
+                      delta_one=(delta_one, delta_one_args, False))
+    times = {name: [] for name in programs}
+    for fn, fn_args, in_mesh in programs.values():
+      timed(fn, fn_args, in_mesh)
     for _ in range(args.repeats):  # interleaved: all see the same machine load
-      t_sp.append(timed(sp, sp_args, True))
-      t_packed.append(timed(packed, packed_args, True))
-      t_one.append(timed(one, one_args, False))
+      for name, (fn, fn_args, in_mesh) in programs.items():
+        times[name].append(timed(fn, fn_args, in_mesh))
+    t_sp, t_packed, t_one = times["lasp2"], times["packed"], times["one"]
     med = lambda t: 1e3 * float(np.median(t))  # noqa: E731
     row = dict(n=n, b=b, h=h, d=d, w=w, decay=args.decay, chunk=args.chunk,
                documents=int(np.sum(starts)) + b, lasp2_ms=med(t_sp), packed_ms=med(t_packed),
@@ -102,6 +125,12 @@ def main(argv=None):
                state_floats_formula=w * b * h * d * d)
     row["ratio_lasp2_over_one"] = row["lasp2_ms"] / row["one_device_ms"]
     row["ratio_packed_over_lasp2"] = row["packed_ms"] / row["lasp2_ms"]
+    if not args.no_delta:
+      row.update(delta_lasp2_ms=med(times["delta_lasp2"]), delta_one_device_ms=med(times["delta_one"]),
+                 delta_collectives=delta_stats, delta_summary_floats_formula=w * b * h * d * 2 * d)
+      row["ratio_delta_over_diagonal_lasp2"] = row["delta_lasp2_ms"] / row["lasp2_ms"]
+      row["ratio_delta_over_diagonal_one"] = row["delta_one_device_ms"] / row["one_device_ms"]
+      row["ratio_delta_lasp2_over_one"] = row["delta_lasp2_ms"] / row["delta_one_device_ms"]
     rows.append(row)
 
   print(f"{'N':>8} {'W':>3} {'lasp2 ms':>10} {'packed ms':>10} {'1-dev ms':>10} {'sp/1':>5} "
@@ -112,6 +141,13 @@ def main(argv=None):
           f"{r['one_device_ms']:>10.1f} {r['ratio_lasp2_over_one']:>5.2f} "
           f"{r['ratio_packed_over_lasp2']:>5.2f}  {coll(r['collectives'])} | "
           f"{coll(r['packed_collectives'])}")
+  if not args.no_delta:
+    print(f"\n{'N':>8} {'W':>3} {'delta sp ms':>12} {'delta 1-dev':>12} {'sp/1':>5} "
+          f"{'delta/diag sp':>13} {'delta/diag 1':>12}  delta collectives fwd+bwd")
+    for r in rows:
+      print(f"{r['n']:>8} {r['w']:>3} {r['delta_lasp2_ms']:>12.1f} {r['delta_one_device_ms']:>12.1f} "
+            f"{r['ratio_delta_lasp2_over_one']:>5.2f} {r['ratio_delta_over_diagonal_lasp2']:>13.2f} "
+            f"{r['ratio_delta_over_diagonal_one']:>12.2f}  {coll(r['delta_collectives'])}")
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=1)

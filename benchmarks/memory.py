@@ -9,6 +9,12 @@ aliased. Then the longest N (doubling) whose peak fits ``--budget-gib`` per devi
 The CPU compiler's buffer assignment stands in for a GPU/TPU one: same program, different fusion
 and scheduling, so read these as relative, not as exact device numbers. float32 by default
 (XLA:CPU upcasts bf16 in places).
+
+Second table, the state exchange alone (SPEC 10; ``benchmarks/_exchange.py``): per-device
+temporaries and peak of fwd+bwd for the all-gather and the scan, diagonal and delta summaries,
+both layouts, W = ``--exchange-ws`` (one subprocess per W; ``--exchange-ws`` with no values skips
+it). The all-gather's grow with W (it holds all W S summaries and its fold's levels); the scan's
+do not.
 """
 
 from __future__ import annotations
@@ -23,12 +29,14 @@ if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 if _HERE not in sys.path:
   sys.path.append(_HERE)
+import _exchange as X  # noqa: E402
 import _methods as M  # noqa: E402
 
 
 def parse(argv):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  ap.add_argument("--methods", nargs="+", default=list(M.METHODS), choices=M.METHODS)
+  ap.add_argument("--methods", nargs="*", default=list(M.METHODS), choices=M.METHODS,
+                  help="none: only the exchange sweep")
   ap.add_argument("--n", type=int, nargs="+", default=[16384, 131072, 1048576])
   ap.add_argument("--w", type=int, default=8)
   ap.add_argument("--batch", type=int, default=1)
@@ -39,6 +47,12 @@ def parse(argv):
   ap.add_argument("--chunk", type=int, default=64)
   ap.add_argument("--budget-gib", type=float, default=4.0)
   ap.add_argument("--max-n", type=int, default=1 << 23, help="stop the doubling here")
+  ap.add_argument("--exchange-ws", type=int, nargs="*", default=[2, 4, 8, 16, 32, 64, 128, 256],
+                  help="W of the exchange table (none: skip it)")
+  ap.add_argument("--exchange-kinds", nargs="+", default=["diagonal", "delta"],
+                  choices=["diagonal", "delta"])
+  ap.add_argument("--exchange-layouts", nargs="+", default=["contiguous", "zigzag"],
+                  choices=["contiguous", "zigzag"])
   ap.add_argument("--small", action="store_true", help="toy sizes (smoke test)")
   ap.add_argument("--out", default="benchmarks/results/memory.json")
   ap.add_argument("--plot", default=None)
@@ -46,6 +60,8 @@ def parse(argv):
   if args.small:
     args.n, args.w, args.heads, args.kv_heads, args.dim, args.chunk = [256], 2, 2, 2, 16, 16
     args.budget_gib, args.max_n = 4 / 1024, 1024
+    args.exchange_ws = [w for w in args.exchange_ws if w <= 4][-1:] if args.exchange_ws else []
+    args.exchange_layouts = ["zigzag"]   # the two-slot schedule; contiguous is a subset of it
   return args
 
 
@@ -96,8 +112,17 @@ def main(argv=None):
     lg = longest[m]
     txt = "none" if lg["n"] is None else f"{lg['n']}{'+ (cap)' if lg['capped'] else ''}"
     print(f"{m:<16}{cells}{txt:>26}")
+  rows_x = []
+  if args.exchange_ws:
+    rows_x = X.sweep(args.exchange_ws, kinds=args.exchange_kinds, layouts=args.exchange_layouts,
+                     passes=["fwd+bwd"], batch=args.batch, heads=args.heads, dk=args.dim,
+                     dv=args.dim)
+    print()
+    print(f"== Exchange alone (SPEC 10), fwd+bwd, B={args.batch} H={args.heads} "
+          f"Dk=Dv={args.dim}: per-device temporaries and peak (compiled, XLA:CPU) ==")
+    print(X.table(rows_x, ("temp", "peak")))
   M.write_json(args.out, dict(backend=jax.default_backend(), jax=jax.__version__, args=vars(args),
-                              rows=rows, longest_within_budget=longest))
+                              rows=rows, longest_within_budget=longest, exchange=rows_x))
   png = args.plot or os.path.splitext(args.out)[0] + ".png"
   import matplotlib
   matplotlib.use("Agg")
@@ -116,7 +141,10 @@ def main(argv=None):
   fig.tight_layout()
   fig.savefig(png, dpi=80)
   plt.close(fig)
-  print(f"wrote {args.out} and {png}")
+  if rows_x:
+    X.plot(rows_x, os.path.splitext(png)[0] + "_exchange.png", key="temp",
+           ylabel="temporaries per device, fwd+bwd (bytes)")
+  print(f"wrote {args.out} and {png}" + (" (+ _exchange.png)" if rows_x else ""))
   return rows, longest
 
 

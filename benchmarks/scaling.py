@@ -22,6 +22,15 @@ and Ulysses. Per device and step:
   doubles when C doubles, and LASP-2H's does not move at all). Forward+backward = 3 x forward.
 - Hardware numbers (peak bf16 dense FLOP/s, per-device link bandwidth across nodes, latency per
   collective step) are stated per preset below; MFU (default 0.4) is an assumption.
+
+Second table, the state exchange's strategies (SPEC 10) at the paper's scale (N = 2048K on 64-256
+devices, and a TPU v5p slice): LASP-2's all-gather, the log-depth scan, and the LASP-1 chain of
+W-1 state sends, for the diagonal summary (Linear-Llama3-1B's, per-channel decay: ``Dk + Dk Dv``
+floats per head) and the delta rule's (``Dk Dk + Dk Dv``). MODELLED, not measured: each strategy's
+time per layer is ``exchange.exchange_cost`` (its formula and link assumptions are printed),
+forward + backward = 2x (the scan's backward is the same scan reversed; the all-gather's is a
+reduce-scatter of the same size), 16 layers, added to the same compute model (no overlap, and
+perfect overlap). The message counts it uses are the ones comm.py measures in the HLO.
 """
 
 from __future__ import annotations
@@ -70,6 +79,10 @@ def parse(argv):
   ap.add_argument("--mfu", type=float, default=0.4)
   ap.add_argument("--kv-bytes", type=int, default=2, help="bytes per K/V element in training")
   ap.add_argument("--measure-w", type=int, default=8)
+  ap.add_argument("--exchange-devices", type=int, nargs="+", default=[64, 128, 256],
+                  help="devices of the exchange-strategy table")
+  ap.add_argument("--exchange-n", type=int, default=2097152, help="N of the exchange table")
+  ap.add_argument("--exchange-layout", default="contiguous", choices=["contiguous", "zigzag"])
   ap.add_argument("--small", action="store_true", help="toy sizes (smoke test)")
   ap.add_argument("--out", default="benchmarks/results/scaling.json")
   ap.add_argument("--plot", default=None)
@@ -77,6 +90,7 @@ def parse(argv):
   args.model = dict(MODEL)
   if args.small:
     args.devices, args.n, args.measure_w = [4], [2048], 2
+    args.exchange_devices, args.exchange_n = [4, 8], 4096
     args.model.update(heads=4, head_dim=16, d_model=64, ffn=128, vocab=256)
   return args
 
@@ -121,6 +135,115 @@ def measure(args, c):
                                  heads=m["heads"], kv_heads=m["heads"], dim=m["head_dim"])
     out[method] = M.comm_summary(compiled.as_text(), w)
   return out
+
+
+# The scaling presets' links in the exchange cost model (lasp_jax.sequence_parallel.exchange):
+# the same bandwidth and per-collective latency as HARDWARE above; a TPU axis of P > 16 chips is
+# laid over two torus dimensions of 16 (a v5p slice is a 3D torus with 16-chip rings at most in
+# the common shapes), so a scan's shift by 2**k is a few hops, not 2**k.
+EXCHANGE_LINKS = {
+    "a100": dict(hardware="infiniband", bandwidth=25e9, latency_s=20e-6),
+    "h100": dict(hardware="infiniband", bandwidth=50e9, latency_s=15e-6),
+    "tpu_v5p": dict(hardware="tpu_ici"),
+}
+
+
+def _links(hw_name, p):
+  links = dict(EXCHANGE_LINKS[hw_name])
+  if links["hardware"] == "tpu_ici" and p > 16:
+    links["topology"] = (p // 16, 16) if p % 16 == 0 else "ring"
+  return links
+
+
+def exchange_rows(args, dense):
+  """Modelled step time with each exchange strategy (allgather, scan, LASP-1 chain) per
+  hardware, device count and summary kind, at ``--exchange-n`` tokens."""
+  from lasp_jax.sequence_parallel import exchange
+  m = args.model
+  h, d = m["heads"], m["head_dim"]
+  state = h * d * d * 4                                   # B = 1, float32
+  kinds = {"diagonal": h * (d + d * d) * 4, "delta": h * (d * d + d * d) * 4}
+  segments = 2 if args.exchange_layout == "zigzag" else 1
+  rows = []
+  for hw_name in args.hardware:
+    hw = HARDWARE[hw_name]
+    for p in args.exchange_devices:
+      c = args.exchange_n // p
+      flops = dense * c + m["layers"] * attention_flops("lasp2", m, c, p)
+      t_comp = flops / (hw["peak"] * args.mfu)
+      links = _links(hw_name, p)
+      for kind, summ in kinds.items():
+        for strategy in ("allgather", "scan", "lasp1_chain"):
+          if strategy == "lasp1_chain":  # W-1 sequential sends of one state, each way
+            lk = dict(exchange.HARDWARE[links["hardware"]], **{k: v for k, v in links.items()
+                                                                if k != "hardware"})
+            # Neighbours send to neighbours: one hop on any topology.
+            # The chain passes states (each device composes its own summary in): state-sized.
+            per = lk["latency_s"] + lk["step_s"] + state / lk["bandwidth"]
+            cost = dict(time_s=(p * segments - 1) * per, received_bytes=(p * segments - 1) * state,
+                        steps=p * segments - 1, held_bytes=2 * summ)
+          else:
+            cost = exchange.exchange_cost(strategy, p, summ, segments=segments, state_bytes=state,
+                                          **links)
+          t_comm = m["layers"] * 2 * cost["time_s"]            # forward + backward
+          rows.append(dict(hardware=hw_name, devices=p, n=args.exchange_n, c=c, kind=kind,
+                           strategy=strategy, summary_bytes=summ, links=links,
+                           layer_fwd_s=cost["time_s"], layer_steps=cost["steps"],
+                           layer_fwd_bytes=cost["received_bytes"], held_bytes=cost["held_bytes"],
+                           compute_s=t_comp, comm_s=t_comm, step_serial_s=t_comp + t_comm,
+                           step_overlap_s=max(t_comp, t_comm),
+                           tokens_per_s_serial=args.exchange_n / (t_comp + t_comm),
+                           auto=exchange.choose_exchange(p, summ, segments=segments,
+                                                         state_bytes=state, **links)))
+  return rows
+
+
+def exchange_table(rows, args):
+  from lasp_jax.sequence_parallel import exchange
+  lines = ["", f"== Exchange strategies, N={args.exchange_n}, {args.exchange_layout} layout, B=1, "
+           f"per layer x {args.model['layers']} layers, fwd+bwd = 2 x fwd (MODELLED) ==",
+           "Cost model (lasp_jax.sequence_parallel.exchange.exchange_cost):",
+           "  allgather: alpha + (W-1) tau + (W-1) S b / beta_ag (beta_ag = 2 beta on a torus); "
+           "1 step",
+           "  scan:      sum over ceil(log2 W S) rounds of alpha + h tau + sum_c h_c m / beta "
+           "(h: hops, 1 switched)",
+           "  lasp1:     (W S - 1) x (alpha + tau + state / beta), sequential",
+           "Links: " + "; ".join(f"{k}: {v}" for k, v in exchange.HARDWARE.items()),
+           "Presets here: " + "; ".join(f"{k} -> {v}" for k, v in EXCHANGE_LINKS.items())
+           + " (TPU axes over 16: torus (P/16, 16))",
+           f"{'hw':<8}{'P':>4}  {'kind':<9}{'strategy':<12}{'fwd us':>9}{'steps':>6}"
+           f"{'MB recv':>9}{'MB held':>9}{'comm s':>8}{'step s':>8}{'tok/s':>10}{'auto':>11}"]
+  for r in rows:
+    lines.append(f"{r['hardware']:<8}{r['devices']:>4}  {r['kind']:<9}{r['strategy']:<12}"
+                 f"{r['layer_fwd_s'] * 1e6:>9.1f}{r['layer_steps']:>6}"
+                 f"{r['layer_fwd_bytes'] / 1e6:>9.1f}{r['held_bytes'] / 1e6:>9.1f}"
+                 f"{r['comm_s']:>8.3f}{r['step_serial_s']:>8.3f}{r['tokens_per_s_serial']:>10.3g}"
+                 f"{r['auto'] if r['strategy'] == 'scan' else '':>11}")
+  return lines
+
+
+def exchange_plot(rows, args, path):
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  hws = list(dict.fromkeys(r["hardware"] for r in rows))
+  fig, axes = plt.subplots(1, len(hws), figsize=(5.2 * len(hws), 4.2), squeeze=False)
+  for ax, hw in zip(axes[0], hws):
+    for kind, ls in (("diagonal", "-"), ("delta", "--")):
+      for strategy in ("allgather", "scan", "lasp1_chain"):
+        pts = sorted((r["devices"], r["layer_fwd_s"] * 2e6) for r in rows if r["hardware"] == hw
+                     and r["kind"] == kind and r["strategy"] == strategy)
+        ax.plot(*zip(*pts), marker="o", ls=ls, label=f"{strategy} {kind}")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("devices")
+    ax.set_ylabel("modelled exchange time per layer, fwd+bwd (us)")
+    ax.set_title(f"{hw}: {EXCHANGE_LINKS[hw]['hardware']}", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=80)
+  plt.close(fig)
 
 
 def main(argv=None):
@@ -199,11 +322,16 @@ def main(argv=None):
         f"{r['comm_s']:>9.3f}{r['step_serial_s']:>9.3f}{r['tokens_per_s_serial']:>10.3g}"
         f"{'' if gain is None else format(gain, '.1f'):>11}"
         f"{'' if gain is None else format(r['lasp2_gain_pct_overlap'], '.1f'):>10}")
-  print("\n".join(lines))
+  ex_rows = exchange_rows(args, dense)
+  ex_lines = exchange_table(ex_rows, args)
+  print("\n".join(lines + ex_lines))
   M.write_json(args.out, dict(jax=jax.__version__, args=vars(args), hardware=HARDWARE,
                               paper=PAPER, implied_paper_mfu=implied_mfu,
                               measured_comm_per_layer=measured, rows=rows,
-                              assumptions=lines[:lines.index("")]))
+                              assumptions=lines[:lines.index("")], exchange_rows=ex_rows,
+                              exchange_assumptions=ex_lines[1:8]))
+  ex_png = os.path.splitext(args.plot or args.out)[0] + "_exchange.png"
+  exchange_plot(ex_rows, args, ex_png)
   png = args.plot or os.path.splitext(args.out)[0] + ".png"
   import matplotlib
   matplotlib.use("Agg")
@@ -231,7 +359,7 @@ def main(argv=None):
   fig.tight_layout()
   fig.savefig(png, dpi=80)
   plt.close(fig)
-  print(f"wrote {args.out} and {png}")
+  print(f"wrote {args.out}, {png} and {ex_png}")
   return rows
 
 

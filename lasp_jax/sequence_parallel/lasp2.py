@@ -14,11 +14,16 @@ Per device the forward pass is:
    device: 1 contiguous, 2 zigzag; the log-decay only when it is data dependent, the first and last
    segment ids only with packed documents), issued before and independent of the intra-chunk work
    so XLA can overlap them, then a local fold: the incoming state of each segment (and the final
-   state, the same on every device),
+   state, the same on every device); or, with ``exchange="scan"``, ``ceil(log2 P)`` rounds of
+   ppermutes holding O(1) summaries (``exchange.scan_prefix``),
 3. output = local chunked attention from zero (the kernels) + ``scale * (q * exp(b)) S_in``.
 
 The backward pass is autodiff: the transpose of the all-gather is one reduce-scatter of the same
-size, so one state-sized collective per direction, none that grows with N.
+size, so one state-sized collective per direction, none that grows with N (the scan has its own
+log-depth backward).
+
+The delta rule (``beta``, SPEC 11) uses the same exchange with a ``Dk x Dk`` transition in its
+summary; its local pass starts from ``S_in`` (the WY stage, which does not need it, comes first).
 
 Numerics: log-decays are clamped to ``reference.LOG_DECAY_FLOOR`` (exact: ``exp`` of anything at or
 below it is 0), so ``-inf`` resets are exact zeros and never NaN; every weight is ``exp`` of a
@@ -41,7 +46,7 @@ from kernels.delta_rule import reference as delta_ref
 from kernels.linear_attention import reference as ref
 from kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
                                           validate_inputs)
-from lasp_jax.sequence_parallel import exchange
+from lasp_jax.sequence_parallel import exchange as exchange_lib
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
@@ -142,7 +147,7 @@ def add_incoming(o_local, q, b_in, s_in, scale):
 
 def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1.0,
           segment_ids=None, initial_state=None, return_final_state=False, chunk_size=64,
-          layout="contiguous", backend="auto"):
+          layout="contiguous", exchange="allgather", backend="auto"):
   """LASP-2 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
 
   Args:
@@ -159,6 +164,9 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     return_final_state: also return the state after the last token of the whole sequence,
       float32 ``(B, H, Dk, Dv)``, replicated over ``axis_name`` (one all-reduce of that state).
     layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5); the shard holds 1 or 2 segments.
+    exchange: how the segments' summaries meet (SPEC 10, ``exchange.prefix``): ``"allgather"``
+      (LASP-2: one all-gather, every device holds all ``W`` summaries), ``"scan"`` (log-depth
+      ppermute scan, O(1) summaries held) or ``"auto"`` (by ``exchange.choose_exchange``).
     Others as ``linear_attention``.
 
   Returns:
@@ -193,9 +201,9 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
   edges = None if ids_s is None else (split(ids_s[:, 0]), split(ids_s[:, -1]))
 
   def prefix(local, send=None):
-    s_in, s_final = exchange.allgather_prefix(
-        local, axis_name=axis_name, layout=layout, edge_ids=edges, initial=initial_state,
-        send=send)
+    s_in, s_final = exchange_lib.prefix(
+        local, strategy=exchange, axis_name=axis_name, layout=layout, edge_ids=edges,
+        initial=initial_state, send=send)
     return s_in.reshape(nseg * bsz, *s_in.shape[2:]), s_final
 
   kernel_backend = _kernel_backend(backend, q_s, v_s, g_s, chunk_size)
@@ -206,13 +214,8 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     o, s_final = _delta_segments(q_s, k_s, v_s, layout_lib.to_segments(beta, nseg), g_s, prefix,
                                  split, scale, chunk_size, kernel_backend)
   o = layout_lib.from_segments(o.astype(q.dtype), nseg)
-  if not return_final_state:
-    return o
-  # Every device folded the same summaries, but shard_map cannot know that the result is
-  # replicated: one device's copy through a psum (one state-sized all-reduce, only when asked)
-  # makes it so, and its transpose sends the cotangent back to that one copy, not to W of them.
-  s_final = jnp.where(jax.lax.axis_index(axis_name) == 0, s_final, 0.0)
-  return o, jax.lax.psum(s_final, axis_name)
+  # The exchange's final state is replicated over the axis by one all-reduce, only when asked.
+  return (o, s_final) if return_final_state else o
 
 
 def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend):
@@ -225,8 +228,8 @@ def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, bac
     log_m = jnp.zeros((nb, heads, 1), jnp.float32) if gamma is None else gamma
     # A decay known in advance (none, or constant per head) is not sent: only the states are.
     constant = g_s is None or g_s.ndim == 1
-    s_in, s_final = prefix(exchange.DiagonalSummary(split(log_m), split(st)),
-                           send=exchange.DiagonalSummary(not constant, True))
+    s_in, s_final = prefix(exchange_lib.DiagonalSummary(split(log_m), split(st)),
+                           send=exchange_lib.DiagonalSummary(not constant, True))
   with jax.named_scope("lasp2_local"):
     o_local, _ = kernels.chunk_linear_attention(q_s, k_s, v_s, g_s, scale=scale,
                                                 chunk_size=chunk_size, backend=backend)
@@ -242,7 +245,7 @@ def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size
     chunks = delta_api.prepare(k_s, v_s, beta_s, g_s, chunk_size=chunk_size)
   with jax.named_scope("lasp2_state_exchange"):
     m, e = delta_ref.segment_summary(chunks)
-    s_in, s_final = prefix(exchange.DeltaSummary(split(m), split(e)))
+    s_in, s_final = prefix(exchange_lib.DeltaSummary(split(m), split(e)))
   with jax.named_scope("lasp2_local"):
     o, _ = delta_api.apply(q_s, k_s, chunks, g_s, scale=scale, initial_state=s_in,
                            chunk_size=chunk_size, backend=backend)
@@ -279,7 +282,7 @@ def decay_spec(log_decay, batch_axis, seq_axis):
 def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="sp",
                     batch_axis=None, causal=True, scale=1.0, segment_ids=None,
                     initial_state=None, return_final_state=False, chunk_size=64,
-                    layout="contiguous", backend="auto"):
+                    layout="contiguous", exchange="allgather", backend="auto"):
   """LASP-2 on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
 
   Args:
@@ -319,7 +322,7 @@ def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="
   state_spec = P(batch_axis, None, None, None)
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
                          return_final_state=return_final_state, chunk_size=chunk_size,
-                         layout=layout, backend=backend)
+                         layout=layout, exchange=exchange, backend=backend)
   row_spec = P(batch_axis, seq_axis)
   return sharding.shard_map(
       lambda q, k, v, g, b, ids, s0: fn(q, k, v, g, beta=b, segment_ids=ids, initial_state=s0),

@@ -37,7 +37,8 @@ def test_script_runs(tmp_path, name, extra):
 
 def test_comm_runs_and_counts_match_spec9(tmp_path):
   """comm.py at toy size (W=4); its HLO counts are what SPEC section 9 says: LASP-2 one
-  all-gather (1 step), LASP-1 W-1 = 3 chained state permutes, both receiving W-1 float32 states."""
+  all-gather (1 step), LASP-1 W-1 = 3 chained state permutes, both receiving W-1 float32 states;
+  the exchange sweep's scan rows are its schedule's permutes."""
   out = tmp_path / "comm.json"
   rows, _ = _script("comm").main(["--small", "--out", str(out), "--methods", "lasp2", "lasp1",
                                   "ulysses_softmax"])
@@ -52,3 +53,19 @@ def test_comm_runs_and_counts_match_spec9(tmp_path):
     assert fwd[m]["received_bytes"] == fwd[m]["spec9_fwd_bytes"]
     assert fwd[m]["sequential_steps"] == fwd[m]["spec9_fwd_steps"]
   assert fwd["lasp1"]["sequential_steps"] == 3
+  # The exchange sweep (SPEC 10, W = 4, zigzag at toy size): the scan is the schedule's permutes
+  # (+ the final state's all-reduce), never an all-gather; the all-gather one all-gather.
+  from lasp_jax.sequence_parallel import exchange
+  ex = json.loads(out.read_text())["exchange_sweep"]
+  assert {(r["strategy"], r["kind"], r["passes"]) for r in ex} == {
+      (s, k, p) for s in ("allgather", "scan") for k in ("diagonal", "delta")
+      for p in ("fwd", "fwd+bwd")}
+  for r in ex:
+    if r["strategy"] == "scan":
+      assert set(r["by_kind"]) == {"collective-permute", "all-reduce"}, r["by_kind"]
+      want = exchange.scan_counts(r["layout"], r["w"])["permutes"]
+      per_pass = 1 if r["passes"] == "fwd" else 2
+      assert r["by_kind"]["collective-permute"]["count"] == want * per_pass
+    elif r["passes"] == "fwd":
+      assert r["by_kind"]["all-gather"]["count"] == 1
+  assert (tmp_path / "comm_exchange.png").stat().st_size > 0

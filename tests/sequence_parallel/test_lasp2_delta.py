@@ -40,7 +40,7 @@ def _reference(decay, packed=True):
   return f64(lambda *a: grads_and_outputs(ref, *a, ct, ct_s), q, k, v, beta, g, s0)
 
 
-def _sp(w, layout, decay, packed=True):
+def _sp(w, layout, decay, packed=True, exchange="allgather"):
   """jit(grad) of LASP-2 on global natural-order inputs (zigzagged in and out for zigzag)."""
   mesh = sp_mesh(w)
   ids = segment_ids(STARTS, N) if packed else None
@@ -52,7 +52,7 @@ def _sp(w, layout, decay, packed=True):
     o, s = lasp_jax.lasp2_attention(
         zz(q), zz(k), zz(v), g, beta=zz(b), mesh=mesh, scale=0.5,
         segment_ids=None if ids is None else zz(ids), initial_state=s0,
-        return_final_state=True, chunk_size=CHUNK, layout=layout)
+        return_final_state=True, chunk_size=CHUNK, layout=layout, exchange=exchange)
     return unzz(o), s
 
   q, k, v, beta, g, s0, ct, ct_s = _case(decay)
@@ -70,6 +70,39 @@ def test_eight_devices_match_recurrence(decay, layout):
                                        (2, "zigzag"), (4, "zigzag")])
 def test_fewer_devices_match_recurrence(w, layout):
   assert_matches(_sp(w, layout, "token"), _reference("token"), what=f"W={w} {layout}")
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("decay", ["token", "channel"])
+def test_scan_exchange_matches_recurrence(decay, layout):
+  assert_matches(_sp(8, layout, decay, exchange="scan"), _reference(decay),
+                 what=f"scan {decay} {layout}")
+
+
+@pytest.mark.parametrize("exchange", ["allgather", "scan"])
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_three_devices_both_exchanges(layout, exchange):
+  """W = 3, not a power of two (N = 96 = 3 * 2 * 2 chunks of 8)."""
+  n, w = 96, 3
+  q, k, v, beta, g, s0, ct = make_inputs("token", b=B, n=n, h=H, dk=DK, dv=DV, seed=6)
+  ids = segment_ids(((16, 31, 33, 47, 48, 80), (5,)), n)
+  zz = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.zigzag(x, w))
+  unzz = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.unzigzag(x, w))
+  mesh = sp_mesh(w)
+
+  def fn(q, k, v, b, g, s0):
+    o, s = lasp_jax.lasp2_attention(
+        zz(q), zz(k), zz(v), zz(g), beta=zz(b), mesh=mesh, scale=0.5, segment_ids=zz(ids),
+        initial_state=s0, return_final_state=True, chunk_size=CHUNK, layout=layout,
+        exchange=exchange)
+    return unzz(o), s
+  ct_s = jnp.ones_like(s0)
+  ref = lambda q, k, v, b, g, s0: delta_recurrence(  # noqa: E731
+      q, k, v, b, g, scale=0.5, initial_state=s0, segment_ids=ids)
+  want = f64(lambda *a: grads_and_outputs(ref, *a, ct, ct_s), q, k, v, beta, g, s0)
+  with jax.set_mesh(mesh):
+    got = jax.jit(functools.partial(grads_and_outputs, fn))(q, k, v, beta, g, s0, ct, ct_s)
+  assert_matches(got, want, what=f"W=3 {layout} {exchange}")
 
 
 def test_unpacked_without_initial_state_and_batch_axis():

@@ -78,9 +78,10 @@ def test_one_device_packed_with_initial_and_final_state(decay):
   _check(got, _reference(decay), f"one device {decay}")
 
 
+@pytest.mark.parametrize("exchange", ["allgather", "scan"])
 @pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
 @pytest.mark.parametrize("decay", DECAYS)
-def test_lasp2_packed_with_initial_and_final_state(decay, layout):
+def test_lasp2_packed_with_initial_and_final_state(decay, layout, exchange):
   q, k, v, g, s0, ct, ct_s = _inputs(decay)
   ids = _segment_ids()
   mesh = sp_mesh(W)
@@ -88,7 +89,7 @@ def test_lasp2_packed_with_initial_and_final_state(decay, layout):
       layout == "zigzag") else (lambda x: x)
   fn = lambda q, k, v, g, s0: lasp_jax.lasp2_attention(  # noqa: E731
       q, k, v, g, mesh=mesh, segment_ids=zz(ids), initial_state=s0, return_final_state=True,
-      chunk_size=CHUNK, layout=layout)
+      chunk_size=CHUNK, layout=layout, exchange=exchange)
   ct_l = zz(ct)
   (o, s), grads = jax.jit(lambda *a: (fn(*a), jax.grad(
       _loss(fn, ct_l, ct_s), argnums=_argnums(g))(*a)))(zz(q), zz(k), zz(v), g if g is None or (
@@ -97,7 +98,7 @@ def test_lasp2_packed_with_initial_and_final_state(decay, layout):
     un = lambda x: lasp_jax.unzigzag(np.asarray(x), W)  # noqa: E731
     o = un(o)
     grads = [un(a) if a.ndim >= 3 and a.shape[1] == N else a for a in grads]
-  _check(((o, s), grads), _reference(decay), f"W={W} {layout} {decay}")
+  _check(((o, s), grads), _reference(decay), f"W={W} {layout} {decay} {exchange}")
 
 
 def test_packed_per_shard_op_and_batch_axis():
