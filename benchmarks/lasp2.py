@@ -34,6 +34,8 @@ def main(argv=None):
   ap.add_argument("--doc-len", type=int, default=2048)
   ap.add_argument("--repeats", type=int, default=5)
   ap.add_argument("--no-delta", action="store_true", help="skip the delta-rule rows")
+  ap.add_argument("--scan", action="store_true",
+                  help="also time exchange='scan' (diagonal and delta) beside the all-gather")
   ap.add_argument("--out", default="benchmarks/results/lasp2.json")
   args = ap.parse_args(argv)
   os.environ.setdefault("JAX_NUM_CPU_DEVICES", str(args.devices))
@@ -111,6 +113,13 @@ def main(argv=None):
     if not args.no_delta:
       programs.update(delta_lasp2=(delta_sp, delta_args, True),
                       delta_one=(delta_one, delta_one_args, False))
+    if args.scan:
+      programs["scan"] = (make(lambda *a: lasp_jax.lasp2_attention(
+          *a, mesh=mesh, chunk_size=args.chunk, exchange="scan")), sp_args, True)
+      if not args.no_delta:
+        programs["delta_scan"] = (make(lambda q, k, v, g, beta: lasp_jax.lasp2_attention(
+            q, k, v, g, beta=beta, mesh=mesh, chunk_size=args.chunk, exchange="scan")),
+            delta_args, True)
     times = {name: [] for name in programs}
     for fn, fn_args, in_mesh in programs.values():
       timed(fn, fn_args, in_mesh)
@@ -131,6 +140,12 @@ def main(argv=None):
       row["ratio_delta_over_diagonal_lasp2"] = row["delta_lasp2_ms"] / row["lasp2_ms"]
       row["ratio_delta_over_diagonal_one"] = row["delta_one_device_ms"] / row["one_device_ms"]
       row["ratio_delta_lasp2_over_one"] = row["delta_lasp2_ms"] / row["delta_one_device_ms"]
+    if args.scan:
+      row["scan_ms"] = med(times["scan"])
+      row["ratio_scan_over_allgather"] = row["scan_ms"] / row["lasp2_ms"]
+      if not args.no_delta:
+        row["delta_scan_ms"] = med(times["delta_scan"])
+        row["ratio_delta_scan_over_allgather"] = row["delta_scan_ms"] / row["delta_lasp2_ms"]
     rows.append(row)
 
   print(f"{'N':>8} {'W':>3} {'lasp2 ms':>10} {'packed ms':>10} {'1-dev ms':>10} {'sp/1':>5} "
@@ -148,6 +163,16 @@ def main(argv=None):
       print(f"{r['n']:>8} {r['w']:>3} {r['delta_lasp2_ms']:>12.1f} {r['delta_one_device_ms']:>12.1f} "
             f"{r['ratio_delta_lasp2_over_one']:>5.2f} {r['ratio_delta_over_diagonal_lasp2']:>13.2f} "
             f"{r['ratio_delta_over_diagonal_one']:>12.2f}  {coll(r['delta_collectives'])}")
+  if args.scan:
+    print(f"\n{'N':>8} {'W':>3} {'allgather ms':>12} {'scan ms':>9} {'scan/ag':>7}"
+          + ("" if args.no_delta else f" {'delta ag ms':>11} {'delta scan':>10} {'scan/ag':>7}"))
+    for r in rows:
+      line = (f"{r['n']:>8} {r['w']:>3} {r['lasp2_ms']:>12.1f} {r['scan_ms']:>9.1f} "
+              f"{r['ratio_scan_over_allgather']:>7.2f}")
+      if not args.no_delta:
+        line += (f" {r['delta_lasp2_ms']:>11.1f} {r['delta_scan_ms']:>10.1f} "
+                 f"{r['ratio_delta_scan_over_allgather']:>7.2f}")
+      print(line)
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
     json.dump(dict(backend=jax.default_backend(), rows=rows), f, indent=1)
