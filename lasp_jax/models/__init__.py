@@ -1,6 +1,8 @@
-"""Flax NNX models: Linear-Llama3, its hybrids and the seven linear-attention variants."""
+"""Flax NNX models: Linear-Llama3, its hybrids, the seven linear-attention variants and the three
+delta-rule ones."""
 
-from lasp_jax.models.config import (LINEAR_VARIANTS, PRESETS, ModelConfig, get_config)
+from lasp_jax.models.config import (DELTA_VARIANTS, LINEAR_VARIANTS, PRESETS, ModelConfig,
+                                    get_config)
 from lasp_jax.models.layers import RMSNorm, SwiGLU, apply_rope
 from lasp_jax.models.linear_attention import LinearAttention
 from lasp_jax.models.llama import (DecoderLayer, LinearLlama, count_params, create_model,
@@ -9,7 +11,7 @@ from lasp_jax.models.sharding_rules import ShardingRules
 from lasp_jax.models.softmax_attention import SoftmaxAttention
 
 __all__ = [
-    "LINEAR_VARIANTS", "PRESETS", "DecoderLayer", "LinearAttention", "LinearLlama", "ModelConfig",
-    "RMSNorm", "ShardingRules", "SoftmaxAttention", "SwiGLU", "apply_rope", "count_params",
+    "DELTA_VARIANTS", "LINEAR_VARIANTS", "PRESETS", "DecoderLayer", "LinearAttention",
+    "LinearLlama", "ModelConfig", "RMSNorm", "ShardingRules", "SoftmaxAttention", "SwiGLU", "apply_rope", "count_params",
     "create_model", "flops_per_token", "get_config", "param_shardings",
 ]

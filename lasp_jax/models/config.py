@@ -5,10 +5,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-LINEAR_VARIANTS = ("basic", "lightning", "retention", "gla", "simple_gla", "based", "rebased")
+# The diagonal-decay family (SPEC section 7), then the delta rule (SPEC section 11).
+DIAGONAL_VARIANTS = ("basic", "lightning", "retention", "gla", "simple_gla", "based", "rebased")
+DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
+LINEAR_VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
 FEATURE_MAPS = ("identity", "swish", "relu", "elu_plus_one")
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "zigzag")
+# How the linear layers' segment summaries meet under SP (lasp_jax.sequence_parallel.exchange).
+EXCHANGES = ("allgather", "scan", "auto")
 LAYER_KINDS = {"L": "linear", "N": "softmax"}
 
 
@@ -21,10 +26,16 @@ class ModelConfig:
   softmax layers (grouped-query attention); linear layers have ``num_heads`` heads for q, k and v.
   ``head_dim`` None means ``d_model // num_heads``. ``feature_map`` applies to every variant but
   ``based``/``rebased``, whose maps are part of their definition on a ``feature_dim``-wide
-  projection. ``gate_rank``/``gate_normalizer``: GLA's low-rank gate and the divisor of its (and
-  simple GLA's) logsigmoid. ``short_conv``: kernel size of the depthwise causal conv + SiLU on q, k
-  and v of every linear layer, after their projections (SPEC section 12; 0: none). Sharding: the sequence is split over mesh axis ``seq_axis``, the batch
-  over ``batch_axes``; weights over ``fsdp_axis``/``tensor_axis`` where the mesh has them.
+  projection, and the delta-rule variants (``DELTA_VARIANTS``: SiLU then L2 norm on q and k).
+  ``gate_rank``/``gate_normalizer``: the rank of GLA's (and KDA's) low-rank gate and the divisor of
+  GLA's and simple GLA's logsigmoid. ``allow_neg_eigval`` (delta-rule variants only): ``beta`` in
+  ``[0, 2]`` instead of ``[0, 1]``, so the transition ``I - beta k^T k`` can have the eigenvalue
+  ``-1`` that state tracking (e.g. parity) needs (SPEC section 11). ``short_conv``: kernel size of
+  the depthwise causal conv + SiLU on q, k and v of every linear layer, after their projections
+  (SPEC section 12; 0: none). ``exchange``: how LASP-2 combines the linear layers' segment
+  summaries, ``"allgather"`` (one step, W summaries held), ``"scan"`` (log-depth ppermutes, O(1)
+  held) or ``"auto"`` (``exchange.choose_exchange``). Sharding: the sequence is split over mesh axis ``seq_axis``, the
+  batch over ``batch_axes``; weights over ``fsdp_axis``/``tensor_axis`` where the mesh has them.
   """
 
   vocab_size: int = 256
@@ -40,6 +51,7 @@ class ModelConfig:
   feature_dim: int = 16
   gate_rank: int = 16
   gate_normalizer: float = 16.0
+  allow_neg_eigval: bool = False
   short_conv: int = 0
   tie_embeddings: bool = False
   param_dtype: str = "float32"
@@ -54,6 +66,7 @@ class ModelConfig:
   fsdp_axis: str | None = "fsdp"
   tensor_axis: str | None = "tensor"
   layout: str = "contiguous"
+  exchange: str = "allgather"
 
   def __post_init__(self):
     if isinstance(self.batch_axes, (list, str)):
@@ -76,6 +89,11 @@ class ModelConfig:
     if self.linear_variant not in LINEAR_VARIANTS:
       raise ValueError(f"linear_variant must be one of {LINEAR_VARIANTS}, "
                        f"got {self.linear_variant!r}")
+    if not isinstance(self.allow_neg_eigval, bool):
+      raise ValueError(f"allow_neg_eigval must be a bool, got {self.allow_neg_eigval!r}")
+    if self.allow_neg_eigval and self.linear_variant not in DELTA_VARIANTS:
+      raise ValueError(f"allow_neg_eigval=True widens the delta rule's beta to [0, 2]: it needs a "
+                       f"linear_variant in {DELTA_VARIANTS}, got {self.linear_variant!r}")
     if self.feature_map not in FEATURE_MAPS:
       raise ValueError(f"feature_map must be one of {FEATURE_MAPS}, got {self.feature_map!r}")
     if not isinstance(self.layer_pattern, str) or not self.layer_pattern:
@@ -96,6 +114,8 @@ class ModelConfig:
         raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
     if self.layout not in LAYOUTS:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+    if self.exchange not in EXCHANGES:
+      raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
     for name in ("rope_base", "norm_eps", "init_std", "gate_normalizer"):
       val = getattr(self, name)
       if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:
@@ -151,6 +171,11 @@ _PRESETS: dict[str, ModelConfig] = {
     "tiny_hybrid": ModelConfig(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
                                num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN", chunk_size=16,
                                feature_dim=4, gate_rank=4, short_conv=4),
+    # tiny_hybrid with Gated DeltaNet linear layers (SPEC section 11; as Qwen3-Next's 3:1 hybrid).
+    "tiny_gdn_hybrid": ModelConfig(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
+                                   num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN",
+                                   linear_variant="gated_deltanet", chunk_size=16, feature_dim=4,
+                                   gate_rank=4, short_conv=4),
     # The paper's Linear-Llama3-1B (Llama-3.2-1B shapes: tied embeddings, vocab 128256, GQA 8);
     # no short conv, as in the published models.
     "linear_llama3_1b": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16, num_heads=16,
@@ -161,6 +186,14 @@ _PRESETS: dict[str, ModelConfig] = {
                                            ffn_dim=8192, layer_pattern="LLLN",
                                            tie_embeddings=True, compute_dtype="bfloat16",
                                            chunk_size=64),
+    # The 1/4 hybrid at Linear-Llama3-1B scale with Gated DeltaNet linear layers and the kernel-4
+    # short conv that Gated DeltaNet is defined with.
+    "gated_deltanet_1b_hybrid": ModelConfig(vocab_size=128256, d_model=2048, num_layers=16,
+                                            num_heads=16, num_kv_heads=8, head_dim=128,
+                                            ffn_dim=8192, layer_pattern="LLLN",
+                                            linear_variant="gated_deltanet", short_conv=4,
+                                            tie_embeddings=True, compute_dtype="bfloat16",
+                                            chunk_size=64),
 }
 
 PRESETS = tuple(_PRESETS)

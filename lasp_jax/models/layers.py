@@ -12,12 +12,16 @@ from flax import nnx
 from lasp_jax.models.sharding_rules import Context
 
 
-def param(rngs: nnx.Rngs, shape, logical_axes, dtype, *, std=None, value=None) -> nnx.Param:
-  """A parameter: normal(0, std) (or a constant ``value``), tagged with its logical axis names."""
+def param(rngs: nnx.Rngs, shape, logical_axes, dtype, *, std=None, value=None,
+          init=None) -> nnx.Param:
+  """A parameter: normal(0, std), a constant ``value``, or ``init(key, shape)`` (a float32 draw),
+  tagged with its logical axis names."""
   if len(logical_axes) != len(shape):
     raise ValueError(f"logical_axes {logical_axes} do not match shape {shape}")
   if value is not None:
     x = jnp.full(shape, value, dtype)
+  elif init is not None:
+    x = init(rngs.params(), shape).astype(dtype)
   else:
     x = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
   return nnx.Param(x, logical_axes=tuple(logical_axes))

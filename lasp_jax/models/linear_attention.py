@@ -1,17 +1,21 @@
-"""The linear-attention layer block and its seven variants (SPEC section 7, the paper's Table 2).
+"""The linear-attention layer block and its variants (SPEC section 7, the paper's Table 2; the delta
+rule of SPEC section 11).
 
 Block (as in the reference models), for ``x (B, N, d_model)``:
 
     q, k, v = x W_q, x W_k, x W_v                       (B, N, H, Dk) / (B, N, H, Dv)
     q, k, v = SiLU(conv(q)), SiLU(conv(k)), SiLU(conv(v))  short causal conv, when cfg.short_conv
     q, k    = phi(q), phi(k)                             feature map of the variant
-    o       = core(q, k, v, g)                           LASP-2 over the mesh, or one device
+    o       = core(q, k, v, g[, beta])                   LASP-2 over the mesh, or one device
     o       = RMSNorm_head(o) * swish(x W_og)            per-head norm, output gate
     y       = o W_o
 
-``core`` is the causal linear recurrence ``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``,
-``o_i = scale * q_i S_i`` with ``scale = Dk**-0.5``. Variants differ in ``g`` and ``phi``; each
-function below gives its formula.
+``core`` is the causal linear recurrence with ``scale = Dk**-0.5``: for the diagonal-decay variants
+``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``, for the delta-rule variants (``deltanet``,
+``gated_deltanet``, ``kda``)
+``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``; both
+``o_i = scale * q_i S_i``. Variants differ in ``g``, ``beta`` and ``phi``; ``LinearAttention``
+gives each one's formula.
 """
 
 from __future__ import annotations
@@ -23,11 +27,21 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lasp_jax.models.config import DELTA_VARIANTS
 from lasp_jax.models.layers import param, rms_norm
 from lasp_jax.models.sharding_rules import Context
 
 # Denominator guard of the normalised (Based, ReBased) variants.
 NORMALISER_EPS = 1e-6
+# Guard of the delta rule's L2 norm of q and k (fla's l2norm).
+L2_NORM_EPS = 1e-6
+
+# The data-dependent decays: the gate's logit per token and key channel (a low-rank projection)
+# or per token and head; GLA-style ``logsigmoid(logit) / normaliser`` or Mamba2-style
+# ``-exp(A_log) * softplus(logit)`` (Gated DeltaNet, KDA).
+PER_CHANNEL_GATE = ("gla", "kda")
+PER_HEAD_GATE = ("simple_gla", "gated_deltanet")
+MAMBA_GATE = ("gated_deltanet", "kda")
 
 
 def feature_map(x, name: str):
@@ -88,6 +102,31 @@ def rebased_features(x_BxNxHxF, gamma_HxF, beta_HxF):
   return (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
 
 
+def l2_normalize(x_BxNxHxD, eps: float = L2_NORM_EPS):
+  """``x / sqrt(sum(x^2) + eps)`` over the last axis (per head, over Dk), computed in float32 and
+  returned in ``x``'s dtype: the delta rule's q and k, so that ``|k| <= 1`` and the transition
+  ``I - beta k^T k`` has eigenvalues in ``[1 - beta, 1]``."""
+  x = x_BxNxHxD.astype(jnp.float32)
+  y = x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+  return y.astype(x_BxNxHxD.dtype)
+
+
+def mamba_a_log_init(key, shape, low: float = 1.0, high: float = 16.0):
+  """Mamba2 / Gated DeltaNet: ``A_log = log A`` with ``A ~ U[low, high]`` (float32)."""
+  return jnp.log(jax.random.uniform(key, shape, jnp.float32, low, high))
+
+
+def mamba_dt_bias_init(key, shape, dt_min: float = 1e-3, dt_max: float = 1e-1,
+                       dt_floor: float = 1e-4):
+  """Mamba2 / Gated DeltaNet: ``dt_bias = softplus^{-1}(dt) = dt + log(1 - exp(-dt))`` with ``dt``
+  log-uniform in ``[dt_min, dt_max]`` (floored at ``dt_floor``), so that at init the gate
+  ``softplus(x W_a + dt_bias)`` is about ``dt`` (float32)."""
+  u = jax.random.uniform(key, shape, jnp.float32)
+  dt = jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
+  dt = jnp.maximum(dt, dt_floor)
+  return dt + jnp.log(-jnp.expm1(-dt))
+
+
 def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
   """``SiLU(causal_conv1d(x))`` over the ``H * D`` channels of a projection (SPEC section 12), with
   the halo exchange when the mesh has the sequence axis; no taps across a document start of
@@ -100,24 +139,28 @@ def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
   return y.reshape(bsz, n, h, d)
 
 
-def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None):
+def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None, beta=None):
   """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device; the
-  state restarts at every document start of ``segment_ids (B, N)``."""
+  state restarts at every document start of ``segment_ids (B, N)``. ``beta (B, N, H)`` (None: the
+  diagonal family) makes it the delta rule (SPEC section 11)."""
   import lasp_jax
+  delta = {} if beta is None else {"beta": beta}
   if ctx.sequence_parallel:
     return lasp_jax.lasp2_attention(
         q, k, v, log_decay, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis, causal=True,
-        scale=scale, segment_ids=segment_ids, chunk_size=cfg.chunk_size, layout=cfg.layout)
+        scale=scale, segment_ids=segment_ids, chunk_size=cfg.chunk_size, layout=cfg.layout,
+        exchange=cfg.exchange, **delta)
   return lasp_jax.linear_attention(q, k, v, log_decay, causal=True, scale=scale,
-                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size)
+                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size, **delta)
 
 
 class LinearAttention(nnx.Module):
   """One linear-attention layer of variant ``cfg.linear_variant`` (see the module docstring).
 
-  Variants (``g`` is the log-decay, all <= 0):
+  Diagonal-decay variants (``g`` is the log-decay, all <= 0):
   - ``basic``: ``g = 0``; ``phi = cfg.feature_map``.
-  - ``lightning``: ``g_h = -s_h (1 - l/(L-1) + 1e-5)``, ALiBi slopes ``s_h`` (``lightning_log_decay``).
+  - ``lightning``: ``g_h = -s_h (1 - l/(L-1) + 1e-5)``, ALiBi slopes ``s_h``
+    (``lightning_log_decay``).
   - ``retention``: ``g_h = log(1 - 2**(-5-h))``.
   - ``gla``: ``g = logsigmoid(x W_g1 W_g2 + b_g) / 16`` per token, head and key channel, with
     low-rank ``W_g1 (d, r)``, ``W_g2 (r, H Dk)`` (``r = cfg.gate_rank``, 16 in the paper).
@@ -128,6 +171,19 @@ class LinearAttention(nnx.Module):
   - ``rebased``: as Based with the ReBased map (``rebased_features``), kernel ``(q~ . k~)^2``.
   Based/ReBased's normaliser comes from the same op run on ``[v, 1]``: the last output column is
   ``phi(q_i) z_i`` and LASP-2 carries ``z`` with the state.
+
+  Delta-rule variants (SPEC section 11; as Gated DeltaNet / Qwen3-Next and Kimi Linear):
+  ``q, k, v = SiLU(conv(.))`` (``SiLU(.)`` without ``cfg.short_conv``), ``q, k = q / |q|, k / |k|``
+  per head over Dk (``l2_normalize``, float32), ``beta_h = sigmoid(x w_b,h)`` per token and head,
+  times 2 with ``cfg.allow_neg_eigval`` (``beta`` in ``[0, 2]``: eigenvalues of the transition down
+  to -1), and
+  - ``deltanet``: no decay (``g = 0``).
+  - ``gated_deltanet``: ``g_h = -exp(A_log_h) * softplus(x w_h + b_h)`` per token and head.
+  - ``kda`` (Kimi Delta Attention): ``g = -exp(A_log_h) * softplus(x W_g1 W_g2 + b_g)`` per token,
+    head and key channel, with the low-rank ``W_g1 (d, r)``, ``W_g2 (r, H Dk)`` of GLA (``r =
+    cfg.gate_rank``; Kimi Linear uses ``r = Dk``); ``A_log`` per head.
+  Mamba2 init of these gates: ``A ~ U[1, 16]``, ``A_log = log A``; the bias ``b`` (Mamba's
+  ``dt_bias``) is ``softplus^{-1}(dt)``, ``dt`` log-uniform in ``[1e-3, 1e-1]``.
   """
 
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
@@ -151,42 +207,65 @@ class LinearAttention(nnx.Module):
       self.conv_q = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
       self.conv_k = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
       self.conv_v = param(rngs, (cfg.short_conv, h, dh), conv_axes, dt, std=conv_std)
-    if variant == "gla":
+    # The gate's bias is 0 for GLA-style gates, Mamba's dt_bias for Mamba-style ones.
+    bias = dict(init=mamba_dt_bias_init) if variant in MAMBA_GATE else dict(value=0.0)
+    if variant in PER_CHANNEL_GATE:
       r = cfg.gate_rank
       self.w_g1 = param(rngs, (d, r), ("embed", "rank"), dt, std=std)
       self.w_g2 = param(rngs, (r, h, dh), ("rank", "q_heads", "head_dim"), dt, std=std)
-      self.b_g = param(None, (h, dh), ("q_heads", "head_dim"), dt, value=0.0)
-    elif variant == "simple_gla":
+      self.b_g = param(rngs, (h, dh), ("q_heads", "head_dim"), dt, **bias)
+    elif variant in PER_HEAD_GATE:
       self.w_g = param(rngs, (d, h), ("embed", "q_heads"), dt, std=std)
-      self.b_g = param(None, (h,), ("q_heads",), dt, value=0.0)
+      self.b_g = param(rngs, (h,), ("q_heads",), dt, **bias)
     elif variant == "rebased":
       self.fm_gamma = param(None, (h, dqk), ("q_heads", "feature"), dt, value=1.0)
       self.fm_beta = param(None, (h, dqk), ("q_heads", "feature"), dt, value=0.0)
+    if variant in MAMBA_GATE:
+      self.a_log = param(rngs, (h,), ("q_heads",), dt, init=mamba_a_log_init)
+    if variant in DELTA_VARIANTS:
+      self.w_b = param(rngs, (d, h), ("embed", "q_heads"), dt, std=std)
 
   def _log_decay(self, x_BxNxD, ctx: Context):
+    """``g``: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)`` float32 (class docstring)."""
     cfg, variant = self.cfg, self.cfg.linear_variant
     if variant == "lightning":
       return lightning_log_decay(cfg.num_heads, self.layer_idx, cfg.num_layers)
     if variant == "retention":
       return retention_log_decay(cfg.num_heads)
+    if variant not in PER_CHANNEL_GATE + PER_HEAD_GATE:
+      return None
     # Gates in float32: they are summed over the whole sequence.
     x32 = x_BxNxD.astype(jnp.float32)
     c32 = dataclasses.replace(ctx, compute_dtype=jnp.float32)
-    if variant == "gla":
+    if variant in PER_CHANNEL_GATE:
       low = c32.einsum("bnd,dr->bnr", x32, c32.weight(self.w_g1, ("embed", "rank")),
                        ("act_batch", "act_seq", None))
       logit = c32.einsum("bnr,rhk->bnhk", low,
                          c32.weight(self.w_g2, ("rank", "q_heads", "head_dim")),
                          ("act_batch", "act_seq", "act_heads", None))
-      return jax.nn.log_sigmoid(logit + self.b_g[...].astype(jnp.float32)) / cfg.gate_normalizer
-    if variant == "simple_gla":
+    else:
       logit = c32.einsum("bnd,dh->bnh", x32, c32.weight(self.w_g, ("embed", "q_heads")),
                          ("act_batch", "act_seq", "act_heads"))
-      return jax.nn.log_sigmoid(logit + self.b_g[...].astype(jnp.float32)) / cfg.gate_normalizer
-    return None
+    logit = logit + _replicated(self.b_g, c32)
+    if variant in MAMBA_GATE:
+      a = jnp.exp(_replicated(self.a_log, c32))               # (H,)
+      a = a[:, None] if logit.ndim == 4 else a
+      return -a * jax.nn.softplus(logit)
+    return jax.nn.log_sigmoid(logit) / cfg.gate_normalizer
+
+  def _beta(self, x_BxNxD, ctx: Context):
+    """The delta rule's ``beta (B, N, H)`` float32: ``sigmoid(x w_b)``, in ``[0, 2]`` (twice
+    that) with ``cfg.allow_neg_eigval``."""
+    c32 = dataclasses.replace(ctx, compute_dtype=jnp.float32)
+    logit = c32.einsum("bnd,dh->bnh", x_BxNxD.astype(jnp.float32),
+                       c32.weight(self.w_b, ("embed", "q_heads")),
+                       ("act_batch", "act_seq", "act_heads"))
+    beta = jax.nn.sigmoid(logit)
+    return 2.0 * beta if self.cfg.allow_neg_eigval else beta
 
   def __call__(self, x_BxNxD, ctx: Context, segment_ids_BxN=None):
     cfg, variant = self.cfg, self.cfg.linear_variant
+    delta = variant in DELTA_VARIANTS
     heads = ("act_batch", "act_seq", "act_heads", None)
     wspec = ("embed", "q_heads", "head_dim")
     with jax.named_scope(f"linear_attention_{variant}"):
@@ -198,6 +277,8 @@ class LinearAttention(nnx.Module):
         q, k, v = (ctx.constrain(short_conv(x, ctx.weight(w, cspec), cfg=cfg, ctx=ctx,
                                             segment_ids=segment_ids_BxN), heads)
                    for x, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
+      elif delta:  # Gated DeltaNet's SiLU on q, k, v is part of the conv when it has one
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
       dv = v.shape[-1]
       if variant in ("based", "rebased"):
         q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map
@@ -212,12 +293,21 @@ class LinearAttention(nnx.Module):
         o32 = o1.astype(jnp.float32)
         o = (o32[..., :dv] / (o32[..., dv:] + NORMALISER_EPS)).astype(v.dtype)
       else:
-        q, k = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map)
+        if delta:
+          q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
+        else:
+          q, k, beta = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map), None
         o = core_attention(q, k, v, self._log_decay(x_BxNxD, ctx), scale=q.shape[-1] ** -0.5,
-                           cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN)
+                           cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN, beta=beta)
       o = ctx.constrain(o, heads)
       o = rms_norm(o, self.o_norm[...], cfg.norm_eps)
       gate = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_og, wspec), heads)
       o = o * jax.nn.silu(gate)
       return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
                         ("act_batch", "act_seq", "act_embed"))
+
+
+def _replicated(p: nnx.Param, ctx: Context):
+  """A small per-head parameter (a bias, ``A_log``) in the compute dtype, whole on every device:
+  it meets activations whose heads are not split (``act_heads``)."""
+  return ctx.weight(p, (None,) * p.ndim)

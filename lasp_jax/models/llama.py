@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lasp_jax.models.config import ModelConfig
+from lasp_jax.models.config import DELTA_VARIANTS, ModelConfig
 from lasp_jax.models.layers import RMSNorm, SwiGLU, document_positions, param, rope_positions
 from lasp_jax.models.linear_attention import LinearAttention
 from lasp_jax.models.sharding_rules import ShardingRules, make_context
@@ -178,7 +178,14 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   - linear, chunked form with chunk ``c``: per head ``4 Dk Dv`` (state update and ``q S``) +
     ``c (Dk + Dv)`` (the causal intra-chunk ``Q K^T`` and ``P V``, half of a ``c x c`` tile each);
     the short conv's ``K`` taps count as matmul weights on the channels of q, k and v;
+  - delta rule (``DELTA_VARIANTS``), the chunked WY form: per head ``6 Dk Dv`` (the state pass:
+    ``W S``, ``q S`` and the update ``K^T U'``) + ``c (3 Dk + 2 Dv)`` (the lower triangles of
+    ``K K^T`` and ``Q K^T``, ``W = T (beta K)`` and ``U = T (beta V)``, ``P U'``) + ``c^2 / 3``
+    (the ``c x c`` unit-triangular solve for ``T``, ``c^3 / 3`` per chunk); decays are
+    elementwise and not counted;
   - softmax, causal: per head ``2 D N`` (``Q K^T`` and ``P V`` over ``N / 2`` keys on average).
+  The gates' projections (GLA's and KDA's low rank, simple GLA's and Gated DeltaNet's per head,
+  the delta rule's ``beta``) count as matmul weights.
   """
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
@@ -199,10 +206,14 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
       dv = dh + 1 if v in ("based", "rebased") else dh
       mm = d * h * dqk * 2 + d * h * dh * 3
       mm += cfg.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
-      if v == "gla":
+      if v in ("gla", "kda"):
         mm += d * cfg.gate_rank + cfg.gate_rank * h * dh
-      elif v == "simple_gla":
+      elif v in ("simple_gla", "gated_deltanet"):
         mm += d * h
-      core = h * (4.0 * dk * dv + c * (dk + dv))
+      if v in DELTA_VARIANTS:
+        mm += d * h                                   # beta
+        core = h * (6.0 * dk * dv + c * (3.0 * dk + 2.0 * dv) + c * c / 3.0)
+      else:
+        core = h * (4.0 * dk * dv + c * (dk + dv))
     total += 2.0 * (mm + mlp) + core
   return 3.0 * total

@@ -7,7 +7,11 @@ not divide the dimension, is dropped (replicated), so one model runs on any mesh
 
 The linear and softmax ops want the heads of q, k, v replicated and the sequence split over
 ``seq_axis``; weights stored on ``fsdp`` are gathered at use (FSDP), ``tensor`` stays split on
-the FFN and vocabulary dimensions.
+the FFN and vocabulary dimensions. The gates' parameters (GLA's, KDA's low rank ``(embed, rank)``,
+``(rank, q_heads, head_dim)``; the per-head ``(embed, q_heads)`` projections of simple GLA's and
+Gated DeltaNet's decay and of the delta rule's ``beta``; the biases, ``dt_bias`` and ``A_log`` on
+``q_heads``) follow the projections, split over ``tensor`` by head; the small per-head vectors are
+gathered whole where they meet the activations (whose heads are not split).
 """
 
 from __future__ import annotations

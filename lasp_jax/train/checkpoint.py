@@ -25,7 +25,7 @@ from lasp_jax.train.mesh import any_process
 # Every other model field (d_model, vocab_size, layer_pattern, param_dtype, rope_base, ...) must
 # match: it changes the parameter shapes or tree, or what the saved weights mean.
 RESUMABLE_MODEL_FIELDS = frozenset({
-    "compute_dtype", "chunk_size", "remat", "layout", "init_std",
+    "compute_dtype", "chunk_size", "remat", "layout", "exchange", "init_std",
     "seq_axis", "batch_axes", "fsdp_axis", "tensor_axis"})
 
 

@@ -49,8 +49,20 @@ class MqarConfig:
 
 
 @dataclass(frozen=True)
+class ParityConfig:
+  """Running parity (state tracking): random bits, the target at each position the XOR of the bits
+  so far. Bit ``b`` is token ``first_token + b``, and so is the parity ``p`` of a target."""
+  first_token: int = 0               # tokens first_token, first_token + 1: below the model's vocab
+  skip: int = 0                      # the loss skips the first ``skip`` positions
+
+
+# The synthetic sources: no files, no documents; eval accuracy against a known chance level.
+SYNTHETIC_SOURCES = ("mqar", "parity")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-  source: Literal["mqar", "text", "tokens"] = "mqar"
+  source: Literal["mqar", "parity", "text", "tokens"] = "mqar"
   path: str | None = None            # text: a UTF-8 file; tokens: a flat binary of token ids
   # tokens: the id type. None: from the sidecar ``<path>.json`` (``train.py prepare`` writes one);
   # there is no default, since a uint32 file read as uint16 trains on garbage without an error.
@@ -63,9 +75,10 @@ class DataConfig:
   # segment_ids (the documents of its window) and the target after each EOS is masked out of the
   # loss. text: a byte (the vocabulary is 256), e.g. 10 makes each line a document. tokens: None
   # takes the sidecar's eos_id (``train.py prepare --split-blank-lines`` writes 256, vocab 257).
-  # None (and no sidecar eos_id): one unbroken stream, no segment_ids. mqar: must be None.
+  # None (and no sidecar eos_id): one unbroken stream, no segment_ids. mqar, parity: must be None.
   eos_id: int | None = None
   mqar: MqarConfig = field(default_factory=MqarConfig)
+  parity: ParityConfig = field(default_factory=ParityConfig)
 
 
 @dataclass(frozen=True)
@@ -161,9 +174,9 @@ def validate(c: TrainConfig) -> None:
   if not 0.0 <= c.data.eval_fraction < 1.0:
     raise ValueError(f"data.eval_fraction must be in [0, 1), got {c.data.eval_fraction!r}")
   if c.data.eos_id is not None:
-    if c.data.source == "mqar":
-      raise ValueError(f"data.eos_id={c.data.eos_id}: the mqar source has no documents; eos_id is "
-                       f"for data.source=text or tokens")
+    if c.data.source in SYNTHETIC_SOURCES:
+      raise ValueError(f"data.eos_id={c.data.eos_id}: the {c.data.source} source has no documents; "
+                       f"eos_id is for data.source=text or tokens")
     _positive("data.eos_id", c.data.eos_id, allow_zero=True)
     if c.data.source == "text" and c.data.eos_id >= 256:
       raise ValueError(f"data.eos_id={c.data.eos_id} is not a byte: the text source's vocabulary "
@@ -171,6 +184,11 @@ def validate(c: TrainConfig) -> None:
   _positive("data.mqar.num_kv_pairs", c.data.mqar.num_kv_pairs)
   if c.data.mqar.vocab_size is not None:
     _positive("data.mqar.vocab_size", c.data.mqar.vocab_size)
+  _positive("data.parity.first_token", c.data.parity.first_token, allow_zero=True)
+  _positive("data.parity.skip", c.data.parity.skip, allow_zero=True)
+  if c.data.source == "parity" and c.data.parity.skip >= c.data.seq_len:
+    raise ValueError(f"data.parity.skip={c.data.parity.skip} leaves no position of "
+                     f"data.seq_len={c.data.seq_len} in the loss")
   _positive("optim.lr", c.optim.lr)
   _positive("optim.eps", c.optim.eps)
   _positive("optim.warmup_steps", c.optim.warmup_steps, allow_zero=True)

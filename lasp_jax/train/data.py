@@ -1,15 +1,18 @@
-"""Training data: synthetic MQAR, a UTF-8 text file as bytes, or a flat binary of token ids.
+"""Training data: synthetic MQAR or parity, a UTF-8 text file as bytes, or a flat binary of token
+ids.
 
 Every example is a pure function of ``(seed, example index)`` (Grain ``MapDataset``s: a seeded
-global shuffle of windows, or a seeded ``random_map`` for MQAR), and the examples of step ``s`` are
-``[s * A * B, (s + 1) * A * B)`` (``A`` micro-batches of ``B`` sequences). So the data position
-is the step: resuming at step ``s`` replays exactly what an uninterrupted run would have seen.
+global shuffle of windows, or a seeded ``random_map`` for the synthetic sources), and the examples
+of step ``s`` are ``[s * A * B, (s + 1) * A * B)`` (``A`` micro-batches of ``B`` sequences). So the
+data position is the step: resuming at step ``s`` replays exactly what an uninterrupted run would
+have seen.
 
 A batch is three arrays of shape ``(A, B, N)``: ``inputs`` (int32 tokens), ``targets`` (the next
-tokens) and ``mask`` (float32, 1 where the loss counts: every token for text, the query answers for
-MQAR). They are global ``jax.Array``s sharded ``P(None, batch_axes, "sp")``, in the model's layout
-(zigzag order along N when the model's layout is zigzag), and each process reads only the rows its
-own devices hold.
+tokens; for parity the running XOR) and ``mask`` (float32, 1 where the loss counts: every token for
+text, the query answers for MQAR, every position from ``data.parity.skip`` on for parity). They are
+global ``jax.Array``s sharded ``P(None, batch_axes, "sp")``, in the model's layout (zigzag order
+along N when the model's layout is zigzag), and each process reads only the rows its own devices
+hold.
 
 Packed documents (text / tokens with an EOS id, ``data.eos_id`` or the token file's sidecar): the
 batch has a fourth array ``segment_ids`` (int32, same shape, layout and sharding), the documents of
@@ -29,7 +32,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasp_jax.sequence_parallel.layout import segment_order
-from lasp_jax.train.config import DataConfig, resolve_path
+from lasp_jax.train.config import SYNTHETIC_SOURCES, DataConfig, resolve_path
 from lasp_jax.train.mesh import SEQ_AXIS, batch_axes
 
 Example = dict[str, np.ndarray]
@@ -87,6 +90,36 @@ def mqar_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> grain.MapDatase
   mqar_example(np.random.default_rng(0), L, vocab_size, n)   # validate now, not in the loop
   return grain.MapDataset.range(2**62).random_map(
       lambda i, rng: mqar_example(rng, L, vocab_size, n), seed=seed)
+
+
+def parity_example(rng: np.random.Generator, seq_len: int, first_token: int = 0,
+                   skip: int = 0) -> Example:
+  """One running-parity sequence, the state-tracking task of Grazzi et al. (2024).
+
+  ``inputs`` are ``seq_len`` fair random bits ``b_1 .. b_N`` (token ``first_token + b``); the
+  target at position ``t`` is their running parity ``p_t = b_1 xor .. xor b_t`` (token
+  ``first_token + p_t``), which depends on every bit so far: a linear RNN tracks it only with a
+  transition that can flip the sign of its state (eigenvalue -1: the delta rule with ``beta`` in
+  ``[0, 2]``, SPEC section 11). ``mask`` is 1 from position ``skip`` on (0 before). Chance: 1/2.
+  """
+  bits = rng.integers(0, 2, size=seq_len)
+  parity = np.cumsum(bits) % 2
+  mask = np.ones(seq_len, np.float32)
+  mask[:skip] = 0.0
+  return {"inputs": (first_token + bits).astype(np.int32),
+          "targets": (first_token + parity).astype(np.int32), "mask": mask}
+
+
+def parity_dataset(cfg: DataConfig, vocab_size: int, seed: int) -> grain.MapDataset:
+  first, skip, L = cfg.parity.first_token, cfg.parity.skip, cfg.seq_len
+  if first + 2 > vocab_size:
+    raise ValueError(f"parity with data.parity.first_token={first} uses tokens {first} and "
+                     f"{first + 1}: it needs the model's vocab_size > {first + 1}, "
+                     f"got {vocab_size}")
+  if not 0 <= skip < L:
+    raise ValueError(f"data.parity.skip={skip} leaves no position of data.seq_len={L} in the loss")
+  return grain.MapDataset.range(2**62).random_map(
+      lambda i, rng: parity_example(rng, L, first, skip), seed=seed)
 
 
 def sidecar_path(path: str) -> str:
@@ -176,10 +209,10 @@ def eos_id(cfg: DataConfig, vocab_size: int | None = None) -> int | None:
   It must lie below the data's vocabulary (256 bytes for text; the sidecar's ``vocab_size`` for
   tokens) and the model's ``vocab_size``; errors name where the id came from and its value.
   """
-  if cfg.source == "mqar":
+  if cfg.source in SYNTHETIC_SOURCES:
     if cfg.eos_id is not None:
-      raise ValueError(f"data.eos_id={cfg.eos_id}: the mqar source has no documents; eos_id is "
-                       f"for data.source=text or tokens")
+      raise ValueError(f"data.eos_id={cfg.eos_id}: the {cfg.source} source has no documents; "
+                       f"eos_id is for data.source=text or tokens")
     return None
   eos, where = cfg.eos_id, f"data.eos_id={cfg.eos_id}"
   data_vocab, data_name = 256, "the text source's byte vocabulary"
@@ -292,11 +325,12 @@ class Batches:
           rows.add((a, b))
     self.local_rows = sorted(rows)
     self.perm = zigzag_permutation(self.N, self.W) if layout == "zigzag" else None
-    # eval: a different seed so that MQAR eval sequences are never trained on.
+    # eval: a different seed so that synthetic eval sequences are never trained on.
     seed = cfg.seed if split == "train" else cfg.seed + 1_000_003
-    if cfg.source == "mqar":
+    if cfg.source in SYNTHETIC_SOURCES:
       self.eos_id = eos_id(cfg)
-      self.dataset = mqar_dataset(cfg, vocab_size, seed)
+      make = mqar_dataset if cfg.source == "mqar" else parity_dataset
+      self.dataset = make(cfg, vocab_size, seed)
     else:
       tokens = load_tokens(cfg, vocab_size)     # first: its errors (no file, no dtype) come first
       self.eos_id = eos_id(cfg, vocab_size)

@@ -27,7 +27,7 @@ from flax import nnx
 
 from lasp_jax.train import optim
 from lasp_jax.train.checkpoint import Checkpointer, resume_conflicts
-from lasp_jax.train.config import TrainConfig
+from lasp_jax.train.config import SYNTHETIC_SOURCES, TrainConfig
 from lasp_jax.train.data import Batches
 from lasp_jax.train.mesh import SEQ_AXIS, any_process, batch_axes, build_mesh, setup_devices
 from lasp_jax.train.metrics import RunLog, peak_flops_per_device
@@ -239,7 +239,8 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[st
   with jax.set_mesh(mesh):
     train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
                          micro_batches=A, split="train")
-    do_eval = cfg.log.eval_every > 0 and (cfg.data.source == "mqar" or cfg.data.eval_fraction > 0)
+    do_eval = cfg.log.eval_every > 0 and (cfg.data.source in SYNTHETIC_SOURCES
+                                          or cfg.data.eval_fraction > 0)
     eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
                          micro_batches=1, split="eval") if do_eval else None)
 
@@ -269,7 +270,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[st
     tokens_per_step = A * cfg.data.batch_size * cfg.data.seq_len
     fpt = _flops_per_token(mcfg, cfg.data.seq_len)
     peak = peak_flops_per_device(cfg.log.peak_tflops_per_device)
-    chance = 1.0 / cfg.data.mqar.num_kv_pairs if cfg.data.source == "mqar" else None
+    chance = {"mqar": 1.0 / cfg.data.mqar.num_kv_pairs, "parity": 0.5}.get(cfg.data.source)
 
     log = RunLog(run_dir, total_steps=cfg.steps, start_step=step, tensorboard=cfg.log.tensorboard,
                  progress=cfg.log.progress, every=cfg.log.every)

@@ -76,16 +76,26 @@ def test_1b_preset_shapes_and_parameter_count():
   hybrid = models.get_config("linear_llama3_1b_hybrid")
   assert hybrid.layer_kinds.count("softmax") == 4
   assert models.count_params(hybrid) == _closed_form_count(hybrid)
+  gdn = models.get_config("gated_deltanet_1b_hybrid")
+  assert gdn.short_conv == 4 and gdn.layer_kinds.count("linear") == 12
+  # + per linear layer: beta's and the decay gate's projections (d H each), dt_bias and A_log (H)
+  n_gdn = models.count_params(gdn)
+  assert n_gdn == _closed_form_count(gdn) + 12 * (2 * 2048 * 16 + 2 * 16)
+  assert n_gdn == 1_371_115_392
 
 
-@pytest.mark.parametrize("variant", ["gla", "simple_gla", "based", "rebased"])
+@pytest.mark.parametrize("variant", ["gla", "simple_gla", "based", "rebased", "deltanet",
+                                     "gated_deltanet", "kda"])
 def test_count_params_matches_the_built_model(variant):
   cfg = models.get_config("tiny_hybrid", linear_variant=variant, tie_embeddings=True)
   state = nnx.state(nnx.eval_shape(lambda: models.LinearLlama(cfg, rngs=nnx.Rngs(0))), nnx.Param)
   sizes = [x.size for x in jax.tree.leaves(state)]
-  # three linear layers (d 32, 4 heads of 8, rank 4, feature_dim 4): gates and ReBased's affine
+  # three linear layers (d 32, 4 heads of 8, rank 4, feature_dim 4): gates and ReBased's affine;
+  # the delta rule's beta projection (d H), Gated DeltaNet's and KDA's A_log (H) and dt_bias
   extra = {"gla": 3 * (32 * 4 + 4 * 32 + 32), "simple_gla": 3 * (32 * 4 + 4), "based": 0,
-           "rebased": 3 * 2 * 4 * 4}[variant]
+           "rebased": 3 * 2 * 4 * 4, "deltanet": 3 * 32 * 4,
+           "gated_deltanet": 3 * (32 * 4 + 4 + 4 + 32 * 4),
+           "kda": 3 * (32 * 4 + 4 * 32 + 32 + 4 + 32 * 4)}[variant]
   # q and k (and their conv taps) are feature_dim 4 wide per head, not head_dim 8
   dqk_delta = {v: 3 * 2 * (32 + cfg.short_conv) * 4 * (4 - 8) for v in ("based", "rebased")}
   base = _closed_form_count(cfg) + extra + dqk_delta.get(variant, 0)
@@ -112,6 +122,8 @@ def test_flops_per_token():
 
 def test_presets_short_conv():
   assert models.get_config("tiny").short_conv == models.get_config("tiny_hybrid").short_conv == 4
+  assert models.get_config("tiny_gdn_hybrid").short_conv == 4
+  assert models.get_config("gated_deltanet_1b_hybrid").short_conv == 4
   assert models.get_config("linear_llama3_1b").short_conv == 0
 
 

@@ -60,8 +60,10 @@ def _one_device(variant, pattern):
   return graphdef, state, logits, grads
 
 
-# Pure: every variant. Hybrid: a softmax (LASP-2H, RoPE, GQA) layer after a data-dependent decay.
-CASES = [(v, "L") for v in models.LINEAR_VARIANTS] + [("gla", "LN")]
+# Pure: every diagonal-decay variant (the delta rule's: tests/models/test_delta_models.py). Hybrid:
+# a softmax (LASP-2H, RoPE, GQA) layer after a data-dependent decay.
+CASES = [(v, "L") for v in models.LINEAR_VARIANTS if v not in models.DELTA_VARIANTS] + [
+    ("gla", "LN")]
 
 
 @pytest.mark.parametrize("variant, pattern", CASES)
