@@ -32,25 +32,10 @@ def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
   ``segment_ids (B, N)`` (SPEC section 13): at a token whose id differs from the previous token's
   the state before it is dropped, ``S_i = k_i^T v_i`` (a select, so nothing of it survives).
   """
-  bsz, n, h, dk = q.shape
-  dv = v.shape[-1]
   if not causal:
     s = jnp.einsum("bnhk,bnhv->bhkv", k, v)
     return scale * jnp.einsum("bnhk,bhkv->bnhv", q, s), s
-  if log_decay is None:
-    a = jnp.ones((n, bsz, h, dk), q.dtype)
-  elif log_decay.ndim == 1:
-    a = jnp.broadcast_to(jnp.exp(log_decay)[None, None, :, None], (n, bsz, h, dk))
-  elif log_decay.ndim == 3:
-    a = jnp.broadcast_to(jnp.exp(jnp.moveaxis(log_decay, 1, 0))[..., None], (n, bsz, h, dk))
-  else:
-    a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
-  s0 = jnp.zeros((bsz, h, dk, dv), q.dtype) if initial_state is None else initial_state
-
-  starts = np.zeros((n, bsz), bool)
-  if segment_ids is not None:
-    ids = np.asarray(segment_ids)
-    starts[1:] = (ids[:, 1:] != ids[:, :-1]).T
+  a, starts, s0 = _recurrence_inputs(q, v, log_decay, initial_state, segment_ids)
 
   def step(s, xs):
     a_i, q_i, k_i, v_i, start_i = xs
@@ -61,6 +46,27 @@ def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
   s_final, o = jax.lax.scan(
       step, s0, (a, *(jnp.moveaxis(x, 1, 0) for x in (q, k, v)), jnp.asarray(starts)))
   return jnp.moveaxis(o, 0, 1), s_final
+
+
+def _recurrence_inputs(q, v, log_decay, initial_state, segment_ids):
+  """Token-major decays ``a (N, B, H, Dk)`` = exp(g), document starts ``(N, B)`` (a plain
+  comparison of neighbouring ids) and the initial state, for the token-by-token references."""
+  bsz, n, h, dk = q.shape
+  if log_decay is None:
+    a = jnp.ones((n, bsz, h, dk), q.dtype)
+  elif log_decay.ndim == 1:
+    a = jnp.broadcast_to(jnp.exp(log_decay)[None, None, :, None], (n, bsz, h, dk))
+  elif log_decay.ndim == 3:
+    a = jnp.broadcast_to(jnp.exp(jnp.moveaxis(log_decay, 1, 0))[..., None], (n, bsz, h, dk))
+  else:
+    a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
+  s0 = (jnp.zeros((bsz, h, dk, v.shape[-1]), q.dtype) if initial_state is None
+        else initial_state)
+  starts = np.zeros((n, bsz), bool)
+  if segment_ids is not None:
+    ids = np.asarray(segment_ids)
+    starts[1:] = (ids[:, 1:] != ids[:, :-1]).T
+  return a, starts, s0
 
 
 def softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=None, q_positions=None,
@@ -136,21 +142,7 @@ def delta_recurrence(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=
   Written as fla's naive recurrence: decay the state, then the delta update
   ``v'_i = beta_i (v_i - S^T k_i)``, ``S += k_i v'_i^T``.
   """
-  bsz, n, h, dk = q.shape
-  dv = v.shape[-1]
-  if log_decay is None:
-    a = jnp.ones((n, bsz, h, dk), q.dtype)
-  elif log_decay.ndim == 1:
-    a = jnp.broadcast_to(jnp.exp(log_decay)[None, None, :, None], (n, bsz, h, dk))
-  elif log_decay.ndim == 3:
-    a = jnp.broadcast_to(jnp.exp(jnp.moveaxis(log_decay, 1, 0))[..., None], (n, bsz, h, dk))
-  else:
-    a = jnp.exp(jnp.moveaxis(log_decay, 1, 0))
-  s0 = jnp.zeros((bsz, h, dk, dv), q.dtype) if initial_state is None else initial_state
-  starts = np.zeros((n, bsz), bool)
-  if segment_ids is not None:
-    ids = np.asarray(segment_ids)
-    starts[1:] = (ids[:, 1:] != ids[:, :-1]).T
+  a, starts, s0 = _recurrence_inputs(q, v, log_decay, initial_state, segment_ids)
 
   def step(s, xs):
     a_i, q_i, k_i, v_i, b_i, start_i = xs

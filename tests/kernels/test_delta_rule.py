@@ -165,9 +165,9 @@ def test_bfloat16_inputs():
 
 
 def test_chunk_size_does_not_change_the_result():
-  q, k, v, beta, g, _, _ = make_inputs("token")
-  outs = [delta_rule.chunk_delta_rule(q, k, v, beta, g, chunk_size=c, backend="xla")[0]
-          for c in (1, 8, 64)]
+  q, k, v, beta, g, _, _ = make_inputs("token", n=32)
+  outs = [jax.jit(functools.partial(delta_rule.chunk_delta_rule, chunk_size=c, backend="xla"))(
+      q, k, v, beta, g)[0] for c in (1, 8, 32)]
   assert rel_err(outs[0], outs[2]) < 1e-5 and rel_err(outs[1], outs[2]) < 1e-5
 
 

@@ -19,7 +19,7 @@ from lasp_jax.models.sharding_rules import make_context
 from tests import references as refs
 from tests.models import test_packing as packing
 from tests.models.test_model import (N, TOL, W, _config, _data, _fast_compiles,  # noqa: F401
-                                     _grad)
+                                     _grad, check_layouts_match_one_device)
 from tests.references import rel_err
 
 VARIANTS = models.DELTA_VARIANTS
@@ -131,22 +131,8 @@ def test_forward_and_grads_finite(variant, neg, pattern):
 @pytest.mark.parametrize("variant, neg, pattern", SP_CASES)
 def test_sequence_parallel_matches_one_device(variant, neg, pattern):
   _, state, ref_logits, ref_grads = _one_device(variant, neg, pattern)
-  tokens, weights = _data()
-  mesh = jax.make_mesh((W,), ("sp",))
-  for layout in ("contiguous", "zigzag"):
-    cfg = _delta_config(variant, neg, pattern).replace(layout=layout)
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.LinearLlama(cfg, rngs=nnx.Rngs(0))))
-    tk, wt = tokens, weights
-    if layout == "zigzag":
-      tk, wt = lasp_jax.zigzag(tokens, W), lasp_jax.zigzag(weights, W)
-    with jax.set_mesh(mesh):
-      (_, logits), grads = _grad(state, tk, wt, graphdef)
-    assert logits.sharding.spec[1] == "sp"
-    if layout == "zigzag":
-      logits = lasp_jax.unzigzag(logits, W)
-    assert rel_err(logits, ref_logits) < TOL, layout
-    errs = jax.tree.map(rel_err, grads, ref_grads)
-    assert max(jax.tree.leaves(errs)) < TOL, (layout, errs)
+  check_layouts_match_one_device(_delta_config(variant, neg, pattern), state, ref_logits,
+                                 ref_grads)
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -1,5 +1,5 @@
 """The delta rule under LASP-2 (SPEC 10-11) against the float64 recurrence: every decay form, both
-layouts, W = 1..8, packed documents cut at device edges, initial and final states, gradients of
+layouts, W = 1, 2, 3, 4, 8, packed documents cut at device edges, initial and final states, gradients of
 q, k, v, beta, g and S_0; the exchange gathers one ``(M, E)`` per segment, independent of N."""
 
 import functools
@@ -66,21 +66,18 @@ def test_eight_devices_match_recurrence(decay, layout):
   assert_matches(_sp(8, layout, decay), _reference(decay), what=f"{decay} {layout}")
 
 
-@pytest.mark.parametrize("w, layout", [(1, "contiguous"), (2, "contiguous"), (4, "contiguous"),
-                                       (2, "zigzag"), (4, "zigzag")])
+@pytest.mark.parametrize("w, layout", [(1, "contiguous"), (2, "contiguous"), (4, "zigzag")])
 def test_fewer_devices_match_recurrence(w, layout):
   assert_matches(_sp(w, layout, "token"), _reference("token"), what=f"W={w} {layout}")
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("decay", ["token", "channel"])
+@pytest.mark.parametrize("decay, layout", [("token", "zigzag"), ("channel", "contiguous")])
 def test_scan_exchange_matches_recurrence(decay, layout):
   assert_matches(_sp(8, layout, decay, exchange="scan"), _reference(decay),
                  what=f"scan {decay} {layout}")
 
 
-@pytest.mark.parametrize("exchange", ["allgather", "scan"])
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout, exchange", [("contiguous", "allgather"), ("zigzag", "scan")])
 def test_three_devices_both_exchanges(layout, exchange):
   """W = 3, not a power of two (N = 96 = 3 * 2 * 2 chunks of 8)."""
   n, w = 96, 3
@@ -133,7 +130,7 @@ def test_one_summary_gather_forward_one_reduce_scatter_backward_independent_of_n
   w, b, h, dk, dv = 8, 2, 4, 16, 32
   mesh = sp_mesh(w)
   stats = []
-  for n in (1024, 8192):
+  for n in (1024, 4096):
     x = jax.ShapeDtypeStruct((b, n, h, dk), jnp.float32,
                              sharding=NamedSharding(mesh, P(None, "sp", None, None)))
     vs = jax.ShapeDtypeStruct((b, n, h, dv), jnp.float32, sharding=x.sharding)

@@ -78,8 +78,8 @@ def test_one_device_packed_with_initial_and_final_state(decay):
   _check(got, _reference(decay), f"one device {decay}")
 
 
-@pytest.mark.parametrize("exchange", ["allgather", "scan"])
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+@pytest.mark.parametrize("layout, exchange", [("contiguous", "allgather"), ("zigzag", "allgather"),
+                                              ("zigzag", "scan")])
 @pytest.mark.parametrize("decay", DECAYS)
 def test_lasp2_packed_with_initial_and_final_state(decay, layout, exchange):
   q, k, v, g, s0, ct, ct_s = _inputs(decay)
@@ -99,6 +99,11 @@ def test_lasp2_packed_with_initial_and_final_state(decay, layout, exchange):
     o = un(o)
     grads = [un(a) if a.ndim >= 3 and a.shape[1] == N else a for a in grads]
   _check(((o, s), grads), _reference(decay), f"W={W} {layout} {decay} {exchange}")
+
+
+def test_lasp2_scan_contiguous_packed_with_initial_and_final_state():
+  """The scan exchange in the contiguous layout (zigzag: above), the per-channel decay."""
+  test_lasp2_packed_with_initial_and_final_state("channel", "contiguous", "scan")
 
 
 def test_packed_per_shard_op_and_batch_axis():
