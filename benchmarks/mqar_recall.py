@@ -66,18 +66,24 @@ def main(argv=None):
 
 
 def _plot(results, chance, path, title):
+  plot_curves(results, chance, path, title, "eval MQAR accuracy",
+              {"L": "pure linear (LLLL)", "LLLN": "1/4 hybrid (LLLN)"})
+
+
+def plot_curves(results, chance, path, title, ylabel, labels=None):
+  """Eval accuracy against step, one line per run of ``results`` ({name: {"evals": [...]}}), and
+  chance; shared with ``state_tracking.py``."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  labels = {"L": "pure linear (LLLL)", "LLLN": "1/4 hybrid (LLLN)"}
   fig, ax = plt.subplots(figsize=(6.5, 4))
-  for pattern, r in results.items():
+  for name, r in results.items():
     ax.plot([e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], "o-", ms=3,
-            label=labels.get(pattern, pattern))
+            label=(labels or {}).get(name, name))
   ax.axhline(chance, color="gray", ls="--", lw=0.8, label="chance")
   ax.set_xlabel("step")
-  ax.set_ylabel("eval MQAR accuracy")
+  ax.set_ylabel(ylabel)
   ax.set_ylim(0, 1.02)
   ax.set_title(title)
   ax.grid(alpha=0.3)

@@ -90,24 +90,9 @@ def main(argv=None):
 
 
 def _plot(results, chance, path, title):
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(6.5, 4))
-  for label, r in results.items():
-    ax.plot([e["step"] for e in r["evals"]], [e["accuracy"] for e in r["evals"]], "o-", ms=3,
-            label=label)
-  ax.axhline(chance, color="gray", ls="--", lw=0.8, label="chance")
-  ax.set_xlabel("step")
-  ax.set_ylabel("eval parity accuracy (all positions)")
-  ax.set_ylim(0, 1.02)
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  from mqar_recall import plot_curves  # pylint: disable=import-outside-toplevel
+  plot_curves(results, chance, path, title, "eval parity accuracy (all positions)")
 
 
 if __name__ == "__main__":
