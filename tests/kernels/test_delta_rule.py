@@ -100,8 +100,10 @@ def test_reference_is_the_spec_matrix_recurrence():
   np.testing.assert_allclose(s_final[0, 0], s, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("beta_max", [1.0, 2.0])
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay, beta_max", [
+    ("none", 2.0), ("token", 2.0), ("channel", 2.0), ("token", 1.0),
+    *(pytest.param(d, b, marks=pytest.mark.slow) for d, b in
+      (("head", 2.0), ("none", 1.0), ("head", 1.0), ("channel", 1.0)))])
 def test_matches_recurrence_forward_and_gradients(decay, beta_max):
   q, k, v, beta, g, s0, ct = make_inputs(decay, beta_max=beta_max)
   fn = lambda q, k, v, b, g, s0: kernels.chunk_linear_attention(  # noqa: E731
@@ -111,7 +113,8 @@ def test_matches_recurrence_forward_and_gradients(decay, beta_max):
   assert_matches(got, reference(decay, beta_max, False), what=f"{decay} beta<{beta_max}")
 
 
-@pytest.mark.parametrize("decay", ["none", "token", "channel"])
+@pytest.mark.parametrize("decay", [
+    "token", *(pytest.param(d, marks=pytest.mark.slow) for d in ("none", "channel"))])
 def test_packed_documents_restart_the_state(decay):
   q, k, v, beta, g, s0, ct = make_inputs(decay)
   ids = segment_ids()
@@ -200,7 +203,7 @@ def test_float64_beta_is_refused():
       delta_rule.chunk_delta_rule(q, k, v, jnp.asarray(np.asarray(beta, np.float64)), g)
 
 
-@pytest.mark.parametrize("backend", ["tpu", "gpu"])
+@pytest.mark.parametrize("backend", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
 def test_pallas_state_pass_and_output_kernels_match_xla(backend):
   """The whole op with the Pallas state pass and linear-attention kernels (interpret mode)."""
   q, k, v, beta, g, s0, ct = make_inputs("token", dv=16)

@@ -128,7 +128,8 @@ def test_forward_and_grads_finite(variant, neg, pattern):
     assert float(jnp.max(jnp.abs(g))) > 0, path  # every parameter is connected
 
 
-@pytest.mark.parametrize("variant, neg, pattern", SP_CASES)
+@pytest.mark.parametrize("variant, neg, pattern", [
+    c if c[0] == "gated_deltanet" else pytest.param(*c, marks=pytest.mark.slow) for c in SP_CASES])
 def test_sequence_parallel_matches_one_device(variant, neg, pattern):
   _, state, ref_logits, ref_grads = _one_device(variant, neg, pattern)
   check_layouts_match_one_device(_delta_config(variant, neg, pattern), state, ref_logits,

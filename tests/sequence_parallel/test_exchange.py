@@ -192,7 +192,7 @@ def check_case(res, what):
 
 # --- exactness ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("w", [3, 8])
+@pytest.mark.parametrize("w", [3, pytest.param(8, marks=pytest.mark.slow)])
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("kind", KINDS)
 def test_scan_matches_allgather_and_fold_packed_with_initial(kind, layout, w):

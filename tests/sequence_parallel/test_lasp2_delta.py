@@ -60,24 +60,30 @@ def _sp(w, layout, decay, packed=True, exchange="allgather"):
     return jax.jit(functools.partial(grads_and_outputs, fn))(q, k, v, beta, g, s0, ct, ct_s)
 
 
-@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
-@pytest.mark.parametrize("decay", ["none", "head", "token", "channel"])
+@pytest.mark.parametrize("decay, layout", [
+    ("none", "zigzag"), ("token", "zigzag"), ("channel", "contiguous"),
+    *(pytest.param(d, l, marks=pytest.mark.slow) for d, l in
+      (("none", "contiguous"), ("head", "contiguous"), ("head", "zigzag"),
+       ("token", "contiguous"), ("channel", "zigzag")))])
 def test_eight_devices_match_recurrence(decay, layout):
   assert_matches(_sp(8, layout, decay), _reference(decay), what=f"{decay} {layout}")
 
 
-@pytest.mark.parametrize("w, layout", [(1, "contiguous"), (2, "contiguous"), (4, "zigzag")])
+@pytest.mark.parametrize("w, layout", [
+    (4, "zigzag"), *(pytest.param(w, "contiguous", marks=pytest.mark.slow) for w in (1, 2))])
 def test_fewer_devices_match_recurrence(w, layout):
   assert_matches(_sp(w, layout, "token"), _reference("token"), what=f"W={w} {layout}")
 
 
-@pytest.mark.parametrize("decay, layout", [("token", "zigzag"), ("channel", "contiguous")])
+@pytest.mark.parametrize("decay, layout", [
+    ("token", "zigzag"), pytest.param("channel", "contiguous", marks=pytest.mark.slow)])
 def test_scan_exchange_matches_recurrence(decay, layout):
   assert_matches(_sp(8, layout, decay, exchange="scan"), _reference(decay),
                  what=f"scan {decay} {layout}")
 
 
-@pytest.mark.parametrize("layout, exchange", [("contiguous", "allgather"), ("zigzag", "scan")])
+@pytest.mark.parametrize("layout, exchange", [
+    ("zigzag", "scan"), pytest.param("contiguous", "allgather", marks=pytest.mark.slow)])
 def test_three_devices_both_exchanges(layout, exchange):
   """W = 3, not a power of two (N = 96 = 3 * 2 * 2 chunks of 8)."""
   n, w = 96, 3
@@ -125,7 +131,7 @@ def test_sixteen_k_tokens_with_strong_gates_are_finite_and_exact():
   assert rel_err(o, want) < 2e-4
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_one_summary_gather_forward_one_reduce_scatter_backward_independent_of_n(packed):
   w, b, h, dk, dv = 8, 2, 4, 16, 32
   mesh = sp_mesh(w)

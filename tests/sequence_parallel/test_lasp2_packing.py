@@ -78,9 +78,10 @@ def test_one_device_packed_with_initial_and_final_state(decay):
   _check(got, _reference(decay), f"one device {decay}")
 
 
-@pytest.mark.parametrize("layout, exchange", [("contiguous", "allgather"), ("zigzag", "allgather"),
-                                              ("zigzag", "scan")])
-@pytest.mark.parametrize("decay", DECAYS)
+@pytest.mark.parametrize("decay, layout, exchange", [
+    *((d, l, "allgather") for d in DECAYS for l in ("contiguous", "zigzag")),
+    ("token", "zigzag", "scan"),
+    *(pytest.param(d, "zigzag", "scan", marks=pytest.mark.slow) for d in ("none", "head", "channel"))])
 def test_lasp2_packed_with_initial_and_final_state(decay, layout, exchange):
   q, k, v, g, s0, ct, ct_s = _inputs(decay)
   ids = _segment_ids()

@@ -2,6 +2,7 @@
 train the same steps as one process with 8 devices, each process reading only its half of the
 batch."""
 
+import pytest
 import os
 import socket
 import subprocess
@@ -22,6 +23,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, straight_run):
   straight, _ = straight_run
   env = {k: v for k, v in os.environ.items()

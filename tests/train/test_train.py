@@ -63,6 +63,7 @@ def test_loss_falls_on_shakespeare(tmp_path):
   assert s["evals"][-1]["loss"] < first - 1.5
 
 
+@pytest.mark.slow
 def test_mqar_recall_above_chance_on_tiny_hybrid(tmp_path):
   """The default hybrid (tiny_hybrid with its short conv, simple GLA, zigzag) at d_model 32 on MQAR
   with 4 pairs: recall at twice chance (1/4, guessing among the values in context) in 200 steps
