@@ -4,7 +4,8 @@ from kernels.linear_attention.api import (check_log_decay, chunk_linear_attentio
                                           document_starts, reset_log_decay, resolve_backend,
                                           validate_inputs)
 from kernels.linear_attention.reference import chunk_linear_attention_xla
+from kernels.linear_attention.step import recurrent_step
 
 __all__ = ["check_log_decay", "chunk_linear_attention", "chunk_linear_attention_xla",
-           "default_backend", "document_starts", "reset_log_decay", "resolve_backend",
-           "validate_inputs"]
+           "default_backend", "document_starts", "recurrent_step", "reset_log_decay",
+           "resolve_backend", "validate_inputs"]

@@ -27,10 +27,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.linear_attention.step import recurrent_step
+from lasp_jax.models.cache import LinearCache
 from lasp_jax.models.config import DELTA_VARIANTS
 from lasp_jax.models.layers import param, rms_norm
 from lasp_jax.models.sharding_rules import Context
+from lasp_jax.sequence_parallel.conv import causal_conv1d_step, conv_state
 
+_HEADS = ("act_batch", "act_seq", "act_heads", None)
 # Denominator guard of the normalised (Based, ReBased) variants.
 NORMALISER_EPS = 1e-6
 # Guard of the delta rule's L2 norm of q and k (fla's l2norm).
@@ -139,12 +143,15 @@ def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
   return y.reshape(bsz, n, h, d)
 
 
-def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None, beta=None):
+def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None, beta=None,
+                   return_final_state=False):
   """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device; the
   state restarts at every document start of ``segment_ids (B, N)``. ``beta (B, N, H)`` (None: the
-  diagonal family) makes it the delta rule (SPEC section 11)."""
+  diagonal family) makes it the delta rule (SPEC section 11). ``return_final_state``: also the
+  float32 state after the last token, ``(o, state)``."""
   import lasp_jax
   delta = {} if beta is None else {"beta": beta}
+  delta["return_final_state"] = return_final_state
   if ctx.sequence_parallel:
     return lasp_jax.lasp2_attention(
         q, k, v, log_decay, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis, causal=True,
@@ -263,48 +270,95 @@ class LinearAttention(nnx.Module):
     beta = jax.nn.sigmoid(logit)
     return 2.0 * beta if self.cfg.allow_neg_eigval else beta
 
-  def __call__(self, x_BxNxD, ctx: Context, segment_ids_BxN=None):
+  def _project(self, x_BxNxD, ctx: Context):
+    """q, k, v ``(B, N, H, D)`` before the conv and the feature maps."""
+    heads, wspec = _HEADS, ("embed", "q_heads", "head_dim")
+    return tuple(ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(w, wspec), heads)
+                 for w in (self.w_q, self.w_k, self.w_v))
+
+  def _conv_weights(self, ctx: Context):
+    cspec = ("conv", "q_heads", "head_dim")
+    return tuple(ctx.weight(w, cspec) for w in (self.conv_q, self.conv_k, self.conv_v))
+
+  def _core_inputs(self, q, k, v, x_BxNxD, ctx: Context):
+    """After the conv: the op's ``q, k, v, g, beta, scale`` for the variant (class docstring).
+    Based/ReBased's values get the column of ones whose output is the normaliser."""
     cfg, variant = self.cfg, self.cfg.linear_variant
-    delta = variant in DELTA_VARIANTS
-    heads = ("act_batch", "act_seq", "act_heads", None)
-    wspec = ("embed", "q_heads", "head_dim")
-    with jax.named_scope(f"linear_attention_{variant}"):
-      q = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_q, wspec), heads)
-      k = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_k, wspec), heads)
-      v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_v, wspec), heads)
-      if cfg.short_conv:
-        cspec = ("conv", "q_heads", "head_dim")
-        q, k, v = (ctx.constrain(short_conv(x, ctx.weight(w, cspec), cfg=cfg, ctx=ctx,
-                                            segment_ids=segment_ids_BxN), heads)
-                   for x, w in ((q, self.conv_q), (k, self.conv_k), (v, self.conv_v)))
-      elif delta:  # Gated DeltaNet's SiLU on q, k, v is part of the conv when it has one
-        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
-      dv = v.shape[-1]
-      if variant in ("based", "rebased"):
-        q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map
-        if variant == "based":
-          q, k = taylor_features(q), taylor_features(k)
-        else:
-          gamma, beta = self.fm_gamma[...], self.fm_beta[...]
-          q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
-        v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-        o1 = core_attention(q, k, v1, None, scale=1.0, cfg=cfg, ctx=ctx,
-                            segment_ids=segment_ids_BxN)
-        o32 = o1.astype(jnp.float32)
-        o = (o32[..., :dv] / (o32[..., dv:] + NORMALISER_EPS)).astype(v.dtype)
+    if variant in ("based", "rebased"):
+      q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map
+      if variant == "based":
+        q, k = taylor_features(q), taylor_features(k)
       else:
-        if delta:
-          q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
-        else:
-          q, k, beta = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map), None
-        o = core_attention(q, k, v, self._log_decay(x_BxNxD, ctx), scale=q.shape[-1] ** -0.5,
-                           cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN, beta=beta)
-      o = ctx.constrain(o, heads)
-      o = rms_norm(o, self.o_norm[...], cfg.norm_eps)
-      gate = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_og, wspec), heads)
-      o = o * jax.nn.silu(gate)
-      return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
-                        ("act_batch", "act_seq", "act_embed"))
+        gamma, beta = self.fm_gamma[...], self.fm_beta[...]
+        q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
+      v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
+      return q, k, v1, None, None, 1.0
+    if variant in DELTA_VARIANTS:
+      q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
+    else:
+      q, k, beta = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map), None
+    return q, k, v, self._log_decay(x_BxNxD, ctx), beta, q.shape[-1] ** -0.5
+
+  def _output(self, o, x_BxNxD, ctx: Context):
+    """The op's output ``(B, N, H, Dv)`` (Based: ``Dv + 1``) -> the layer's ``(B, N, D)``."""
+    if self.cfg.linear_variant in ("based", "rebased"):
+      o32 = o.astype(jnp.float32)
+      o = (o32[..., :-1] / (o32[..., -1:] + NORMALISER_EPS)).astype(o.dtype)
+    o = ctx.constrain(o, _HEADS)
+    o = rms_norm(o, self.o_norm[...], self.cfg.norm_eps)
+    wspec = ("embed", "q_heads", "head_dim")
+    gate = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_og, wspec), _HEADS)
+    o = o * jax.nn.silu(gate)
+    return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
+                      ("act_batch", "act_seq", "act_embed"))
+
+  def __call__(self, x_BxNxD, ctx: Context, segment_ids_BxN=None, *, return_cache=False):
+    """``y (B, N, D)``; with ``return_cache`` also the ``LinearCache`` after the last token (in
+    natural order) of the last document of each row: the prefill of decoding."""
+    cfg, variant = self.cfg, self.cfg.linear_variant
+    with jax.named_scope(f"linear_attention_{variant}"):
+      q, k, v = raw = self._project(x_BxNxD, ctx)
+      conv = ()
+      if cfg.short_conv:
+        q, k, v = (ctx.constrain(short_conv(x, w, cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN),
+                                 _HEADS) for x, w in zip(raw, self._conv_weights(ctx)))
+        if return_cache:
+          conv = tuple(conv_state(x.reshape(*x.shape[:2], -1), cfg.short_conv,
+                                  segment_ids=segment_ids_BxN, layout=cfg.layout,
+                                  num_shards=ctx.seq_shards) for x in raw)
+      elif variant in DELTA_VARIANTS:  # Gated DeltaNet's SiLU on q, k, v is part of the conv
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+      q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_BxNxD, ctx)
+      out = core_attention(q, k, v, g, scale=scale, cfg=cfg, ctx=ctx,
+                           segment_ids=segment_ids_BxN, beta=beta,
+                           return_final_state=return_cache)
+      o, state = out if return_cache else (out, None)
+      y = self._output(o, x_BxNxD, ctx)
+    return (y, LinearCache(state, conv)) if return_cache else y
+
+  def decode(self, x_Bx1xD, cache: LinearCache, ctx: Context):
+    """One token: ``(y (B, 1, D), the cache after it)``, one step of the recurrence (and of the
+    conv), the same arithmetic as ``__call__`` at that position."""
+    cfg, variant = self.cfg, self.cfg.linear_variant
+    with jax.named_scope(f"linear_attention_{variant}_decode"):
+      q, k, v = raw = self._project(x_Bx1xD, ctx)
+      conv = ()
+      if cfg.short_conv:
+        outs = []
+        for x, w, st in zip(raw, self._conv_weights(ctx), cache.conv):
+          b, _, h, d = x.shape
+          y, st = causal_conv1d_step(x.reshape(b, h * d), st, w.reshape(-1, h * d),
+                                     activation="silu")
+          outs.append(y.reshape(b, 1, h, d))
+          conv += (st,)
+        q, k, v = outs
+      elif variant in DELTA_VARIANTS:
+        q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
+      q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_Bx1xD, ctx)
+      g = None if g is None or g.ndim == 1 else g[:, 0]
+      o, state = recurrent_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g,
+                                beta=None if beta is None else beta[:, 0], scale=scale)
+      return self._output(o[:, None], x_Bx1xD, ctx), LinearCache(state, conv)
 
 
 def _replicated(p: nnx.Param, ctx: Context):

@@ -37,14 +37,28 @@ class DecoderLayer(nnx.Module):
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
     self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, std=cfg.init_std, dtype=dt, rngs=rngs)
 
-  def __call__(self, x_BxNxD, ctx, positions, segment_ids_BxN=None):
+  def __call__(self, x_BxNxD, ctx, positions, segment_ids_BxN=None, *, return_cache=False):
+    """``x (B, N, D)`` -> same; with ``return_cache`` also the attention's cache material."""
     h = self.attn_norm(x_BxNxD, ctx)
+    extra = dict(return_cache=True) if return_cache else {}
     if self.kind == "linear":
-      h = self.attn(h, ctx, segment_ids_BxN)
+      out = self.attn(h, ctx, segment_ids_BxN, **extra)
     else:
-      h = self.attn(h, ctx, positions, segment_ids_BxN)
+      out = self.attn(h, ctx, positions, segment_ids_BxN, **extra)
+    h, cache = out if return_cache else (out, None)
     x_BxNxD = x_BxNxD + h
-    return x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD, ctx), ctx)
+    y = x_BxNxD + self.mlp(self.mlp_norm(x_BxNxD, ctx), ctx)
+    return (y, cache) if return_cache else y
+
+  def decode(self, x_Bx1xD, cache, ctx, position):
+    """One token (``position``: int32 scalar): ``(y (B, 1, D), the layer's cache after it)``."""
+    h = self.attn_norm(x_Bx1xD, ctx)
+    if self.kind == "linear":
+      h, cache = self.attn.decode(h, cache, ctx)
+    else:
+      h, cache = self.attn.decode(h, cache, ctx, position)
+    x_Bx1xD = x_Bx1xD + h
+    return x_Bx1xD + self.mlp(self.mlp_norm(x_Bx1xD, ctx), ctx), cache
 
 
 class LinearLlama(nnx.Module):
@@ -71,6 +85,13 @@ class LinearLlama(nnx.Module):
                            std=cfg.init_std)
 
   def __call__(self, tokens_BxN, segment_ids=None):
+    x, _ = self.hidden(tokens_BxN, segment_ids)
+    return self.logits(x)
+
+  def hidden(self, tokens_BxN, segment_ids=None, *, return_cache=False):
+    """The final normed hidden states ``(B, N, D)`` and, with ``return_cache``, every layer's
+    cache material (``LinearCache``, or ``(k, v)`` in the tokens' layout; else None): the body of
+    ``__call__`` and of ``decoding.prefill``."""
     cfg = self.config
     if tokens_BxN.ndim != 2 or not jnp.issubdtype(tokens_BxN.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer (B, N) array, got {tokens_BxN.dtype} "
@@ -86,30 +107,54 @@ class LinearLlama(nnx.Module):
     if cfg.layout == "zigzag" and ctx.seq_shards > 1 and n % (2 * ctx.seq_shards):
       raise ValueError(f"zigzag layout: sequence length {n} is not a multiple of "
                        f"2 * {ctx.seq_shards} sequence shards")
-    act = ("act_batch", "act_seq", "act_embed")
     tokens_BxN = ctx.constrain(tokens_BxN, ("act_batch", "act_seq"))
-    with jax.named_scope("embed"):
-      table = self.embed[...].astype(ctx.compute_dtype)
-      if ctx.mesh is not None:  # a replicated table: the lookup is then local to every device
-        table = ctx.constrain(table, (None, None))
-      x = ctx.take_rows(table, tokens_BxN, act)
+    x = self._embed(tokens_BxN, ctx)
     if segment_ids is None:
       positions = rope_positions(n, ctx, cfg.layout)  # (N,)
     else:
       segment_ids = ctx.constrain(jnp.asarray(segment_ids), ("act_batch", "act_seq"))
       positions = document_positions(segment_ids, ctx, cfg)  # (B, N)
+    caches = []
     for layer in self.layers:
-      if cfg.remat:
+      if return_cache:  # a prefill: no gradient, so nothing to rematerialise
+        x, cache = layer(x, ctx, positions, segment_ids, return_cache=True)
+        caches.append(cache)
+      elif cfg.remat:
         x = nnx.remat(lambda lyr, y, p, s: lyr(y, ctx, p, s))(layer, x, positions, segment_ids)
       else:
         x = layer(x, ctx, positions, segment_ids)
-    x = self.final_norm(x, ctx)
+    return self.final_norm(x, ctx), (tuple(caches) if return_cache else None)
+
+  def decode(self, token_B, caches, position):
+    """One token per row at ``position`` (int32 scalar): ``(logits (B, V) float32, caches)``,
+    ``caches`` a tuple with one cache per layer (``lasp_jax.models.cache``)."""
+    ctx = make_context(self.config)
+    x = self._embed(token_B[:, None], ctx)
+    new = []
+    for layer, cache in zip(self.layers, caches):
+      x, cache = layer.decode(x, cache, ctx, position)
+      new.append(cache)
+    return self.logits(self.final_norm(x, ctx))[:, 0], tuple(new)
+
+  def _embed(self, tokens_BxN, ctx):
+    act = ("act_batch", "act_seq", "act_embed")
+    with jax.named_scope("embed"):
+      table = self.embed[...].astype(ctx.compute_dtype)
+      if ctx.mesh is not None:  # a replicated table: the lookup is then local to every device
+        table = ctx.constrain(table, (None, None))
+      return ctx.take_rows(table, tokens_BxN, act)
+
+  def logits(self, x_BxNxD):
+    """The LM head on final hidden states: ``(B, N, V)`` float32."""
+    cfg, ctx = self.config, make_context(self.config)
     with jax.named_scope("lm_head"):
       out = ("act_batch", "act_seq", "act_vocab")
       if cfg.tie_embeddings:
-        logits = ctx.einsum("bnd,vd->bnv", x, ctx.weight(self.embed, ("vocab", "embed")), out)
+        logits = ctx.einsum("bnd,vd->bnv", x_BxNxD, ctx.weight(self.embed, ("vocab", "embed")),
+                            out)
       else:
-        logits = ctx.einsum("bnd,dv->bnv", x, ctx.weight(self.lm_head, ("embed", "vocab")), out)
+        logits = ctx.einsum("bnd,dv->bnv", x_BxNxD, ctx.weight(self.lm_head, ("embed", "vocab")),
+                            out)
     return logits.astype(jnp.float32)
 
 

@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kernels.attention.decode import decode_attention
+from lasp_jax.models.cache import AttentionCache
 from lasp_jax.models.layers import apply_rope, param
 from lasp_jax.models.sharding_rules import Context
 
@@ -46,20 +48,39 @@ class SoftmaxAttention(nnx.Module):
     self.w_v = param(rngs, (d, hkv, dh), ("embed", "kv_heads", "head_dim"), dt, std=std)
     self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
 
-  def __call__(self, x_BxNxD, ctx: Context, positions, segment_ids_BxN=None):
-    """``positions``: RoPE positions, ``(N,)`` or ``(B, N)`` (within packed documents)."""
-    cfg = self.cfg
+  def _project(self, x_BxNxD, ctx: Context, positions):
+    """q ``(B, N, H, D)``, k, v ``(B, N, Hkv, D)``; RoPE on q and k at ``positions``."""
     heads = ("act_batch", "act_seq", "act_heads", None)
+    q = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                   ctx.weight(self.w_q, ("embed", "q_heads", "head_dim")), heads)
+    k = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                   ctx.weight(self.w_k, ("embed", "kv_heads", "head_dim")), heads)
+    v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
+                   ctx.weight(self.w_v, ("embed", "kv_heads", "head_dim")), heads)
+    return apply_rope(q, positions, self.cfg.rope_base), apply_rope(k, positions,
+                                                                    self.cfg.rope_base), v
+
+  def _output(self, o, ctx: Context):
+    o = ctx.constrain(o, ("act_batch", "act_seq", "act_heads", None))
+    return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
+                      ("act_batch", "act_seq", "act_embed"))
+
+  def __call__(self, x_BxNxD, ctx: Context, positions, segment_ids_BxN=None, *,
+               return_cache=False):
+    """``positions``: RoPE positions, ``(N,)`` or ``(B, N)`` (within packed documents).
+    ``return_cache``: also ``(k, v)`` (B, N, Hkv, D), in the layout of x, for a decode cache."""
     with jax.named_scope("softmax_attention"):
-      q = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
-                     ctx.weight(self.w_q, ("embed", "q_heads", "head_dim")), heads)
-      k = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
-                     ctx.weight(self.w_k, ("embed", "kv_heads", "head_dim")), heads)
-      v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
-                     ctx.weight(self.w_v, ("embed", "kv_heads", "head_dim")), heads)
-      q = apply_rope(q, positions, cfg.rope_base)
-      k = apply_rope(k, positions, cfg.rope_base)
-      o = ctx.constrain(core_softmax(q, k, v, cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN),
-                        heads)
-      return ctx.einsum("bnhk,hkd->bnd", o, ctx.weight(self.w_o, ("q_heads", "head_dim", "embed")),
-                        ("act_batch", "act_seq", "act_embed"))
+      q, k, v = self._project(x_BxNxD, ctx, positions)
+      o = core_softmax(q, k, v, cfg=self.cfg, ctx=ctx, segment_ids=segment_ids_BxN)
+      y = self._output(o, ctx)
+    return (y, (k, v)) if return_cache else y
+
+  def decode(self, x_Bx1xD, cache: AttentionCache, ctx: Context, position):
+    """One token at ``position`` (int32 scalar, the number of cached tokens): its K, V go into
+    slot ``position`` and its query reads slots ``0 .. position``. ``(y (B, 1, D), cache)``."""
+    with jax.named_scope("softmax_attention_decode"):
+      q, k, v = self._project(x_Bx1xD, ctx, position[None])
+      k_cache = jax.lax.dynamic_update_slice_in_dim(cache.k, k.astype(cache.k.dtype), position, 1)
+      v_cache = jax.lax.dynamic_update_slice_in_dim(cache.v, v.astype(cache.v.dtype), position, 1)
+      o = decode_attention(q[:, 0], k_cache, v_cache, position + 1)
+      return self._output(o[:, None], ctx), AttentionCache(k_cache, v_cache)

@@ -149,6 +149,51 @@ def causal_conv1d_shard(x, weight, bias=None, *, axis_name=None, activation=None
   return _finish(y, bias, activation, x.dtype)
 
 
+def causal_conv1d_step(x_BxC, state_BxHxC, weight, bias=None, *, activation=None):
+  """One token of the short causal conv: the decode step (SPEC section 14).
+
+  Args:
+    x_BxC: ``(B, C)``, the new token's inputs.
+    state_BxHxC: ``(B, K - 1, C)``, the ``K - 1`` inputs before it in order (zeros before a
+      document's start: ``conv_state``).
+    weight, bias, activation: as ``causal_conv1d``.
+
+  Returns:
+    ``(y (B, C) in x's dtype, the new state (B, K - 1, C))``.
+  """
+  check_float_array("x", x_BxC, "(B, C)")
+  _validate(x_BxC[:, None], weight, bias, activation, None, "contiguous")
+  want = (x_BxC.shape[0], weight.shape[0] - 1, x_BxC.shape[1])
+  if getattr(state_BxHxC, "shape", None) != want:
+    raise ValueError(f"state must have shape (B, K - 1, C) = {want}, got "
+                     f"{getattr(state_BxHxC, 'shape', type(state_BxHxC).__name__)}")
+  y = _conv_segment(x_BxC[:, None], state_BxHxC, weight)[:, 0]
+  window = jnp.concatenate([state_BxHxC, x_BxC[:, None].astype(state_BxHxC.dtype)], axis=1)
+  return _finish(y, bias, activation, x_BxC.dtype), window[:, 1:]
+
+
+def conv_state(x_BxNxC, kernel_size: int, *, segment_ids=None, layout="contiguous",
+               num_shards: int = 1):
+  """The decode state after a prefill: the last ``K - 1`` inputs in natural order, ``(B, K-1, C)``.
+
+  Inputs outside the last token's document (``segment_ids (B, N)``) and before the sequence are
+  zeros, the conv's zero padding. ``x`` may be in ``layout`` order over ``num_shards`` shards.
+  """
+  h = kernel_size - 1
+  bsz, n, c = x_BxNxC.shape
+  take = min(h, n)
+  tail = layout_lib.natural_rows(x_BxNxC, n - take, n, layout, num_shards)
+  if segment_ids is not None:
+    ids = layout_lib.natural_rows(segment_ids, n - take, n, layout, num_shards)
+    # Row r is in the last document when no document starts after it.
+    cont = jnp.concatenate([ids[:, 1:] == ids[:, :-1], jnp.ones_like(ids[:, :1], bool)], axis=1)
+    keep = jnp.flip(jnp.cumprod(jnp.flip(cont, 1).astype(jnp.int32), axis=1), 1) > 0
+    tail = jnp.where(keep[..., None], tail, jnp.zeros_like(tail))
+  if take < h:
+    tail = jnp.concatenate([jnp.zeros((bsz, h - take, c), tail.dtype), tail], axis=1)
+  return tail
+
+
 def _sequence_mesh(mesh, seq_axis):
   """The mesh to split over, or None for one device: an explicit mesh must have ``seq_axis``; the
   ``jax.set_mesh`` context is used only when it has it."""

@@ -253,3 +253,48 @@ def zigzag(x, num_shards: int, axis: int = 1, *, mesh=None, seq_axis=None):
 def unzigzag(x, num_shards: int, axis: int = 1, *, mesh=None, seq_axis=None):
   """Zigzag order -> natural order along ``axis``; the inverse of ``zigzag``, same arguments."""
   return _convert(x, num_shards, axis, mesh, seq_axis, inverse=True)
+
+
+def natural_rows(x, start: int, stop: int, layout: str, num_shards: int, axis: int = 1):
+  """Rows ``[start, stop)`` in natural order of a global array stored in ``layout`` order over
+  ``num_shards`` shards (a decode cache wants the last tokens of a prompt).
+
+  The rows must lie in storage order in one run (any range, contiguous; one inside one of the
+  ``2W`` chunks, zigzag; else a static gather). When ``x`` is split along ``axis`` over
+  ``num_shards`` devices on Explicit axes (which refuse to slice a split axis unevenly) and the
+  run is on one device, that device sends them: a ``shard_map`` and a ``psum`` of just those rows.
+  The result is replicated along ``axis``.
+  """
+  n = x.shape[axis]
+  axis = axis % x.ndim
+  if not 0 <= start < stop <= n:
+    raise ValueError(f"rows [{start}, {stop}) are not a non-empty range inside the sequence of "
+                     f"length {n}")
+  if layout == "contiguous" or num_shards == 1:
+    where = np.arange(start, stop)
+  else:
+    _check_divisible(x, num_shards, axis, "natural_rows")
+    where = np.argsort(storage_positions(layout, num_shards, n // num_shards))[start:stop]
+  if np.any(np.diff(where) != 1):
+    return jnp.take(x, jnp.asarray(where), axis=axis)
+  first, count = int(where[0]), stop - start
+  current = _named_sharding(x)
+  names = _names(current.spec[axis]) if current is not None and axis < len(current.spec) else ()
+  mesh = None if current is None else current.mesh
+  size = int(np.prod([sharding.axis_size(mesh, a) for a in names])) if names else 1
+  local = n // size
+  if size == 1 or first // local != (first + count - 1) // local:
+    if size > 1:  # spans devices: gather the axis first
+      x = sharding.reshard(x, mesh, _spec_along(current, mesh, x.ndim, axis, ()))
+    return jax.lax.slice_in_dim(x, first, first + count, axis=axis)
+  owner, offset = first // local, first % local
+  axis_name = names if len(names) > 1 else names[0]
+  spec = _spec_along(current, mesh, x.ndim, axis, names)
+  out_spec = _spec_along(current, mesh, x.ndim, axis, ())
+
+  def pick(x_local):
+    rows = jax.lax.slice_in_dim(x_local, offset, offset + count, axis=axis)
+    mine = jax.lax.axis_index(axis_name) == owner
+    return jax.lax.psum(jnp.where(mine, rows, jnp.zeros_like(rows)), axis_name)
+
+  return sharding.shard_map(pick, mesh, (spec,), out_spec, (x,))
