@@ -146,8 +146,9 @@ def decode_step(model: LinearLlama, cache: Cache, token_B):
 
 def sample(logits_BxV, key, *, temperature: float = 0.0, top_k: int | None = None):
   """The next token ``(B,)`` int32: the argmax at temperature 0, else a draw from
-  ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits."""
-  if temperature == 0.0:
+  ``softmax(logits / temperature)`` restricted to the ``top_k`` largest logits (a traced
+  ``temperature`` always draws)."""
+  if isinstance(temperature, numbers.Real) and temperature == 0.0:
     return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
   logits = logits_BxV.astype(jnp.float32) / temperature
   if top_k is not None:
@@ -160,7 +161,7 @@ def sample(logits_BxV, key, *, temperature: float = 0.0, top_k: int | None = Non
 def _generate(graphdef, state, prompt, key, temperature, *, steps, max_len, greedy, top_k):
   model = nnx.merge(graphdef, state)
   logits, cache = prefill(model, prompt, max_len=max_len)
-  temp = 0.0 if greedy else temperature
+  temp = 0.0 if greedy else temperature  # a Python 0.0 picks the argmax when tracing
 
   def pick(logits, i):
     return sample(logits, jax.random.fold_in(key, i), temperature=temp, top_k=top_k)

@@ -355,7 +355,7 @@ class LinearAttention(nnx.Module):
       elif variant in DELTA_VARIANTS:
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
       q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_Bx1xD, ctx)
-      g = None if g is None or g.ndim == 1 else g[:, 0]
+      g = g if g is None or g.ndim == 1 else g[:, 0]  # (H,) or this token's (B, H[, Dk])
       o, state = recurrent_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g,
                                 beta=None if beta is None else beta[:, 0], scale=scale)
       return self._output(o[:, None], x_Bx1xD, ctx), LinearCache(state, conv)

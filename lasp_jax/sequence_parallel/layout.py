@@ -275,17 +275,18 @@ def natural_rows(x, start: int, stop: int, layout: str, num_shards: int, axis: i
   else:
     _check_divisible(x, num_shards, axis, "natural_rows")
     where = np.argsort(storage_positions(layout, num_shards, n // num_shards))[start:stop]
-  if np.any(np.diff(where) != 1):
-    return jnp.take(x, jnp.asarray(where), axis=axis)
   first, count = int(where[0]), stop - start
   current = _named_sharding(x)
   names = _names(current.spec[axis]) if current is not None and axis < len(current.spec) else ()
   mesh = None if current is None else current.mesh
   size = int(np.prod([sharding.axis_size(mesh, a) for a in names])) if names else 1
   local = n // size
-  if size == 1 or first // local != (first + count - 1) // local:
-    if size > 1:  # spans devices: gather the axis first
+  one_run = not np.any(np.diff(where) != 1)
+  if size == 1 or not one_run or first // local != (first + count - 1) // local:
+    if size > 1:  # rows on several devices: gather the axis first
       x = sharding.reshard(x, mesh, _spec_along(current, mesh, x.ndim, axis, ()))
+    if not one_run:
+      return jnp.take(x, jnp.asarray(where), axis=axis)
     return jax.lax.slice_in_dim(x, first, first + count, axis=axis)
   owner, offset = first // local, first % local
   axis_name = names if len(names) > 1 else names[0]
