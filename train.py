@@ -8,6 +8,11 @@
                                                     # (30 steps each unless steps= is given)
   python train.py prepare in.txt out.bin [--split-blank-lines | --eos-id ID]
                                                     # out.bin + its out.bin.json sidecar
+  python train.py sample runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
+                    [--temperature T] [--top-k K] [--seed S] [--step STEP]
+                                                    # the latest checkpoint, greedy by default;
+                                                    # prints the prompt + the continuation
+                                                    # (--prompt-ids 1,2,3 for token models)
 
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
@@ -29,6 +34,9 @@ def main(argv):
   if argv and argv[0] == "prepare":
     from lasp_jax.train.prepare import main as prepare_main
     return prepare_main(argv[1:])
+  if argv and argv[0] == "sample":
+    from lasp_jax.train.sample import main as sample_main
+    return sample_main(argv[1:])
   from lasp_jax.train import load_config, run
   speed = bool(argv) and argv[0] == "speed"
   argv = argv[1:] if speed else argv
