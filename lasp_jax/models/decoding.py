@@ -157,8 +157,10 @@ def sample(logits_BxV, key, *, temperature: float = 0.0, top_k: int | None = Non
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "max_len", "greedy", "top_k"))
-def _generate(graphdef, state, prompt, key, temperature, *, steps, max_len, greedy, top_k):
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps", "max_len", "greedy", "top_k",
+                                             "keep_logits"))
+def _generate(graphdef, state, prompt, key, temperature, *, steps, max_len, greedy, top_k,
+              keep_logits):
   model = nnx.merge(graphdef, state)
   logits, cache = prefill(model, prompt, max_len=max_len)
   temp = 0.0 if greedy else temperature  # a Python 0.0 picks the argmax when tracing
@@ -170,17 +172,24 @@ def _generate(graphdef, state, prompt, key, temperature, *, steps, max_len, gree
 
   def body(carry, i):
     token, cache = carry
-    logits, cache = decode_step(model, cache, token)
-    nxt = pick(logits, i)
-    return (nxt, cache), nxt
+    step_logits, cache = decode_step(model, cache, token)
+    nxt = pick(step_logits, i)
+    return (nxt, cache), (nxt, step_logits if keep_logits else None)
 
-  _, rest = jax.lax.scan(body, (first, cache), jnp.arange(1, steps, dtype=jnp.int32))
-  return jnp.concatenate([prompt, first[:, None], rest.T.astype(prompt.dtype)], axis=1)
+  _, (rest, rest_logits) = jax.lax.scan(body, (first, cache),
+                                        jnp.arange(1, steps, dtype=jnp.int32))
+  tokens = jnp.concatenate([prompt, first[:, None], rest.T.astype(prompt.dtype)], axis=1)
+  if not keep_logits:  # (B, T, V) floats: not worth holding unless asked for
+    return tokens, None
+  return tokens, jnp.concatenate([logits[:, None], jnp.moveaxis(rest_logits, 0, 1)], axis=1)
 
 
 def generate(model: LinearLlama, prompt_BxP, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, seed: int = 0, max_len: int | None = None):
-  """Continues ``prompt_BxP`` by ``max_new_tokens`` tokens: int32 ``(B, P + max_new_tokens)``.
+             top_k: int | None = None, seed: int = 0, max_len: int | None = None,
+             return_logits: bool = False):
+  """Continues ``prompt_BxP`` by ``max_new_tokens`` tokens: int32 ``(B, P + max_new_tokens)``,
+  and with ``return_logits`` also the float32 logits ``(B, max_new_tokens, V)`` each new token
+  was picked from (before temperature and top-k).
 
   Greedy at ``temperature=0``; otherwise sampled from ``softmax(logits / temperature)`` (over the
   ``top_k`` largest logits when given) with keys from ``seed``: the same seed gives the same
@@ -207,9 +216,14 @@ def generate(model: LinearLlama, prompt_BxP, max_new_tokens: int, *, temperature
     if top_k > cfg.vocab_size:
       raise ValueError(f"top_k={top_k} exceeds the vocabulary size {cfg.vocab_size}")
   seed = _check_int("seed", seed, 0)
+  if not isinstance(return_logits, bool):
+    raise TypeError(f"return_logits must be a bool, got {return_logits!r}")
   prompt = jnp.asarray(prompt_BxP, jnp.int32)
   if steps == 0:
-    return prompt
+    empty = jnp.zeros((prompt.shape[0], 0, cfg.vocab_size), jnp.float32)
+    return (prompt, empty) if return_logits else prompt
   graphdef, state = nnx.split(model)
-  return _generate(graphdef, state, prompt, jax.random.key(seed), jnp.float32(temperature),
-                   steps=steps, max_len=max_len, greedy=temperature == 0, top_k=top_k)
+  tokens, logits = _generate(graphdef, state, prompt, jax.random.key(seed),
+                             jnp.float32(temperature), steps=steps, max_len=max_len,
+                             greedy=temperature == 0, top_k=top_k, keep_logits=return_logits)
+  return (tokens, logits) if return_logits else tokens

@@ -15,7 +15,7 @@ from lasp_jax import models
 from lasp_jax.models import decoding
 from tests.references import rel_err
 
-B, P, T = 2, 21, 11  # P + T = 32: the full forward pass needs a multiple of the chunk (16)
+B, P, T = 2, 21, 11  # P + T = 32, a multiple of the chunk (16), for the full forward pass
 W = 8
 
 
@@ -44,36 +44,25 @@ def _prompt(p=P, seed=1):
   return jax.random.randint(jax.random.key(seed), (B, p), 0, 256)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "p"))
-def _teacher_forced(graphdef, state, tokens, *, p):
-  """Logits for positions p-1 .. N-2 from prefill(tokens[:, :p]) and decode steps on the rest,
-  and the full forward pass's logits there."""
-  model = nnx.merge(graphdef, state)
-  n = tokens.shape[1]
-  logits, cache = decoding.prefill(model, tokens[:, :p], max_len=n)
-
-  def body(cache, tok):
-    out, cache = decoding.decode_step(model, cache, tok)
-    return cache, out
-
-  _, rest = jax.lax.scan(body, cache, tokens[:, p:-1].T)
-  stepped = jnp.concatenate([logits[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
-  return stepped, model(tokens)[:, p - 1:-1]
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _forward(graphdef, state, tokens):
+  return nnx.merge(graphdef, state)(tokens)
 
 
 def _check_greedy(model, prompt):
-  out = decoding.generate(model, prompt, T)
-  assert out.shape == (B, prompt.shape[1] + T) and out.dtype == jnp.int32
-  np.testing.assert_array_equal(np.asarray(out[:, :prompt.shape[1]]), np.asarray(prompt))
-  stepped, full = _teacher_forced(*nnx.split(model), out, p=prompt.shape[1])
+  """generate's tokens and the logits it picked them from against one full forward pass."""
+  p = prompt.shape[1]
+  steps = 32 - p  # the forward pass needs a multiple of the chunk (16)
+  out, stepped = decoding.generate(model, prompt, steps, return_logits=True)
+  assert out.shape == (B, 32) and out.dtype == jnp.int32 and stepped.shape == (B, steps, 256)
+  np.testing.assert_array_equal(np.asarray(out[:, :p]), np.asarray(prompt))
+  full = _forward(*nnx.split(model), out)[:, p - 1:-1]
   assert rel_err(stepped, full) < 1e-5
   # Greedy = the forward pass's argmax at every generated position, with margins far above the
   # logits' error (so the check is not decided by rounding).
-  np.testing.assert_array_equal(np.asarray(out[:, prompt.shape[1]:]),
-                                np.asarray(jnp.argmax(full, -1)))
+  np.testing.assert_array_equal(np.asarray(out[:, p:]), np.asarray(jnp.argmax(full, -1)))
   top2 = jax.lax.top_k(full, 2)[0]
   assert float(jnp.min(top2[..., 0] - top2[..., 1])) > 1e-4
-  return out
 
 
 @pytest.mark.parametrize("variant", models.LINEAR_VARIANTS)
@@ -81,14 +70,10 @@ def test_greedy_is_the_argmax_of_the_forward_pass(variant):
   _check_greedy(_model(variant), _prompt())
 
 
-@pytest.mark.parametrize("p", [16, 1, 3])
+@pytest.mark.parametrize("p", [16, 3, pytest.param(1, marks=pytest.mark.slow)])
 def test_any_prompt_length(p):
-  # 16: a whole chunk, no padding; 1 and 3: shorter than the conv's K - 1 = 3 taps.
-  model = _model("gated_deltanet")
-  out = decoding.generate(model, _prompt(p), 32 - p)
-  stepped, full = _teacher_forced(*nnx.split(model), out, p=p)
-  assert rel_err(stepped, full) < 1e-5
-  np.testing.assert_array_equal(np.asarray(out[:, p:]), np.asarray(jnp.argmax(full, -1)))
+  # 16: a whole chunk, no padding; 3 and 1: no longer than the conv's K - 1 = 3 taps.
+  _check_greedy(_model("gated_deltanet"), _prompt(p))
 
 
 def test_all_softmax_and_no_conv():
@@ -111,7 +96,7 @@ def test_cache_memory_linear_flat_softmax_growing():
   assert soft[1] - soft[0] == 2 * B * (4096 - 64) * 2 * 8 * 4   # K and V, 2 kv heads of 8
 
 
-@pytest.mark.parametrize("layout", ["zigzag", "contiguous"])
+@pytest.mark.parametrize("layout", ["zigzag", pytest.param("contiguous", marks=pytest.mark.slow)])
 def test_sequence_parallel_prefill_matches_one_device(layout):
   cfg = models.get_config("tiny_gdn_hybrid", init_std=0.2, layout=layout)  # LLLN, conv, GQA
   model = models.LinearLlama(cfg, rngs=nnx.Rngs(0))
@@ -135,7 +120,7 @@ def test_sampling_is_seeded_and_inside_the_top_k():
   a, b, c = draw(seed=3), draw(seed=3), draw(seed=4)
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   assert not np.array_equal(np.asarray(a), np.asarray(c))
-  _, full = _teacher_forced(*nnx.split(model), a, p=P)
+  full = _forward(*nnx.split(model), a)[:, P - 1:-1]
   top5 = jax.lax.top_k(full, 5)[1]
   assert bool(jnp.all(jnp.any(top5 == a[:, P:, None], axis=-1)))
   # Not greedy: at temperature 1.5 some draw is not the argmax.
@@ -169,3 +154,5 @@ def test_errors_name_the_value():
     decoding.prefill(model, prompt, max_len=3)
   np.testing.assert_array_equal(np.asarray(decoding.generate(model, prompt, 0)),
                                 np.asarray(prompt))
+  with pytest.raises(TypeError, match="return_logits must be a bool, got 1"):
+    decoding.generate(model, prompt, 2, return_logits=1)
