@@ -5,21 +5,9 @@ every prompt length, the pure linear model's cache the same size at every length
 models' caches growing with it, and the SP prefill giving the one-device logits.
 """
 
-import importlib.util
 import json
-import os
 
-import lasp_jax  # noqa: F401  (the real `kernels` package is imported before benchmarks/ is on the path)
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def _script(name):
-  spec = importlib.util.spec_from_file_location(f"bench_{name}",
-                                                os.path.join(ROOT, "benchmarks", f"{name}.py"))
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
+from tests.benchmarks.test_sp_benchmarks import _script
 
 
 def test_decode_benchmark_quick(tmp_path):
