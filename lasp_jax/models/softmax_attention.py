@@ -28,11 +28,12 @@ def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None):
     return lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
                             causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout)
   # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
-  if segment_ids is not None:  # dot_product_attention would need a dense (N, N) mask
-    from kernels.attention import flash
-    return flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
-                                 kv_segment_ids=segment_ids)
-  return jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True)
+  # The same flash kernel as LASP-2H, not jax.nn.dot_product_attention: on CPU the latter builds
+  # the (B, H, N, N) scores (8192 tokens: 3.1 GiB of temporaries for the 1/4 hybrid's prefill,
+  # 64K: 192 GiB), and with segment ids it would need a dense mask as well.
+  from kernels.attention import flash
+  return flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
+                               kv_segment_ids=segment_ids)
 
 
 class SoftmaxAttention(nnx.Module):

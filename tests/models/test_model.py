@@ -186,3 +186,22 @@ def test_bad_inputs():
       zz(jnp.zeros((2, 136), jnp.int32))
   with pytest.raises(TypeError, match="ModelConfig"):
     models.LinearLlama({"d_model": 32}, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_one_device_softmax_never_builds_the_score_matrix(train):
+  """Compile only: the all-softmax model on one device, forward (a prefill) and forward+backward,
+  at N = 4096 needs under a quarter of the bytes of one (B, H, N, N) float32 score matrix (through
+  ``jax.nn.dot_product_attention``, the one-device path until 2026-12, it took 3x and 7x one)."""
+  n = 4096
+  cfg = _config("basic", "N")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(cfg)))
+  tokens = jax.ShapeDtypeStruct((1, n), jnp.int32)
+  if train:
+    weights = jax.ShapeDtypeStruct((1, n, cfg.vocab_size), jnp.float32)
+    compiled = _grad.lower(state, tokens, weights, graphdef).compile()
+  else:
+    compiled = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)).lower(state, tokens).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  scores = cfg.num_heads * n * n * 4
+  assert temp < scores / 4, (temp, scores)
