@@ -2,13 +2,13 @@
 hybrid and all-softmax, side by side.
 
   python benchmarks/decode.py [--prompt-lens 1024 2048 ... 65536] [--new-tokens 32]
-                              [--variant gated_deltanet] [--softmax-prefill-max 8192]
+                              [--variant gated_deltanet] [--softmax-prefill-max 65536]
                               [--sp-devices 8] [--sp-len P] [--out benchmarks/results/decode.json]
   python benchmarks/decode.py --quick --out /tmp/decode.json        # smoke test (toy sizes)
 
 Three models of one size (default d_model 256, 4 layers, 4 heads of 64, GQA with 2 key/value heads
 in the softmax layers, FFN 1024, vocabulary 256, chunk 64, float32; 4.1M to 4.6M parameters, sized
-so the whole default run fits in 10 minutes on 2 busy CPU cores): ``layer_pattern="L"`` (every layer
+so the whole default run takes about 11 minutes on 2 CPU cores): ``layer_pattern="L"`` (every layer
 linear, ``--variant``, default ``gated_deltanet`` with its kernel-4 short conv), ``"LLLN"`` (the
 paper's 1/4 hybrid: three such layers, then softmax) and ``"N"`` (every layer softmax). For each
 prompt length P:
@@ -25,9 +25,9 @@ prompt length P:
                  median as above; a warmup that alone takes ``--budget-s`` or more is the one
                  timing, which saves minutes at long P).
 
-Softmax prefill is quadratic in P (the flash kernel runs at ~5-10 GFLOP/s on these shared
-cores: 3.5 to 8 s for the all-softmax model at 4K, so 15 to 30 min at 64K), so above
-``--softmax-prefill-max`` the models with softmax layers are not prefilled: their cache is built
+Softmax prefill is quadratic in P (on 2 CPU cores the all-softmax model took 1.0 s at 4K and
+209 s at 64K), so ``--softmax-prefill-max`` can cap it: above it the models with softmax layers
+are not prefilled (by default they always are): their cache is built
 with the shapes and dtypes ``prefill`` would give (``jax.eval_shape``), filled with random values
 and ``length = P``. The decode step reads every slot of the cache whatever its contents
 (``decode_attention`` masks slots >= length), so its time and the cache bytes are those of a real
@@ -35,11 +35,11 @@ prefill; the prefill column says "synthetic" there. The pure linear model is alw
 prefilled.
 
 SP prefill: the hybrid's prefill at ``--sp-len`` (default: the longest prompt at which it is
-really prefilled, 8K by default; at 64K one hybrid prefill would take ~4 min here) jitted inside
-``jax.set_mesh(jax.make_mesh((W,), ("sp",)))`` (LASP-2 for the linear layers, LASP-2H for the
-softmax one; W = ``--sp-devices`` simulated CPU devices, set before jax starts) against the same
-prefill on one device, interleaved repeats, median, ratio, and the largest difference of the two
-logits. The simulated devices share the same 2 cores, so the ratio measures the overhead of the
+really prefilled, so the longest prompt by default; one hybrid prefill at 64K takes ~1 min here)
+jitted inside ``jax.set_mesh(jax.make_mesh((W,), ("sp",)))`` (LASP-2 for the linear layers,
+LASP-2H for the softmax one; W = ``--sp-devices`` simulated CPU devices, set before jax starts)
+against the same prefill on one device: each warmed up, then ``--sp-repeats`` interleaved pairs,
+median, ratio, and the largest difference of the two logits. The simulated devices share the same 2 cores, so the ratio measures the overhead of the
 split (and its collectives as memcpy), not a speed-up.
 """
 
@@ -80,7 +80,7 @@ def parse(argv):
   ap.add_argument("--vocab", type=int, default=256)
   ap.add_argument("--chunk", type=int, default=64)
   ap.add_argument("--short-conv", type=int, default=4)
-  ap.add_argument("--softmax-prefill-max", type=int, default=8192,
+  ap.add_argument("--softmax-prefill-max", type=int, default=65536,
                   help="longest P at which models with softmax layers are really prefilled; "
                        "above it their cache is synthetic (see the docstring)")
   ap.add_argument("--repeats", type=int, default=7, help="timed calls at most (after a warmup)")
@@ -89,7 +89,9 @@ def parse(argv):
   ap.add_argument("--sp-devices", type=int, default=8, help="0: skip the SP-prefill comparison")
   ap.add_argument("--sp-len", type=int, default=None,
                   help="P of the SP-prefill comparison (default: the longest real hybrid prefill)")
-  ap.add_argument("--sp-repeats", type=int, default=2)
+  ap.add_argument("--sp-repeats", type=int, default=1,
+                  help="interleaved timed pairs after the warmups; 0: the (compiled-ahead) "
+                       "warmups are the timing, for prompts where one prefill takes minutes")
   ap.add_argument("--fast-compile", action="store_true",
                   help="compile with XLA's backend optimisation level 0 (quicker compiles, "
                        "slower programs; --quick sets it)")
@@ -289,11 +291,18 @@ def main(argv=None):
       sp_c = jax.jit(functools.partial(_prefill, m["graphdef"], max_len=p + t_new)).lower(
           sp_state, sp_prompt).compile(copts)
       colls = comm.summarize(comm.parse_collectives(sp_c.as_text()))
+      t0 = time.perf_counter()
       sp_logits, _ = jax.block_until_ready(sp_c(sp_state, sp_prompt))     # its warmup
+      t_sp = [time.perf_counter() - t0]
+    t_one = []
     if one_logits is None:                    # else it ran (and was warmed up) in the table
+      t0 = time.perf_counter()
       one_logits = jax.block_until_ready(one_c(m["state"], prompt))[0]
-    t_one, t_sp = [], []
-    for _ in range(max(args.sp_repeats, 1)):  # interleaved: both see the same machine load
+      t_one = [time.perf_counter() - t0]
+    warmups_timed = args.sp_repeats == 0 and bool(t_one)
+    if not warmups_timed:
+      t_one, t_sp = [], []
+    for _ in range(0 if warmups_timed else max(args.sp_repeats, 1)):  # interleaved: same load
       t0 = time.perf_counter()
       jax.block_until_ready(one_c(m["state"], prompt))
       t_one.append(time.perf_counter() - t0)
@@ -304,7 +313,8 @@ def main(argv=None):
     diff = float(jnp.max(jnp.abs(np.asarray(sp_logits) - np.asarray(one_logits))))
     sp = dict(model="hybrid", prompt_len=p, devices=w, one_device_s=med(t_one),
               sp_s=med(t_sp), ratio_sp_over_one=med(t_sp) / med(t_one), one_device_times=t_one,
-              sp_times=t_sp, max_abs_logit_diff=diff, collectives=colls,
+              sp_times=t_sp, warmups_are_the_timing=warmups_timed, max_abs_logit_diff=diff,
+              collectives=colls,
               note="simulated CPU devices sharing the host's cores: overhead, not speed-up")
 
   # Output.

@@ -29,7 +29,7 @@ def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None):
                             causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout)
   # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
   # The same flash kernel as LASP-2H, not jax.nn.dot_product_attention: on CPU the latter builds
-  # the (B, H, N, N) scores (8192 tokens: 3.1 GiB of temporaries for the 1/4 hybrid's prefill,
+  # the (B, H, N, N) scores (8192 tokens: 3.0 GiB of temporaries for the 1/4 hybrid's prefill,
   # 64K: 192 GiB), and with segment ids it would need a dense mask as well.
   from kernels.attention import flash
   return flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
