@@ -115,8 +115,9 @@ def prefill(model: LinearLlama, prompt_BxP, *, max_len: int):
 
 
 def _kv_cache(x_BxNxGxD, ctx, layout, w, pad, max_len):
-  """A prefill's K or V (layout order, split over the sequence) -> the cache: natural order,
-  the padding dropped, ``max_len`` slots, whole on every sequence shard (as LASP-2H gathers it)."""
+  """A prefill's K or V (layout order) -> the cache: natural order, the padding dropped,
+  ``max_len`` slots, whole on every sequence shard. Under sequence parallelism the layer hands
+  it out already whole (LASP-2H's gather), so the constraint moves nothing."""
   x = ctx.constrain(x_BxNxGxD, ("act_batch", None, None, None))
   if layout == "zigzag" and w > 1:
     x = layout_lib.unzigzag(x, w)

@@ -19,21 +19,26 @@ from lasp_jax.models.layers import apply_rope, param
 from lasp_jax.models.sharding_rules import Context
 
 
-def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None):
+def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None, return_kv=False):
   """Causal GQA attention: LASP-2H when the mesh has the sequence axis, else one device. With
-  ``segment_ids (B, N)`` a query sees only keys of its own document (equal ids)."""
+  ``segment_ids (B, N)`` a query sees only keys of its own document (equal ids). ``return_kv``
+  (inference): also ``(k, v)`` of the whole sequence in the layout's order; under LASP-2H they
+  come replicated from its one all-gather."""
   scale = q.shape[-1] ** -0.5
   if ctx.sequence_parallel:
     from lasp_jax.sequence_parallel.lasp2h import lasp2h_attention
-    return lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
-                            causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout)
+    out = lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
+                           causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout,
+                           return_kv=return_kv)
+    return (out[0], (out[1][0], out[1][1])) if return_kv else out
   # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
   # The same flash kernel as LASP-2H, not jax.nn.dot_product_attention: on CPU the latter builds
   # the (B, H, N, N) scores (8192 tokens: 3.0 GiB of temporaries for the 1/4 hybrid's prefill,
   # 64K: 192 GiB), and with segment ids it would need a dense mask as well.
   from kernels.attention import flash
-  return flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
-                               kv_segment_ids=segment_ids)
+  o = flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
+                            kv_segment_ids=segment_ids)
+  return (o, (k, v)) if return_kv else o
 
 
 class SoftmaxAttention(nnx.Module):
@@ -69,12 +74,15 @@ class SoftmaxAttention(nnx.Module):
   def __call__(self, x_BxNxD, ctx: Context, positions, segment_ids_BxN=None, *,
                return_cache=False):
     """``positions``: RoPE positions, ``(N,)`` or ``(B, N)`` (within packed documents).
-    ``return_cache``: also ``(k, v)`` (B, N, Hkv, D), in the layout of x, for a decode cache."""
+    ``return_cache``: also ``(k, v)`` (B, N, Hkv, D) of the whole sequence, in the layout of x,
+    for a decode cache (under sequence parallelism: replicated, from LASP-2H's gather)."""
     with jax.named_scope("softmax_attention"):
       q, k, v = self._project(x_BxNxD, ctx, positions)
-      o = core_softmax(q, k, v, cfg=self.cfg, ctx=ctx, segment_ids=segment_ids_BxN)
+      out = core_softmax(q, k, v, cfg=self.cfg, ctx=ctx, segment_ids=segment_ids_BxN,
+                         return_kv=return_cache)
+      o, kv = out if return_cache else (out, None)
       y = self._output(o, ctx)
-    return (y, (k, v)) if return_cache else y
+    return (y, kv) if return_cache else y
 
   def decode(self, x_Bx1xD, cache: AttentionCache, ctx: Context, position):
     """One token at ``position`` (int32 scalar, the number of cached tokens): its K, V go into

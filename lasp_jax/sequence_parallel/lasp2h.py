@@ -69,16 +69,25 @@ def _kernel_config(q, k, *, causal, scale, layout, has_segments):
                            has_segments=has_segments)
 
 
-def _forward(plan, q, k, v, seg):
+def _attend(plan, q, k, v, seg, *, kv_to="varying"):
+  """The one gather and the local attention: ``o, lse, kv (2, B, N, Hkv, D), q_pos, kv_pos,
+  seg_all``. ``kv_to="invarying"`` types the gathered K/V as the same on every device, so that
+  a prefill can hand it out replicated as its decode cache (no second gather); autodiff through
+  that would be plain JAX's (a psum of the full ``dK, dV``, then a slice), not ``_lasp2h_bwd``."""
   w = jax.lax.axis_size(plan.axis_name)
   c = q.shape[1]
   q_pos = layout_lib.local_positions(plan.layout, jax.lax.axis_index(plan.axis_name), w, c)
   kv_pos = jnp.asarray(layout_lib.storage_positions(plan.layout, w, c))
   with jax.named_scope("lasp2h_gather_kv"):
-    kv = jax.lax.all_gather(jnp.stack([k, v]), plan.axis_name, axis=2, tiled=True)
+    kv = jax.lax.all_gather(jnp.stack([k, v]), plan.axis_name, axis=2, tiled=True, to=kv_to)
     seg_all = None if seg is None else jax.lax.all_gather(seg, plan.axis_name, axis=1, tiled=True)
   with jax.named_scope("lasp2h_local_attention"):
     o, lse = flash.forward(plan.kernel, q, kv[0], kv[1], q_pos, kv_pos, seg, seg_all)
+  return o, lse, kv, q_pos, kv_pos, seg_all
+
+
+def _forward(plan, q, k, v, seg):
+  o, lse, kv, q_pos, kv_pos, seg_all = _attend(plan, q, k, v, seg)
   return o, (q, kv, q_pos, kv_pos, seg, seg_all, o, lse)
 
 
@@ -102,7 +111,8 @@ def _lasp2h_bwd(plan, res, do):
 _lasp2h_core.defvjp(_forward, _lasp2h_bwd)
 
 
-def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, layout="contiguous"):
+def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, layout="contiguous",
+           return_kv=False):
   """LASP-2H on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
 
   Args:
@@ -115,19 +125,26 @@ def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, lay
       are checked to fit int32 (``flash.segment_ids_for_kernel``). Traced ids are already of a
       dtype JAX holds, so nothing narrows them here.
     layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5).
+    return_kv: for inference (prefill): also the gathered K/V, ``(2, B, N, Hkv, D)`` in storage
+      order, invariant over ``axis_name`` (the same on every device), from the one all-gather.
 
   Returns:
-    ``o (B, C, H, D)`` in q's dtype: exactly the matching rows of the unsplit attention.
+    ``o (B, C, H, D)`` in q's dtype: exactly the matching rows of the unsplit attention; with
+    ``return_kv``, ``(o, kv)``.
   """
   _validate(q, k, v, segment_ids, layout)
   cfg = _kernel_config(q, k, causal=causal, scale=scale, layout=layout,
                        has_segments=segment_ids is not None)
   (seg,) = flash.segment_ids_for_kernel(("segment_ids", segment_ids))
-  return _lasp2h_core(_Plan(axis_name, layout, cfg), q, k, v, seg)
+  plan = _Plan(axis_name, layout, cfg)
+  if return_kv:
+    o, _, kv, *_ = _attend(plan, q, k, v, seg, kv_to="invarying")
+    return o, kv
+  return _lasp2h_core(plan, q, k, v, seg)
 
 
 def lasp2h_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=None, causal=True,
-                     scale=None, segment_ids=None, layout="contiguous"):
+                     scale=None, segment_ids=None, layout="contiguous", return_kv=False):
   """LASP-2H on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
 
   Args:
@@ -137,10 +154,13 @@ def lasp2h_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=None, caus
     segment_ids: ``(B, N)`` int or None; widths as ``lasp2h``.
     layout: the sequence axis of the inputs (and output) is in ``"contiguous"`` or ``"zigzag"``
       order (``lasp_jax.zigzag``).
+    return_kv: for inference (prefill): also K/V of the whole sequence, ``(2, B, N, Hkv, D)`` in
+      the layout's order, replicated over ``seq_axis``: the one all-gather's result, so a decode
+      cache costs no second gather.
     Others as ``lasp2h``.
 
   Returns:
-    ``o (B, N, H, D)`` in q's dtype, sharded like q.
+    ``o (B, N, H, D)`` in q's dtype, sharded like q; with ``return_kv``, ``(o, kv)``.
   """
   layout_lib.check_layout(layout)
   mesh = sharding.resolve_mesh(mesh)
@@ -153,10 +173,12 @@ def lasp2h_attention(q, k, v, *, mesh=None, seq_axis="sp", batch_axis=None, caus
     raise ValueError(f"batch size B={q.shape[0]} is not a multiple of the {batch_axis!r} axis "
                      f"size {nb}")
   x_spec = P(batch_axis, seq_axis, None, None)
-  fn = functools.partial(lasp2h, axis_name=seq_axis, causal=causal, scale=scale, layout=layout)
+  fn = functools.partial(lasp2h, axis_name=seq_axis, causal=causal, scale=scale, layout=layout,
+                         return_kv=return_kv)
+  out_specs = (x_spec, P(None, batch_axis, None, None, None)) if return_kv else x_spec
   return sharding.shard_map(
       lambda q, k, v, seg: fn(q, k, v, segment_ids=seg), mesh,
-      (x_spec, x_spec, x_spec, P(batch_axis, seq_axis)), x_spec, (q, k, v, segment_ids))
+      (x_spec, x_spec, x_spec, P(batch_axis, seq_axis)), out_specs, (q, k, v, segment_ids))
 
 
 def computed_blocks_per_device(seq_len, num_shards, *, layout="contiguous", causal=True):

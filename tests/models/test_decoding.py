@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from lasp_jax import models
+from lasp_jax import comm, models
 from lasp_jax.models import decoding
 from tests.references import rel_err
 
@@ -111,6 +111,22 @@ def test_sequence_parallel_prefill_matches_one_device(layout):
   errs = jax.tree.map(rel_err, cache, ref_cache)
   assert max(jax.tree.leaves(errs)) < 1e-5, errs
   np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+
+
+def test_sequence_parallel_prefill_gathers_once_per_layer():
+  """Compile only: the 8-device prefill of the LLLN hybrid all-gathers one summary per linear
+  layer and K/V once for the softmax layer, whose gathered K/V is also the decode cache (no
+  second gather of it into the cache)."""
+  cfg = models.get_config("tiny_gdn_hybrid", layout="zigzag")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.create_model(cfg)))
+  p, hkv, dh = 512, cfg.kv_heads, cfg.dim_per_head
+  with jax.set_mesh(jax.make_mesh((W,), ("sp",))):
+    hlo = jax.jit(lambda s, t: decoding.prefill(nnx.merge(graphdef, s), t, max_len=p)).lower(
+        state, jax.ShapeDtypeStruct((B, p), jnp.int32)).compile().as_text()
+  gathers = [c for c in comm.parse_collectives(hlo) if c.kind == "all-gather"]
+  assert sum(c.count for c in gathers) == len(cfg.layer_pattern), gathers
+  kv_bytes = 2 * B * p * hkv * dh * 4   # K and V stacked, float32
+  assert sum(c.result_bytes == kv_bytes for c in gathers) == cfg.layer_pattern.count("N"), gathers
 
 
 def test_sampling_is_seeded_and_inside_the_top_k():
