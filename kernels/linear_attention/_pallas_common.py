@@ -1,16 +1,24 @@
 """What the TPU and GPU Pallas kernels share: per-chunk math, decay handling, the custom_vjp.
 
-The kernels see the clamped per-token log-decay ``g`` (``reference.clamp_log_decay``: finite, in
-``[LOG_DECAY_FLOOR, 0]``, NaN passed through) and build every decay factor of a chunk of ``c``
-tokens from *direct* sums of its log-decays (:func:`chunk_decay`; SPEC sections 3 and 10):
+The kernels never sum log-decays themselves. Once per call, XLA turns the clamped per-token
+log-decay ``g`` (``reference.clamp_log_decay``) into two per-token arrays (:func:`chunk_prefix`),
+SPEC section 15:
 
-    W_ij = e^{sum_{j<l<=i} g_l} [i >= j]     qd_i = e^{b_i}, b_i = sum_{l<=i} g_l
-    kd_j = e^{sum_{l>j} g_l}                 a = e^{sum_l g_l}
+    b_i   = sum of g_l over (the last reset at or before i, i] within i's chunk   (a direct sum)
+    seg_i = number of resets in i's chunk up to and including i
 
-``sum_{j<l<=i} g_l`` is the matmul ``(L * g) @ U`` of exact 0/1 triangles (``L_il = [l <= i]``,
-``U_lj = [l > j]``) at float32 HIGHEST precision, never ``b_i - b_j``: that difference cancels once
-one gate is very negative (``-1e9`` swamps the mild gates around it) and is NaN for ``-inf``.
-Per chunk, with incoming state ``S``:
+A *reset* is a gate whose ``exp`` underflows float32 (``g <= RESET_LOG_DECAY``: ``-inf``, the
+clamp floor, ``-1e9`` and every gate for which ``exp`` of any sum containing it is 0 in float32).
+Every factor of a chunk of ``c`` tokens is then a difference of two such sums inside one segment,
+a select across segments (:func:`chunk_decay`):
+
+    W_ij = e^{b_i - b_j} [i >= j, seg_i = seg_j]      qd_i = e^{b_i} [seg_i = 0]
+    kd_j = e^{b_c - b_j} [seg_j = seg_c]               a = e^{b_c} [seg_c = 0]
+
+So a reset is an exact zero, ``-inf`` never meets ``-inf`` (sums restart instead of cancelling
+a huge gate), and no float32 matmul builds the factors: everything inside the hot loop is an
+elementwise select, ``exp`` and the bf16 (or float32-input) tensor-core dots below. Per chunk,
+with incoming state ``S``:
 
     o     = scale * ([(q k^T) * W] v + (q * qd) S)
     S_new = a S + (k * kd)^T v
@@ -25,11 +33,13 @@ Backward (two kernels, both recompute rather than store per-chunk states):
       dv = scale [(q k^T) * W]^T dO + (k * kd) dS
       dk = scale [(dO v^T) * W]^T q + kd (v dS^T)
       dS <- a dS + scale (q * qd)^T dO          (dS after chunk 0 is d initial_state)
-- The decay gradient needs no kernel: the op depends on the global cumulative log-decay ``B`` only
-  through ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the factor ``e^{B_N}`` of the final state, so
+- The decay gradient: the op depends on the global cumulative log-decay ``B`` only through
+  ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the factor ``e^{B_N}`` of the final state, so
   ``dL/dB_i = q_i.dq_i - k_i.dk_i (+ <S_N, dS_N> at i = N)`` and ``dg_t = sum_{i >= t} dL/dB_i``
-  (an identity of the exact function; nothing here is exponentiated). Below the floor the clamp
-  makes it 0 (-inf included), the exact value.
+  (an identity of the exact function; nothing here is exponentiated). The kernels emit the row
+  sums ``q_i.dq_i`` and ``k_i.dk_i`` from their float32 accumulators, so dq and dk leave in the
+  input dtype and no float32 copy of them crosses HBM. Below the floor the clamp makes the
+  gradient 0 (-inf included), the exact value.
 """
 
 from __future__ import annotations
@@ -67,11 +77,16 @@ class BlockSizes:
   split_backward: bool = False
 
 
-class Decay(NamedTuple):
-  """Decay factors of one chunk, each ``exp`` of a direct sum of its log-decays (module docstring).
+# A gate at or below this is a reset: e^{-88} is under float32's smallest normal (1.18e-38), so
+# every factor containing it is 0 in float32 (GPUs flush such subnormals anyway).
+RESET_LOG_DECAY = -88.0
 
-  ``weights``: ``(c, c)``, ``W_ij`` (exact 0 above the diagonal); ``q_scale``: ``(c, 1)``,
-  ``e^{b_i}``; ``k_scale``: ``(c, 1)``, ``e^{sum_{l>j} g_l}``; ``chunk``: ``(1, 1)``, ``e^{sum g}``.
+
+class Decay(NamedTuple):
+  """Decay factors of one chunk (module docstring).
+
+  ``weights``: ``(c, c)``, ``W_ij`` (exact 0 above the diagonal and across resets); ``q_scale``:
+  ``(c, 1)``, ``qd_i``; ``k_scale``: ``(c, 1)``, ``kd_j``; ``chunk``: ``(1, 1)``, ``a``.
   """
   weights: jax.Array
   q_scale: jax.Array
@@ -79,25 +94,57 @@ class Decay(NamedTuple):
   chunk: jax.Array
 
 
-def chunk_decay(g_row):
-  """:class:`Decay` of a chunk from its clamped log-decays ``g_row (1, c)`` float32 (lanes).
+def chunk_prefix(g, chunk_size):
+  """``(b, seg)``, both float32 ``(B, N, H)``, from the clamped per-token log-decay ``g``.
 
-  Masks from iota, sums along lanes and one 0/1 matmul: no cumsum, no relayout, no unaligned
-  slice (what Mosaic and Triton both lower). Each factor is exact to float32 for any gates.
+  One XLA pass per call (module docstring). ``b`` is a segmented scan, so each entry is a direct
+  sum of the gates since the last reset; ``seg`` counts resets (small integers, exact in float32).
+  A NaN gate is no reset: it reaches ``b`` from its token on, as the recurrence would.
   """
-  c = g_row.shape[-1]
+  bsz, n, h = g.shape
+  g = g.reshape(bsz, n // chunk_size, chunk_size, h)
+  reset = g <= RESET_LOG_DECAY
+
+  def combine(x, y):
+    (rx, bx), (ry, by) = x, y
+    return rx | ry, jnp.where(ry, by, bx + by)
+
+  _, b = jax.lax.associative_scan(combine, (reset, jnp.where(reset, 0.0, g)), axis=2)
+  seg = jnp.cumsum(reset.astype(jnp.int32), axis=2).astype(F32)
+  return b.reshape(bsz, n, h), seg.reshape(bsz, n, h)
+
+
+def _column(row):
+  """A ``(1, c)`` row as a ``(c, 1)`` column: a masked lane sum (exact; no transpose, which
+  Mosaic would need a relayout for)."""
+  c = row.shape[-1]
   rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
   cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
-  upto = jnp.where(cols <= rows, g_row, 0.0)          # [i, l] = g_l for l <= i
-  after = jnp.where(cols > rows, g_row, 0.0)          # [j, l] = g_l for l > j
-  # [i, j] = sum_l [l <= i] g_l [l > j]: exact 0/1 operand, HIGHEST (TPU would round g to bf16).
-  log_w = jax.lax.dot_general(upto, (rows > cols).astype(F32), (((1,), (0,)), ((), ())),
-                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=F32)
-  mask = rows >= cols
-  return Decay(weights=jnp.where(mask, jnp.exp(jnp.where(mask, log_w, 0.0)), 0.0),
-               q_scale=jnp.exp(jnp.sum(upto, axis=1, keepdims=True)),
-               k_scale=jnp.exp(jnp.sum(after, axis=1, keepdims=True)),
-               chunk=jnp.exp(jnp.sum(g_row, axis=1, keepdims=True)))
+  return jnp.sum(jnp.where(rows == cols, row, 0.0), axis=1, keepdims=True)
+
+
+def _last(row):
+  """``row[:, -1:]`` as ``(1, 1)``, by a masked lane sum (no unaligned slice)."""
+  cols = jax.lax.broadcasted_iota(jnp.int32, row.shape, 1)
+  return jnp.sum(jnp.where(cols == row.shape[-1] - 1, row, 0.0), axis=1, keepdims=True)
+
+
+def chunk_decay(b_row, seg_row):
+  """:class:`Decay` of a chunk from its ``(1, c)`` rows of :func:`chunk_prefix` (lanes).
+
+  Iota masks, selects, lane sums and ``exp``: what Mosaic and Triton both lower, no matmul.
+  """
+  c = b_row.shape[-1]
+  b_col, seg_col = _column(b_row), _column(seg_row)
+  b_last, seg_last = _last(b_row), _last(seg_row)
+  same = causal_mask(c) & (seg_col == seg_row)
+  weights = jnp.where(same, jnp.exp(jnp.where(same, b_col - b_row, 0.0)), 0.0)
+  zero = jnp.zeros_like(b_col)
+  q_scale = jnp.where(seg_col == 0.0, jnp.exp(b_col), zero)
+  k_ok = seg_col == seg_last
+  k_scale = jnp.where(k_ok, jnp.exp(jnp.where(k_ok, b_last - b_col, 0.0)), zero)
+  chunk = jnp.where(seg_last == 0.0, jnp.exp(b_last), jnp.zeros_like(b_last))
+  return Decay(weights=weights, q_scale=q_scale, k_scale=k_scale, chunk=chunk)
 
 
 def causal_mask(c):
@@ -155,47 +202,78 @@ def forward_chunk(q, k, v, s, decay, *, scale, dtype):
 
 
 def dq_chunk(k, v, do, s, decay, *, scale, dtype):
-  """One chunk of the ``dq`` pass: ``(dq (c, Dk') f32, S_new)``; ``k``/``s`` may be a Dk slice."""
+  """One chunk of the ``dq`` pass: ``(dq (c, Dk') f32, dq's state part, S_new)``; ``k``/``s``
+  may be a Dk slice. With a decay, ``q_i . (state part)_i`` feeds the decay gradient."""
   c = do.shape[0]
   mask = causal_mask(c)
   da = _weights(_mm(do, v, "nt", dtype), decay, mask)
   inter = _mm(do, s, "nt", dtype)
-  if decay is not None:
-    inter = inter * decay.q_scale
-  dq = scale * (_mm(da, k, "nn", dtype) + inter)
-  return dq, _state_step(s, k, v, decay, dtype)
+  inter = scale * (inter if decay is None else inter * decay.q_scale)
+  dq = scale * _mm(da, k, "nn", dtype) + inter
+  return dq, inter, _state_step(s, k, v, decay, dtype)
 
 
 def _dk_and_ds(q, v, do, ds, da, decay, *, scale, dtype):
-  """``dk = scale da^T q + kd (v dS^T)`` and ``dS`` before the chunk: ``a dS + scale (q qd)^T dO``.
-  """
+  """``dk = scale da^T q + kd (v dS^T)``, its state part ``kd (v dS^T)``, and ``dS`` before the
+  chunk: ``a dS + scale (q qd)^T dO``."""
   dk_state = _mm(v, ds, "nt", dtype)
   if decay is not None:
     dk_state = dk_state * decay.k_scale
   dk = scale * _mm(da, q, "tn", dtype) + dk_state
   ds_prev = scale * _mm(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
-  return dk, ds_prev
+  return dk, dk_state, ds_prev
 
 
-def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype):
-  """One chunk of the reverse ``dk, dv`` pass: returns ``(dk, dv, dS before the chunk)``."""
+class DecayRows(NamedTuple):
+  """One chunk's float32 parts of the decay gradient (module docstring), ``(c,)`` each."""
+  in_chunk: jax.Array   # row sum minus column sum of P
+  k_state: jax.Array    # k_j . kd_j (v_j dS^T)
+  flux: jax.Array       # <a S_n, dS_{n+1}>, the same at every token of the chunk
+
+
+def decay_rows(scores, dp, decay, k, dk_state, s_before, ds_after, *, scale):
+  """:class:`DecayRows` of a chunk. ``scores`` may be a Dk slice's partial ``q k^T`` (P is
+  linear in it), ``k``, ``dk_state``, ``s_before`` (the state before the chunk, any float dtype)
+  and ``ds_after`` (the cotangent of the state after it) the same slice's; slices add up."""
+  c = scores.shape[0]
+  p = jnp.where(causal_mask(c), scale * scores * dp * decay.weights, 0.0)
+  flux = decay.chunk * jnp.sum(s_before.astype(F32) * ds_after, keepdims=True)
+  return DecayRows(in_chunk=jnp.sum(p, axis=1) - jnp.sum(p, axis=0),
+                   k_state=jnp.sum(k.astype(F32) * dk_state, axis=1),
+                   flux=jnp.broadcast_to(flux[0], (c,)))
+
+
+def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
+  """One chunk of the reverse ``dk, dv`` pass: returns ``(dk, dv, dS before the chunk, rows)``;
+  ``rows``: :class:`DecayRows` when ``s_before`` (the state before the chunk) is given, else
+  None."""
   c = q.shape[0]
   mask = causal_mask(c)
-  a = _weights(_mm(q, k, "nt", dtype), decay, mask)
-  da = _weights(_mm(do, v, "nt", dtype), decay, mask)
+  scores, dp = _mm(q, k, "nt", dtype), _mm(do, v, "nt", dtype)
+  a = _weights(scores, decay, mask)
+  da = _weights(dp, decay, mask)
   dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
-  dk, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
-  return dk, dv, ds_prev
+  dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  rows = None
+  if decay is not None and s_before is not None:
+    rows = decay_rows(scores, dp, decay, k, dk_state, s_before, ds, scale=scale)
+  return dk, dv, ds_prev, rows
 
 
-def dk_chunk(q, v, do, ds, decay, *, scale, dtype):
-  """Reverse pass for a Dk slice: ``q``/``ds`` hold channels ``kb`` (``ds (bk, Dv)``, its rows).
+def dk_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
+  """Reverse pass for a Dk slice: ``q``/``k``/``ds``/``s_before`` hold channels ``kb``.
 
-  Returns ``(dk[:, kb], dS[kb, :] before the chunk)``; k is not needed.
+  Returns ``(dk[:, kb], dS[kb, :] before the chunk, rows)``, ``rows`` this slice's part of the
+  chunk's :class:`DecayRows` (None without ``s_before``; k is only read for it).
   """
   mask = causal_mask(q.shape[0])
-  da = _weights(_mm(do, v, "nt", dtype), decay, mask)
-  return _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  dp = _mm(do, v, "nt", dtype)
+  da = _weights(dp, decay, mask)
+  dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  rows = None
+  if decay is not None and s_before is not None:
+    rows = decay_rows(_mm(q, k, "nt", dtype), dp, decay, k, dk_state, s_before, ds, scale=scale)
+  return dk, ds_prev, rows
 
 
 def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
@@ -224,23 +302,48 @@ def per_token_decay(log_decay, batch, seq_len, heads):
   return g
 
 
-def decay_grad(q, k, dq, dk, s_final, ds_final):
-  """``dg (B, N, H)`` from the gradients of q and k (see the module docstring)."""
-  db = (jnp.sum(q.astype(F32) * dq.astype(F32), axis=-1)
-        - jnp.sum(k.astype(F32) * dk.astype(F32), axis=-1))                 # (B, N, H)
-  db = db.at[:, -1].add(jnp.sum(s_final * ds_final, axis=(-2, -1)))
+def row_dot(x, y_f32):
+  """``sum_d x_d y_d`` per row, float32: ``(c, D) x (c, D) -> (c,)``."""
+  return jnp.sum(x.astype(F32) * y_f32, axis=1)
+
+
+def decay_grad_suffix(qdq, kdk, s_final, ds_final):
+  """``dg (B, N, H)`` as the suffix sum of ``dL/dB_i = q_i.dq_i - k_i.dk_i`` (+ the final state
+  at i = N) over the whole row: what the TPU kernels use. It cancels badly from bf16 operands
+  (module docstring); the GPU kernels use :func:`decay_grad_flux`."""
+  db = (qdq - kdk).at[:, -1].add(jnp.sum(s_final * ds_final, axis=(-2, -1)))
   return jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1)
+
+
+def decay_grad_flux(chunk_size, q_state, rows: DecayRows):
+  """``dg (B, N, H)`` from per-token ``(B, N, H)`` parts, each summed within its chunk only.
+
+  ``dg_t`` sums ``P_ij`` over the pairs ``j < t <= i`` (the pairs whose weight holds ``g_t``; the
+  final state is a query after the last token). For ``t`` in chunk ``n`` they are: in-chunk pairs
+  (a suffix sum of ``rows.in_chunk``), queries of chunk n at or after t with earlier chunks' keys
+  (a suffix sum of ``q_state``), keys of chunk n before t with later queries (a prefix sum of
+  ``rows.k_state``), and earlier chunks' keys with later chunks' queries (``rows.flux``). No sum
+  runs past a chunk, so bf16 rounding in one term is never cancelled against another's.
+  """
+  bsz, n, h = q_state.shape
+  split = lambda x: x.reshape(bsz, n // chunk_size, chunk_size, h)  # noqa: E731
+  suffix = lambda x: jnp.flip(jnp.cumsum(jnp.flip(split(x), 2), axis=2), 2)  # noqa: E731
+  k_prefix = jnp.cumsum(split(rows.k_state), axis=2) - split(rows.k_state)
+  dg = suffix(rows.in_chunk + q_state) + k_prefix + split(rows.flux)
+  return dg.reshape(bsz, n, h)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """A backend's three pallas_call builders and their static parameters (hashable).
 
-  ``forward(q, k, v, g, s0, cfg) -> (o, s_final)``; ``dq(k, v, do, g, s0, cfg) -> dq``;
-  ``dkv(q, k, v, do, g, ds_final, cfg) -> (dk, dv, ds0)``. ``g`` is None or the clamped per-token
-  ``(B, N, H)`` float32 log-decay (each kernel sums it per chunk, :func:`chunk_decay`). Gradients
-  of q, k come back in float32 when there is a decay (the decay gradient is built from them), else
-  in the input dtype.
+  ``decay`` below is None or ``(b, seg)`` of :func:`chunk_prefix`, float32 ``(B, N, H)`` each.
+
+  ``forward(q, k, v, decay, s0, cfg) -> (o, s_final)``;
+  ``dq(q, k, v, do, decay, s0, cfg) -> (dq, aux)``;
+  ``dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg) -> (dk, dv, ds0, dg)``.
+  ``aux`` is whatever the backend's dq pass hands its dkv pass for the decay gradient ``dg``
+  (float32 ``(B, N, H)``; None without a decay). dq, dk, dv come back in the input dtype.
   """
   forward: Callable
   dq: Callable
@@ -258,18 +361,18 @@ def linear_attention_vjp(q, k, v, g, s0, cfg: Config):
 
 
 def _fwd(q, k, v, g, s0, cfg):
-  o, s_final = cfg.forward(q, k, v, g, s0, cfg)
-  return (o, s_final), (q, k, v, g, s0, s_final)
+  decay = None if g is None else chunk_prefix(g, cfg.block_sizes.chunk_size)
+  o, s_final = cfg.forward(q, k, v, decay, s0, cfg)
+  return (o, s_final), (q, k, v, decay, s0, s_final)
 
 
 def _bwd(cfg, res, cotangents):
-  q, k, v, g, s0, s_final = res
+  q, k, v, decay, s0, s_final = res
   do, ds_final = cotangents
   do = do.astype(q.dtype)
   ds_final = ds_final.astype(F32)
-  dq = cfg.dq(k, v, do, g, s0, cfg)
-  dk, dv, ds0 = cfg.dkv(q, k, v, do, g, ds_final, cfg)
-  dg = None if g is None else decay_grad(q, k, dq, dk, s_final, ds_final)
+  dq, aux = cfg.dq(q, k, v, do, decay, s0, cfg)
+  dk, dv, ds0, dg = cfg.dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0)
 
 

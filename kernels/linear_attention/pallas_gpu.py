@@ -62,9 +62,13 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     raise TypeError(f"backend 'gpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 
 
-def _chunk_decay(g_ref, start, c):
-  """Decay factors of the chunk of log-decays ``g[start : start + c]``."""
-  return common.chunk_decay(g_ref[pl.ds(start, c)][None, :])
+def _chunk_decay(decay_refs, start, c):
+  """Decay factors of the chunk of tokens ``[start, start + c)`` (None without a decay)."""
+  if decay_refs is None:
+    return None
+  b_ref, seg_ref = decay_refs
+  rows = pl.ds(start, c)
+  return common.chunk_decay(b_ref[rows][None, :], seg_ref[rows][None, :])
 
 
 def _compiler_params(bs: BlockSizes):
@@ -72,18 +76,18 @@ def _compiler_params(bs: BlockSizes):
 
 
 def _split(refs, n_in, has_decay):
-  """Kernel refs are (inputs..., [g], outputs...)."""
-  g_ref = refs[n_in] if has_decay else None
-  return refs[:n_in], g_ref, refs[n_in + has_decay:]
+  """Kernel refs are (inputs..., [b, seg], outputs...)."""
+  decay_refs = tuple(refs[n_in:n_in + 2]) if has_decay else None
+  return refs[:n_in], decay_refs, refs[n_in + 2 * has_decay:]
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), g_ref, (o_ref, sf_ref) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref) = _split(refs, 4, has_decay)
 
   def body(i, s):
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(g_ref, start, c) if has_decay else None
+    decay = _chunk_decay(decay_refs, start, c)
     o, s = common.forward_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], s, decay,
                                 scale=scale, dtype=dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
@@ -93,59 +97,88 @@ def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (k_ref, v_ref, do_ref, s0_ref), g_ref, (dq_ref,) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, do_ref, s0_ref), decay_refs, out = _split(refs, 5, has_decay)
+  dq_ref = out[0]
+  dv = v_ref.shape[-1]
 
   def body(i, s):
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(g_ref, start, c) if has_decay else None
-    dq, s = common.dq_chunk(k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], s, decay,
-                            scale=scale, dtype=dtype)
+    decay = _chunk_decay(decay_refs, start, c)
+    if has_decay:   # the state before chunk i, for the dkv pass's flux term of dg
+      q_state_ref, states_ref = out[1:]
+      states_ref[:, pl.ds(pl.multiple_of(i * dv, dv), dv)] = s.astype(states_ref.dtype)
+    dq, dq_state, s = common.dq_chunk(k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], s, decay,
+                                      scale=scale, dtype=dtype)
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
+    if has_decay:
+      q_state_ref[rows] = common.row_dot(q_ref[rows, :], dq_state)
     return s
 
   jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
 
 
+def _write_rows(row_refs, rows, decay_rows):
+  for ref, x in zip(row_refs, decay_rows):
+    ref[rows] = x
+
+
 def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref, dv_ref, ds0_ref) = _split(
-      refs, 5, has_decay)
+  n_in = 6 if has_decay else 5
+  ins, decay_refs, out = _split(refs, n_in, has_decay)
+  q_ref, k_ref, v_ref, do_ref, dsf_ref = ins[:5]
+  dk_ref, dv_ref, ds0_ref = out[:3]
+  dv = v_ref.shape[-1]
 
   def body(j, ds):
-    start = pl.multiple_of((nc - 1 - j) * c, c)
+    n = nc - 1 - j
+    start = pl.multiple_of(n * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(g_ref, start, c) if has_decay else None
-    dk, dv, ds = common.dkv_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :],
-                                  ds, decay, scale=scale, dtype=dtype)
+    decay = _chunk_decay(decay_refs, start, c)
+    s_before = ins[5][:, pl.ds(pl.multiple_of(n * dv, dv), dv)] if has_decay else None
+    dk, dv_, ds, decay_rows = common.dkv_chunk(
+        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], ds, decay,
+        scale=scale, dtype=dtype, s_before=s_before)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv.astype(dv_ref.dtype)
+    dv_ref[rows, :] = dv_.astype(dv_ref.dtype)
+    if has_decay:
+      _write_rows(out[3:], rows, decay_rows)
     return ds
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
 
 
 def _dk_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref,) = _split(refs, 4, has_decay)
+  n_in = 6 if has_decay else 5
+  ins, decay_refs, out = _split(refs, n_in, has_decay)
+  q_ref, k_ref, v_ref, do_ref, dsf_ref = ins[:5]
+  dk_ref = out[0]
+  dv = v_ref.shape[-1]
 
   def body(j, ds):
-    start = pl.multiple_of((nc - 1 - j) * c, c)
+    n = nc - 1 - j
+    start = pl.multiple_of(n * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(g_ref, start, c) if has_decay else None
-    dk, ds = common.dk_chunk(q_ref[rows, :], v_ref[rows, :], do_ref[rows, :], ds, decay,
-                             scale=scale, dtype=dtype)
+    decay = _chunk_decay(decay_refs, start, c)
+    s_before = ins[5][:, pl.ds(pl.multiple_of(n * dv, dv), dv)] if has_decay else None
+    dk, ds, decay_rows = common.dk_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
+                                         do_ref[rows, :], ds, decay, scale=scale, dtype=dtype,
+                                         s_before=s_before)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
+    if has_decay:
+      _write_rows(out[1:], rows, decay_rows)
     return ds
 
   jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
 
 
 def _dv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, do_ref, dsf_ref), g_ref, (dv_ref, ds0_ref) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, do_ref, dsf_ref), decay_refs, (dv_ref, ds0_ref) = _split(refs, 4, has_decay)
 
   def body(j, ds):
     start = pl.multiple_of((nc - 1 - j) * c, c)
     rows = pl.ds(start, c)
-    decay = _chunk_decay(g_ref, start, c) if has_decay else None
+    decay = _chunk_decay(decay_refs, start, c)
     dv, ds = common.dv_chunk(q_ref[rows, :], k_ref[rows, :], do_ref[rows, :], ds, decay,
                              scale=scale, dtype=dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)
@@ -173,26 +206,32 @@ def _state(dk, dv, block_axis=None):
   return pl.BlockSpec((None, None, dk, dv), lambda b, h, *_: (b, h, 0, 0))
 
 
-def _decay_spec(n):
+def _per_token(n):
+  """Block: one (batch, head)'s ``(N,)`` per-token floats of a ``(B, N, H)`` array."""
   return pl.BlockSpec((None, n, None), lambda b, h, *_: (b, 0, h))
 
 
-def _static(q, g, cfg):
+def _row_sums(x, blocks):
+  """Output block and shape of per-token row sums, one column per channel block (the caller adds
+  them up): ``(B, N, H, blocks)`` float32."""
+  bsz, n, h = x.shape[:3]
+  spec = pl.BlockSpec((None, n, None, None), lambda b, h, *j: (b, 0, h, j[0] if j else 0))
+  return spec, jax.ShapeDtypeStruct((bsz, n, h, blocks), F32)
+
+
+def _static(q, decay, cfg):
   c = cfg.block_sizes.chunk_size
-  return dict(has_decay=g is not None, nc=q.shape[1] // c, c=c, scale=cfg.scale, dtype=q.dtype)
+  return dict(has_decay=decay is not None, nc=q.shape[1] // c, c=c, scale=cfg.scale,
+              dtype=q.dtype)
 
 
-def _grad_dtype(x, g):
-  return F32 if g is not None else x.dtype
-
-
-def _call(kernel, name, like, g, cfg, *, grid, in_specs, args, out_specs, out_shape):
-  """One Triton kernel over ``grid``; the decay, when there is one, is its last input."""
-  if g is not None:
-    in_specs = [*in_specs, _decay_spec(like.shape[1])]
-    args = [*args, g]
+def _call(kernel, name, like, decay, cfg, *, grid, in_specs, args, out_specs, out_shape):
+  """One Triton kernel over ``grid``; the decay's ``(b, seg)``, when there is one, come last."""
+  if decay is not None:
+    in_specs = [*in_specs, _per_token(like.shape[1]), _per_token(like.shape[1])]
+    args = [*args, *decay]
   return pl.pallas_call(
-      functools.partial(kernel, **_static(like, g, cfg)),
+      functools.partial(kernel, **_static(like, decay, cfg)),
       grid=grid,
       in_specs=in_specs,
       out_specs=out_specs,
@@ -203,13 +242,13 @@ def _call(kernel, name, like, g, cfg, *, grid, in_specs, args, out_specs, out_sh
   )(*args)
 
 
-def forward(q, k, v, g, s0, cfg):
+def forward(q, k, v, decay, s0, cfg):
   """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bv = cfg.block_sizes.block_v or dv
   return _call(
-      _forward_kernel, "linear_attention_fwd", q, g, cfg, grid=(bsz, h, dv // bv),
+      _forward_kernel, "linear_attention_fwd", q, decay, cfg, grid=(bsz, h, dv // bv),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
       args=[q, k, v, s0],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
@@ -217,53 +256,96 @@ def forward(q, k, v, g, s0, cfg):
                  jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
 
 
-def dq(k, v, do, g, s0, cfg):
-  """``dq (B, N, H, Dk)``: float32 with a decay, else k's dtype."""
+def _states(dk, nc, dv, channel_block=False):
+  """Block: one (batch, head)'s states before every chunk, ``(Dk, NC * Dv)`` (chunk n in columns
+  ``n Dv ...``), or the rows of Dk block ``j``."""
+  if channel_block:
+    return pl.BlockSpec((None, None, dk, nc * dv), lambda b, h, j: (b, h, j, 0))
+  return pl.BlockSpec((None, None, dk, nc * dv), lambda b, h, *_: (b, h, 0, 0))
+
+
+def _summed(row_sums):
+  return jnp.sum(row_sums, axis=-1)
+
+
+def dq(q, k, v, do, decay, s0, cfg):
+  """``(dq (B, N, H, Dk) in k's dtype, aux)``; ``aux`` None without a decay, else ``(q_state
+  (B, N, H) float32, the state before every chunk (B, H, Dk, NC * Dv) in k's dtype)``."""
   bsz, n, h, dk = k.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
-  return _call(
-      _dq_kernel, "linear_attention_dq", k, g, cfg, grid=(bsz, h, dk // bk),
-      in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
-      args=[k, v, do, s0],
-      out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, g)))
+  nc = n // cfg.block_sizes.chunk_size
+  out_specs, out_shape = [_seq(n, bk, True)], [jax.ShapeDtypeStruct(k.shape, k.dtype)]
+  if decay is not None:
+    rows_spec, rows_shape = _row_sums(k, dk // bk)
+    out_specs += [rows_spec, _states(bk, nc, dv, True)]
+    out_shape += [rows_shape, jax.ShapeDtypeStruct((bsz, h, dk, nc * dv), k.dtype)]
+  out = _call(
+      _dq_kernel, "linear_attention_dq", k, decay, cfg, grid=(bsz, h, dk // bk),
+      in_specs=[_seq(n, bk, True), _seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
+      args=[q, k, v, do, s0], out_specs=out_specs, out_shape=out_shape)
+  return out[0], (None if decay is None else (_summed(out[1]), out[2]))
 
 
-def dkv(q, k, v, do, g, ds_final, cfg):
-  """``(dk, dv, d initial_state)``; dk float32 with a decay, dv in v's dtype, dS0 float32."""
+def _decay_grad(cfg, aux, rows):
+  q_state, _ = aux
+  return common.decay_grad_flux(cfg.block_sizes.chunk_size, q_state,
+                                common.DecayRows(*(_summed(x) for x in rows)))
+
+
+def dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg):
+  """``(dk, dv, d initial_state, dg)``: dk, dv in the input dtype, dS0 float32, ``dg``
+  (B, N, H) float32 from :func:`dq`'s ``aux`` (None without a decay)."""
+  del s_final   # the final state's part of dg is the last chunk's flux
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
+  nc = n // cfg.block_sizes.chunk_size
   if cfg.block_sizes.split_backward:
-    return _dk_split(q, v, do, g, ds_final, cfg) + _dv_split(q, k, do, g, ds_final, cfg)
-  return _call(
-      _dkv_kernel, "linear_attention_dkv", q, g, cfg, grid=(bsz, h),
-      in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, dv), _seq(n, dv), _state(dk, dv)],
-      args=[q, k, v, do, ds_final],
-      out_specs=[_seq(n, dk), _seq(n, dv), _state(dk, dv)],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, _grad_dtype(k, g)),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype),
-                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
+    dk_, rows = _dk_split(q, k, v, do, decay, ds_final, aux, cfg)
+    dv_, ds0 = _dv_split(q, k, do, decay, ds_final, cfg)
+    return dk_, dv_, ds0, (None if decay is None else _decay_grad(cfg, aux, rows))
+  in_specs = [_seq(n, dk), _seq(n, dk), _seq(n, dv), _seq(n, dv), _state(dk, dv)]
+  args = [q, k, v, do, ds_final]
+  out_specs = [_seq(n, dk), _seq(n, dv), _state(dk, dv)]
+  out_shape = [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+               jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)]
+  if decay is not None:
+    in_specs.append(_states(dk, nc, dv))
+    args.append(aux[1])
+    rows_spec, rows_shape = _row_sums(k, 1)
+    out_specs += [rows_spec] * 3
+    out_shape += [rows_shape] * 3
+  out = _call(_dkv_kernel, "linear_attention_dkv", q, decay, cfg, grid=(bsz, h),
+              in_specs=in_specs, args=args, out_specs=out_specs, out_shape=out_shape)
+  dg = None if decay is None else _decay_grad(cfg, aux, out[3:])
+  return out[0], out[1], out[2], dg
 
 
-def _dk_split(q, v, do, g, ds_final, cfg):
+def _dk_split(q, k, v, do, decay, ds_final, aux, cfg):
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bk = cfg.block_sizes.block_k or dk
-  return (_call(
-      _dk_kernel, "linear_attention_dk", q, g, cfg, grid=(bsz, h, dk // bk),
-      in_specs=[_seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)],
-      args=[q, v, do, ds_final],
-      out_specs=_seq(n, bk, True),
-      out_shape=jax.ShapeDtypeStruct(q.shape, _grad_dtype(q, g))),)
+  nc = n // cfg.block_sizes.chunk_size
+  in_specs = [_seq(n, bk, True), _seq(n, bk, True), _seq(n, dv), _seq(n, dv), _state(bk, dv, 0)]
+  args = [q, k, v, do, ds_final]
+  out_specs, out_shape = [_seq(n, bk, True)], [jax.ShapeDtypeStruct(k.shape, k.dtype)]
+  if decay is not None:
+    in_specs.append(_states(bk, nc, dv, True))
+    args.append(aux[1])
+    rows_spec, rows_shape = _row_sums(k, dk // bk)
+    out_specs += [rows_spec] * 3
+    out_shape += [rows_shape] * 3
+  out = _call(_dk_kernel, "linear_attention_dk", q, decay, cfg, grid=(bsz, h, dk // bk),
+              in_specs=in_specs, args=args, out_specs=out_specs, out_shape=out_shape)
+  return out[0], out[1:]
 
 
-def _dv_split(q, k, do, g, ds_final, cfg):
+def _dv_split(q, k, do, decay, ds_final, cfg):
   bsz, n, h, dk = q.shape
   dv = do.shape[-1]
   bv = cfg.block_sizes.block_v or dv
   return tuple(_call(
-      _dv_kernel, "linear_attention_dv", q, g, cfg, grid=(bsz, h, dv // bv),
+      _dv_kernel, "linear_attention_dv", q, decay, cfg, grid=(bsz, h, dv // bv),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
       args=[q, k, do, ds_final],
       out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],

@@ -8,9 +8,9 @@ the first step and written out at the last, the pattern of JAX's TPU flash atten
 
 Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
 kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
-head, ``(chunk_size, D)``. The log-decay comes in as one ``(1, chunk_size)`` row per chunk; the
-kernel builds its column forms with lane sums and its pairwise sums with an exact 0/1 matmul
-(``_pallas_common.chunk_decay``) instead of a lane/sublane transpose.
+head, ``(chunk_size, D)``. The decay comes in as one ``(1, chunk_size)`` row per chunk of each of
+``_pallas_common.chunk_prefix``'s ``b`` and ``seg``; the kernel builds its column forms with lane
+sums (``_pallas_common.chunk_decay``) instead of a lane/sublane transpose, and no matmul.
 Checked tiling rules (:func:`check_shapes`): ``chunk_size`` a multiple of 8 (16 for bfloat16, which
 packs two rows per sublane). Head dims ``Dk``, ``Dv`` off the 128-lane width are zero-padded to it
 around the kernels (exact; costs the padded traffic). Only the plain and the TPU-semantics
@@ -48,26 +48,29 @@ def check_shapes(q, v, block_sizes: BlockSizes):
     raise TypeError(f"backend 'tpu' takes float32 or bfloat16 inputs, got {q.dtype}")
 
 
-def _chunk_decay(g_ref):
-  """Decay factors of the chunk from its ``(1, c)`` row of log-decays (lanes; no relayout)."""
-  return common.chunk_decay(g_ref[...])
+def _chunk_decay(decay_refs):
+  """Decay factors of the chunk from its ``(1, c)`` rows of ``b`` and ``seg`` (lanes)."""
+  if decay_refs is None:
+    return None
+  b_ref, seg_ref = decay_refs
+  return common.chunk_decay(b_ref[...], seg_ref[...])
 
 
 def _split(refs, n_in, has_decay):
-  """Kernel refs are (inputs..., [g], outputs..., scratch)."""
-  g_ref = refs[n_in] if has_decay else None
-  return refs[:n_in], g_ref, refs[n_in + has_decay:]
+  """Kernel refs are (inputs..., [b, seg], outputs..., scratch)."""
+  decay_refs = tuple(refs[n_in:n_in + 2]) if has_decay else None
+  return refs[:n_in], decay_refs, refs[n_in + 2 * has_decay:]
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), g_ref, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
   i = pl.program_id(2)
 
   @pl.when(i == 0)
   def _():
     s_scr[...] = s0_ref[...]
 
-  decay = _chunk_decay(g_ref) if has_decay else None
+  decay = _chunk_decay(decay_refs)
   o, s = common.forward_chunk(q_ref[...], k_ref[...], v_ref[...], s_scr[...], decay,
                               scale=scale, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
@@ -79,21 +82,21 @@ def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (k_ref, v_ref, do_ref, s0_ref), g_ref, (dq_ref, s_scr) = _split(refs, 4, has_decay)
+  (k_ref, v_ref, do_ref, s0_ref), decay_refs, (dq_ref, s_scr) = _split(refs, 4, has_decay)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
     s_scr[...] = s0_ref[...]
 
-  decay = _chunk_decay(g_ref) if has_decay else None
-  dq, s = common.dq_chunk(k_ref[...], v_ref[...], do_ref[...], s_scr[...], decay,
-                          scale=scale, dtype=dtype)
+  decay = _chunk_decay(decay_refs)
+  dq, _, s = common.dq_chunk(k_ref[...], v_ref[...], do_ref[...], s_scr[...], decay,
+                             scale=scale, dtype=dtype)
   dq_ref[...] = dq.astype(dq_ref.dtype)
   s_scr[...] = s
 
 
 def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, do_ref, dsf_ref), g_ref, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
+  (q_ref, k_ref, v_ref, do_ref, dsf_ref), decay_refs, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
       refs, 5, has_decay)
   j = pl.program_id(2)   # step j handles chunk nc - 1 - j (the index maps reverse it)
 
@@ -101,9 +104,9 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
   def _():
     ds_scr[...] = dsf_ref[...]
 
-  decay = _chunk_decay(g_ref) if has_decay else None
-  dk, dv, ds = common.dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...],
-                                decay, scale=scale, dtype=dtype)
+  decay = _chunk_decay(decay_refs)
+  dk, dv, ds, _ = common.dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...],
+                                   decay, scale=scale, dtype=dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   ds_scr[...] = ds
@@ -145,8 +148,9 @@ def _call(kernel, cfg, x_bhnd, g, ins, in_specs, out_specs, out_shape, scratch, 
   if g is not None:
     # One (1, c) row per chunk: a block whose last two dims equal the array's, padded to 8
     # sublanes in HBM (a (B, H, N, 1) column would be padded to 128 lanes).
-    args.append(_bhnd(g).reshape(bsz, h, nc, 1, c))
-    in_specs.append(_decay_spec(c, nc, reverse))
+    for x in g:
+      args.append(_bhnd(x).reshape(bsz, h, nc, 1, c))
+      in_specs.append(_decay_spec(c, nc, reverse))
   return pl.pallas_call(
       functools.partial(kernel, has_decay=g is not None, nc=nc, c=c, scale=cfg.scale,
                         dtype=x_bhnd.dtype),
@@ -178,8 +182,10 @@ def forward(q, k, v, g, s0, cfg):
   return _bhnd(o_t), s_final
 
 
-def dq(k, v, do, g, s0, cfg):
-  """``dq (B, N, H, Dk)``: float32 with a decay, else k's dtype."""
+def dq(q, k, v, do, g, s0, cfg):
+  """``(dq (B, N, H, Dk) in k's dtype, q.dq (B, N, H) float32 or None)``.
+
+  ``q`` is only read (in XLA) for the decay gradient's row sums; the kernel takes k, v, dO."""
   bsz, n, h, dk = k.shape
   dv = v.shape[-1]
   c = cfg.block_sizes.chunk_size
@@ -192,11 +198,20 @@ def dq(k, v, do, g, s0, cfg):
       _chunk_spec(c, dk, nc, False),
       jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
       [pltpu.VMEM((dk, dv), F32)])
-  return _bhnd(dq_t)
+  return _with_row_sum(q, _bhnd(dq_t), g)
 
 
-def dkv(q, k, v, do, g, ds_final, cfg):
-  """``(dk, dv, d initial_state)``; dk float32 with a decay, dv in v's dtype, dS0 float32."""
+def _with_row_sum(x, dx, g):
+  """``(dx in x's dtype, x.dx (B, N, H) or None)``: the row sums are taken in XLA here, from the
+  float32 gradient that the kernels return when there is a decay."""
+  if g is None:
+    return dx, None
+  return dx.astype(x.dtype), jnp.sum(x.astype(F32) * dx, axis=-1)
+
+
+def dkv(q, k, v, do, g, ds_final, s_final, qdq, cfg):
+  """``(dk, dv, d initial_state, dg)``: dk, dv in the input dtype, dS0 float32, ``dg`` by
+  ``common.decay_grad_suffix`` from ``qdq`` (:func:`dq`'s row sums) or None without a decay."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   c = cfg.block_sizes.chunk_size
@@ -211,7 +226,9 @@ def dkv(q, k, v, do, g, ds_final, cfg):
        jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
        jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
       [pltpu.VMEM((dk, dv), F32)], reverse=True)
-  return _bhnd(dk_t), _bhnd(dv_t), ds0
+  dk_, kdk = _with_row_sum(k, _bhnd(dk_t), g)
+  dg = None if g is None else common.decay_grad_suffix(qdq, kdk, s_final, ds_final)
+  return dk_, _bhnd(dv_t), ds0, dg
 
 
 def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
