@@ -74,7 +74,7 @@ def _delta_fn(backend, chunk, interpret):
     k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(q.dtype)
     beta = jnp.full(q.shape[:3], 0.5, q.dtype)
     return delta_api.chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk, backend=backend,
-                                      interpret=interpret if backend != "xla" else None)
+                                      interpret=interpret if backend == "gpu" else None)
   return fn
 
 
@@ -154,9 +154,64 @@ CHECK_CONFIGS = (  # (dtype, decay, shape B N H Dk Dv, chunk): float32 IEEE dots
     (jnp.bfloat16, "none", (2, 512, 4, 128, 128), 64),
     (jnp.bfloat16, "token", (2, 512, 4, 128, 128), 64),
     (jnp.bfloat16, "head", (2, 512, 4, 128, 128), 64),
+    # The (H,) decay's gradient cancels over the whole row: long enough to show it (issue 22).
+    (jnp.bfloat16, "head", (1, 8192, 4, 128, 128), 64),
 )
+# The delta rule, compiled: (dtype, shape, chunk, with segment ids).
+DELTA_CHECK_CONFIGS = ((jnp.float32, (2, 256, 2, 32, 32), 16, True),
+                       (jnp.bfloat16, (2, 1024, 4, 128, 128), 64, True))
+SMALL_DELTA_CHECK_CONFIGS = ((jnp.float32, (1, 64, 1, 32, 32), 16, True),)
 SMALL_CHECK_CONFIGS = ((jnp.float32, "token", (1, 64, 1, 32, 32), 16),
                        (jnp.bfloat16, "token", (1, 64, 1, 32, 32), 16))
+
+
+def check_delta(backend, interpret, configs):
+  """The delta rule (per-token decay, beta in [0, 2], initial state, packed documents): Pallas
+  (``backend``: its state pass and output kernels) vs XLA vs the float64 recurrence, forward and
+  the gradients of q, k, v, beta, the decay and the initial state."""
+  from tests.references import delta_recurrence, f64, rel_err  # only for --check
+  rows = []
+  for dtype, shape, chunk, packed in configs:
+    bsz, n, h, dk, dv = shape
+    q, k, v, g, do = _inputs(shape, dtype, "token", seed=3)
+    k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(dtype)
+    beta = jax.random.uniform(jax.random.PRNGKey(4), (bsz, n, h), jnp.float32, 0.0, 2.0)
+    s0 = jax.random.normal(jax.random.PRNGKey(5), (bsz, h, dk, dv)) * 0.1
+    ids = (jnp.arange(n)[None, :] * 3 // n + jnp.arange(bsz)[:, None]) if packed else None
+
+    def make(be):
+      def go(q, k, v, beta, g, s0):
+        fn = lambda *a: delta_api.chunk_delta_rule(  # noqa: E731
+            *a[:4], a[4], initial_state=a[5], segment_ids=ids, chunk_size=chunk, backend=be,
+            interpret=interpret if be != "xla" else None)
+        (o, sf), vjp = jax.vjp(fn, q, k, v, beta, g, s0)
+        return (o, sf) + vjp((do.astype(o.dtype), jnp.ones_like(sf)))
+      return jax.jit(go)
+
+    tag = dict(kernel="delta_rule", dtype=jnp.dtype(dtype).name, decay="token",
+               shape=list(shape), chunk=chunk, segment_ids=packed)
+    try:
+      got = make(backend)(q, k, v, beta, g, s0)
+    except Exception as e:  # noqa: BLE001  (report, keep going)
+      print(f"check {tag}: Pallas FAILED {type(e).__name__}: {e}"[:2000])
+      rows.append(dict(tag, error=str(e)[:2000]))
+      continue
+    xla = make("xla")(q, k, v, beta, g, s0)
+
+    def ref(q, k, v, beta, g, s0):
+      fn = lambda *a: delta_recurrence(*a[:4], a[4], initial_state=a[5], segment_ids=ids)  # noqa
+      (o, sf), vjp = jax.vjp(fn, q, k, v, beta, g, s0)
+      return (o, sf) + vjp((do.astype(o.dtype), jnp.ones_like(sf)))
+    want = f64(ref, q, k, v, beta, g, s0)
+    for nm, a, x, w in zip(["o", "final_state", "dq", "dk", "dv", "dbeta", "dg", "ds0"],
+                           got, xla, want):
+      rows.append(dict(tag, out=nm, pallas_vs_f64=rel_err(a, w), xla_vs_f64=rel_err(x, w),
+                       pallas_vs_xla=rel_err(a, x),
+                       finite=bool(np.all(np.isfinite(np.asarray(a, np.float32))))))
+      r = rows[-1]
+      print(f"delta {r['dtype']:9s} {'x'.join(map(str, shape)):16s} {nm:12s} "
+            f"{r['pallas_vs_f64']:9.2e} {r['xla_vs_f64']:9.2e} {r['finite']}", flush=True)
+  return rows
 
 
 def check_compiled(backend, interpret, configs):
@@ -322,15 +377,12 @@ def main(argv=None):
   result = dict(jax_version=jax.__version__, device=str(jax.devices()[0].device_kind),
                 platform=jax.default_backend(), pallas_backend=backend, interpret=interpret,
                 peaks=dict(tflops=peaks[0], gbs=peaks[1]), rows=[])
-  def save():
+  def save():  # atomic: a timeout's kill mid-write leaves the previous complete table
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    with open(args.out + ".tmp", "w") as f:
       json.dump(result, f, indent=1)
+    os.replace(args.out + ".tmp", args.out)
 
-  if args.check:
-    result["check"] = check_compiled(backend, interpret,
-                                     SMALL_CHECK_CONFIGS if args.small else CHECK_CONFIGS)
-    save()
 
   mod = pallas_gpu if backend == "gpu" else pallas_tpu
   default = mod.DEFAULT_BLOCK_SIZES
@@ -353,9 +405,11 @@ def main(argv=None):
     return result
   # (shape, decay, variants, time the XLA path too), most important first: a deadline cuts the tail.
   main_shape = SMALL_SHAPES[0] if args.small else MAIN_SHAPE
+  # The delta rule before the block-size sweep: its time is a target of the device check.
   jobs = [(main_shape, "none", variants[:1], True), (main_shape, "token", variants[:1], True),
-          (main_shape, "none", variants[1:], False)]
-  jobs.append((main_shape, "token", [("delta-pallas", default)], "delta"))
+          (main_shape, "token", [("delta-pallas", default)], "delta"),
+          (main_shape, "head", variants[:1], True),
+          (main_shape, "none", variants[1:], False), (main_shape, "token", variants[1:], False)]
   if not args.small and not args.no_others:
     jobs += [(shape, "token", variants[:1], True) for shape in OTHER_SHAPES]
   if args.shape:
@@ -371,7 +425,9 @@ def main(argv=None):
 
   for shape, decay, vs, with_xla in jobs:
     if with_xla == "delta":
+      # delta-auto: each stage as kernels.dispatch says (what the models run).
       runs = [("delta-pallas", _delta_fn(backend, default.chunk_size, interpret), default),
+              ("delta-auto", _delta_fn("auto", default.chunk_size, interpret), default),
               ("delta-xla", _delta_fn("xla", default.chunk_size, interpret), default)]
     else:
       runs = [(name, _pallas_fn(backend, bs, interpret), bs) for name, bs in vs]
@@ -389,6 +445,14 @@ def main(argv=None):
 
   _print_table(result)
   save()
+  if args.check:   # after the timings, one config at a time, so a timeout keeps what ran
+    result["check"] = []
+    for cfg in SMALL_CHECK_CONFIGS if args.small else CHECK_CONFIGS:
+      result["check"] += check_compiled(backend, interpret, [cfg])
+      save()
+    for cfg in SMALL_DELTA_CHECK_CONFIGS if args.small else DELTA_CHECK_CONFIGS:
+      result["check"] += check_delta(backend, interpret, [cfg])
+      save()
   print(f"wrote {args.out}")
   return result
 
@@ -422,7 +486,7 @@ def _print_table(result):
       by_key.setdefault((tuple(row["shape"]), row["decay"]), []).append(row)
   for (shape, decay), rows in by_key.items():
     xla = [r for r in rows if r["impl"] == "xla"]
-    pal = [r for r in rows if r["impl"] not in ("xla", "delta-xla", "delta-pallas")]
+    pal = [r for r in rows if r["impl"] not in ("xla", "delta-xla", "delta-pallas", "delta-auto")]
     dx = [r for r in rows if r["impl"] == "delta-xla"]
     dp = [r for r in rows if r["impl"] == "delta-pallas"]
     if dx and dp:

@@ -41,28 +41,31 @@ from kernels._checks import check_float_array
 F32 = jnp.float32
 
 
-def mm(a, b, contract):
-  """Float32 matmul at HIGHEST precision (TPU would use bf16 passes, Triton TF32, by default).
+def mm(a, b, contract, dtype=F32):
+  """Matmul with ``dtype`` operands and float32 accumulation; float32 at HIGHEST precision (TPU
+  would use bf16 passes, Triton TF32, by default), bf16 on the tensor cores / MXU.
 
   ``contract``: "nn" a @ b, "nt" a @ b^T, "tn" a^T @ b.
   """
   dims = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[contract]
-  return jax.lax.dot_general(a, b, (dims, ((), ())), precision=jax.lax.Precision.HIGHEST,
-                             preferred_element_type=F32)
+  precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
+                             precision=precision, preferred_element_type=F32)
 
 
-def state_step(s, k_end, u, a_col):
+def state_step(s, k_end, u, a_col, dtype=F32):
   """``a S + k_end^T u``: ``s (Dk, Dv')``, ``k_end (C, Dk)``, ``u (C, Dv')``, ``a_col (Dk, 1)``."""
-  return a_col * s + mm(k_end, u, "tn")
+  return a_col * s + mm(k_end, u, "tn", dtype)
 
 
-def forward_chunk(w, u0, k_end, a_col, s):
-  """One chunk forward: ``(u (C, Dv'), S after the chunk (Dk, Dv'))``; ``Dv'`` may be a slice."""
-  u = u0 - mm(w, s, "nn")
-  return u, state_step(s, k_end, u, a_col)
+def forward_chunk(w, u0, k_end, a_col, s, dtype=F32):
+  """One chunk forward: ``(u (C, Dv'), S after the chunk (Dk, Dv'))``; ``Dv'`` may be a slice.
+  ``dtype``: the dot operands' (the state itself stays float32)."""
+  u = u0 - mm(w, s, "nn", dtype)
+  return u, state_step(s, k_end, u, a_col, dtype)
 
 
-def reverse_chunk(w, k_end, u, du, a_col, s, ds):
+def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
   """One chunk of the reverse pass (module docstring).
 
   Args: ``w, k_end (C, Dk)``; ``u, du (C, Dv')``; ``a_col (Dk, 1)``; ``s`` the state before the
@@ -72,11 +75,12 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds):
 
   Returns ``(dw (C, Dk), du0 (C, Dv'), dk_end (C, Dk), dlg_col (Dk, 1), dS before the chunk)``.
   """
-  du_tot = du + mm(k_end, ds, "nn")
-  dk_end = mm(u, ds, "nt")
+  s = s.astype(F32)
+  du_tot = du + mm(k_end, ds, "nn", dtype)
+  dk_end = mm(u, ds, "nt", dtype)
   dlg_col = a_col * jnp.sum(s * ds, axis=1, keepdims=True)
-  dw = -mm(du_tot, s, "nt")
-  ds_prev = a_col * ds - mm(w, du_tot, "tn")
+  dw = -mm(du_tot, s, "nt", dtype)
+  ds_prev = a_col * ds - mm(w, du_tot, "tn", dtype)
   return dw, du_tot, dk_end, dlg_col, ds_prev
 
 
@@ -130,6 +134,9 @@ class Config:
   reverse: Callable
   interpret: object           # bool, or pltpu.InterpretParams (hashable) for the TPU kernels
   block_v: int | None = None  # GPU: value channels per program (None: all of Dv)
+  # Dot operands (GPU): float32 (IEEE, CUDA cores) or bfloat16 (tensor cores; the chunk states
+  # the backward re-reads are then stored in bf16 too). States and sums stay float32.
+  dtype: object = F32
   num_warps: int | None = None
   num_stages: int | None = None
 

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernels import dispatch
 from kernels._checks import check_float_array
 from kernels.delta_rule import reference
 from kernels.linear_attention import api as la_api
@@ -80,14 +81,23 @@ def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_
           backend="xla", interpret=None):
   """Stages 2-3 from ``initial_state``: returns ``(o (B, N, H, Dv) in q's dtype, final_state)``.
 
-  ``chunks`` from :func:`prepare` of the same tokens; ``log_decay`` as given to it; ``backend`` is
-  resolved (``"xla"``, ``"tpu"`` or ``"gpu"``).
+  ``chunks`` from :func:`prepare` of the same tokens; ``log_decay`` as given to it; ``backend``
+  ``"xla"``, ``"tpu"``, ``"gpu"`` or ``"auto"`` (each stage as ``kernels.dispatch`` says for the
+  default device). On the GPU the state pass's dots take q's dtype (bf16: tensor cores).
   """
+  if backend in (None, "auto"):
+    pass_backend = dispatch.auto_backend("delta_state_pass")
+    if pass_backend == "gpu" and q.dtype != jnp.bfloat16:
+      pass_backend = "xla"   # float32 operands: IEEE dots on CUDA cores (kernels.dispatch)
+    la_backend = "auto"
+  else:
+    pass_backend = la_backend = backend
   bsz, _, h, dk = q.shape
   dv = chunks.u0.shape[-1]
   s0 = (jnp.zeros((bsz, h, dk, dv), jnp.float32) if initial_state is None
         else initial_state.astype(jnp.float32))
-  pass_backend = backend if _pallas_tiles(backend, chunks) else "xla"
+  if not _pallas_tiles(pass_backend, chunks):
+    pass_backend = "xla"
   if pass_backend == "xla":
     u, s_final = reference.delta_state_pass_xla(chunks.w, chunks.u0, chunks.k_end,
                                                 chunks.log_gamma, s0)
@@ -95,13 +105,15 @@ def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_
     kwargs = {} if interpret is None else {"interpret": interpret}
     if interpret is None:
       kwargs["interpret"] = la_api.default_backend() != pass_backend
+    if pass_backend == "gpu":
+      kwargs["operand_dtype"] = q.dtype if q.dtype == jnp.bfloat16 else jnp.float32
     u, s_final = _state_pass(pass_backend)(chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma,
                                            s0, **kwargs)
   u = reference.values_to_tokens(u).astype(q.dtype)
-  la_backend = backend
-  if backend != "xla":
-    la_backend = la_api.resolve_backend("auto", q, u, log_decay, chunk_size)
-    la_backend = backend if la_backend == backend else "xla"
+  if la_backend != "xla":
+    # The output stage is linear attention: its own table entry, or XLA where no kernel tiles it.
+    resolved = la_api.resolve_backend("auto", q, u, log_decay, chunk_size)
+    la_backend = resolved if la_backend == "auto" or resolved == la_backend else "xla"
   o, _ = la_api.chunk_linear_attention(
       q, k.astype(q.dtype), u, log_decay, scale=scale, initial_state=s0, chunk_size=chunk_size,
       backend=la_backend, interpret=interpret)
@@ -122,9 +134,10 @@ def _pallas_tiles(backend, chunks) -> bool:
 
 
 def resolve_backend(backend) -> str:
-  """``None``/``"auto"``: the default device's Pallas kernels (XLA on CPU); else as given."""
+  """``None``/``"auto"`` stay ``"auto"`` (:func:`apply` resolves each stage by
+  ``kernels.dispatch``); else as given."""
   if backend in (None, "auto"):
-    return la_api.default_backend()
+    return "auto"
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
   return backend

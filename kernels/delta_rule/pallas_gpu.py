@@ -82,35 +82,35 @@ def _decay_col(lg_ref, n, dk):
   return jnp.exp(lg_ref[pl.ds(pl.multiple_of(n * dk, dk), dk)])[:, None]
 
 
-def _forward_kernel(w_ref, u0_ref, k_ref, lg_ref, s0_ref, u_ref, sf_ref, *, nc, c, dk):
+def _forward_kernel(w_ref, u0_ref, k_ref, lg_ref, s0_ref, u_ref, sf_ref, *, nc, c, dk, dtype):
   def body(n, s):
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     u, s = common.forward_chunk(w_ref[rows, :], u0_ref[rows, :], k_ref[rows, :],
-                                _decay_col(lg_ref, n, dk), s)
+                                _decay_col(lg_ref, n, dk), s, dtype)
     u_ref[rows, :] = u
     return s
 
   sf_ref[...] = jax.lax.fori_loop(0, nc, body, s0_ref[...])
 
 
-def _states_kernel(k_ref, u_ref, lg_ref, s0_ref, st_ref, *, nc, c, dk):
+def _states_kernel(k_ref, u_ref, lg_ref, s0_ref, st_ref, *, nc, c, dk, dtype):
   def body(n, s):
     rows = pl.ds(pl.multiple_of(n * c, c), c)
-    st_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = s     # the state *before* chunk n
-    return common.state_step(s, k_ref[rows, :], u_ref[rows, :], _decay_col(lg_ref, n, dk))
+    st_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = s.astype(st_ref.dtype)  # before chunk n
+    return common.state_step(s, k_ref[rows, :], u_ref[rows, :], _decay_col(lg_ref, n, dk), dtype)
 
   jax.lax.fori_loop(0, nc, body, s0_ref[...])
 
 
 def _reverse_kernel(w_ref, k_ref, u_ref, du_ref, lg_ref, st_ref, dsf_ref,
-                    dw_ref, du0_ref, dk_ref, dlg_ref, ds0_ref, *, nc, c, dk):
+                    dw_ref, du0_ref, dk_ref, dlg_ref, ds0_ref, *, nc, c, dk, dtype):
   def body(j, ds):
     n = nc - 1 - j
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     state_rows = pl.ds(pl.multiple_of(n * dk, dk), dk)
     dw, du0, dk_end, dlg_col, ds = common.reverse_chunk(
         w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], du_ref[rows, :],
-        _decay_col(lg_ref, n, dk), st_ref[state_rows, :], ds)
+        _decay_col(lg_ref, n, dk), st_ref[state_rows, :], ds, dtype)
     dw_ref[rows, :] = dw
     du0_ref[rows, :] = du0
     dk_ref[rows, :] = dk_end
@@ -165,6 +165,10 @@ def _call(kernel, name, cfg, grid, args, in_specs, out_specs, out_shape, **stati
   )(*args)
 
 
+def _static(cfg, **kw):
+  return dict(kw, dtype=cfg.dtype)
+
+
 def forward(w, u0, k_end, lg, s0, cfg):
   """``(u (B, H, NC, C, Dv), s_final (B, H, Dk, Dv))``, float32."""
   bsz, h, nc, c, dk = w.shape
@@ -178,7 +182,7 @@ def forward(w, u0, k_end, lg, s0, cfg):
        _decay(nc, dk), _vblock(dk, bv)],
       [_vblock(n, bv), _vblock(dk, bv)],
       [jax.ShapeDtypeStruct((bsz, h, n, dv), F32), jax.ShapeDtypeStruct(s0.shape, F32)],
-      nc=nc, c=c, dk=dk)
+      **_static(cfg, nc=nc, c=c, dk=dk))
   return u.reshape(u0.shape), s_final
 
 
@@ -193,8 +197,8 @@ def states(k_end, u, lg, s0, cfg):
       [_whole(nc * c, dk), _vblock(nc * c, bv),
        _decay(nc, dk), _vblock(dk, bv)],
       _vblock(nc * dk, bv),
-      jax.ShapeDtypeStruct((bsz, h, nc * dk, dv), F32),
-      nc=nc, c=c, dk=dk)
+      jax.ShapeDtypeStruct((bsz, h, nc * dk, dv), cfg.dtype),
+      **_static(cfg, nc=nc, c=c, dk=dk))
   return st.reshape(bsz, h, nc, dk, dv)
 
 
@@ -218,14 +222,14 @@ def reverse(w, k_end, u, du, lg, st, ds_final, cfg):
        jax.ShapeDtypeStruct((bsz, h, nvb, n, dk), F32),
        jax.ShapeDtypeStruct((bsz, h, nvb, nc * dk), F32),
        jax.ShapeDtypeStruct(ds_final.shape, F32)],
-      nc=nc, c=c, dk=dk)
+      **_static(cfg, nc=nc, c=c, dk=dk))
   # Partial sums over Dv blocks (a size-1 axis, i.e. a free reshape, when block_v = Dv).
   return (jnp.sum(dw, axis=2).reshape(w.shape), du0.reshape(u.shape),
           jnp.sum(dk_end, axis=2).reshape(w.shape), jnp.sum(dlg, axis=2).reshape(lg.shape), ds0)
 
 
 def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = False,
-                         block_v: int | None = None):
+                         block_v: int | None = None, operand_dtype=F32):
   """The delta rule's sequential state pass over chunks through the Triton kernels.
 
   ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(log_gamma_n)[:, None] S +
@@ -240,6 +244,8 @@ def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = 
     interpret: run in the Pallas interpreter (CPU).
     block_v: value channels per program (a power of two >= 16 dividing Dv); None:
       :func:`default_block_v` (a larger one may overflow shared memory: see the table above it).
+    operand_dtype: the dots' operands: float32 (IEEE; exact, slow) or bfloat16 (tensor cores,
+      float32 accumulation and state; what bf16 models should use, as fla does).
 
   Returns:
     ``(u (B, H, NC, C, Dv), s_final (B, H, Dk, Dv))``, float32.
@@ -249,5 +255,6 @@ def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = 
   check_shapes(w, u0, k_end, log_gamma, s0, block_v=block_v)
   bv = block_v or default_block_v(w.shape[-2], w.shape[-1], u0.shape[-1])
   cfg = common.Config(forward=forward, states=states, reverse=reverse, interpret=bool(interpret),
-                      block_v=bv, num_warps=NUM_WARPS, num_stages=NUM_STAGES)
+                      block_v=bv, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+                      dtype=jnp.dtype(operand_dtype))
   return common.run(w, u0, k_end, log_gamma, s0, cfg)

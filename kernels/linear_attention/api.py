@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+from kernels import dispatch
 from kernels._checks import check_float_array
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
@@ -39,14 +40,15 @@ def default_backend() -> str:
 
 
 def resolve_backend(backend, q, v, log_decay=None, chunk_size=64) -> str:
-  """The lowering for these inputs. ``"auto"``/None: the default device's Pallas kernel when it
-  can tile them (head dims, chunk size, dtype, decay form), else the XLA path; an explicit backend
-  is returned as is (and raises later if it cannot tile them)."""
+  """The lowering for these inputs. ``"auto"``/None: what ``kernels.dispatch`` measured fastest
+  on the default device, if that is a Pallas kernel that can tile them (head dims, chunk size,
+  dtype, decay form), else the XLA path; an explicit backend is returned as is (and raises later
+  if it cannot tile them)."""
   if backend not in (None, "auto"):
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
     return backend
-  backend = default_backend()
+  backend = dispatch.auto_backend("linear_attention")
   module = _PALLAS.get(backend)
   if module is None or (log_decay is not None and log_decay.ndim == 4):
     return "xla"
@@ -87,31 +89,47 @@ def check_log_decay(log_decay):
   """Checks that ``log_decay`` (None or an array) is <= 0 everywhere; NaN is not checked.
 
   Concrete input: raises ValueError naming the largest entry and its index. Traced input (under
-  ``jit``): adds a ``checkify`` check, which only works inside ``checkify.checkify``::
+  ``jit``): adds a ``checkify`` check, which only works inside ``checkify.checkify``; the input may
+  be sharded on any mesh (only reductions, no flattening or indexing of a sharded axis)::
 
     def f(q, k, v, g):
       check_log_decay(g)
-      return lasp_jax.linear_attention(q, k, v, g)
+      return lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh)
 
-    err, o = checkify.checkify(jax.jit(f))(q, k, v, g)
-    err.throw()   # ValueError-like JaxRuntimeError naming the max value and its index
+    err, o = checkify.checkify(jax.jit(f))(q, k, v, g)     # or jax.jit(checkify.checkify(f))
+    jax.device_get(err).throw()  # raises naming the max value and its index
+
+  ``jax.device_get(err)`` first: after a ``shard_map`` (every op given a mesh) ``checkify`` returns
+  one error per device, sharded over the mesh, and ``err.get()`` / ``err.throw()`` index it, which
+  JAX refuses on ``jax.make_mesh`` (Explicit) axes (a ShardingTypeError, JAX 0.10 and 0.11);
+  on host copies they work, and on errors from one device too.
   """
   if log_decay is None:
     return
   shape = tuple(log_decay.shape)
   if isinstance(log_decay, jax.core.Tracer):
-    g = jnp.ravel(log_decay).astype(jnp.float32)
+    g = log_decay.astype(jnp.float32)
     g = jnp.where(jnp.isnan(g), -jnp.inf, g)
-    flat = jnp.argmax(g)
-    idx = jnp.unravel_index(flat, shape) if shape else ()
+    top = jnp.max(g)
+    # The first index of the max in row-major order, one axis at a time, by reductions alone:
+    # ravel or g[i] of an axis split over Explicit mesh axes is a ShardingTypeError.
+    sharding = getattr(jax.typeof(log_decay), "sharding", None)
+    hit, idx = g == top, []
+    for d, n in enumerate(shape):
+      iota = jax.lax.broadcasted_iota(jnp.int32, shape, d, out_sharding=sharding)
+      i = jnp.min(jnp.where(hit, iota, n))
+      hit, idx = hit & (iota == i), idx + [i]
     names = [f"i{d}" for d in range(len(shape))]
     checkify.check(
-        g[flat] <= 0,
+        top <= 0,
         "log_decay must be <= 0 (a log of a decay in [0, 1]; -inf is a reset), got max {m} at "
         "index (" + ", ".join("{" + n + "}" for n in names) + f") of shape {shape}",
-        m=g[flat], **dict(zip(names, idx)))
+        m=top, **dict(zip(names, idx)))
     return
-  g = np.asarray(jax.device_get(jnp.where(jnp.isnan(log_decay), -jnp.inf, log_decay)))
+  # On the host: a jnp op here would be staged (a tracer) when a concrete decay is closed over
+  # inside jit, and device_get of it fails.
+  g = np.asarray(jax.device_get(log_decay), dtype=np.float32)
+  g = np.where(np.isnan(g), -np.inf, g)
   if g.size and np.max(g) > 0:
     flat = int(np.argmax(g))
     raise ValueError(f"log_decay must be <= 0 (a log of a decay in [0, 1]; -inf is a reset), got "

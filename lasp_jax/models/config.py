@@ -14,6 +14,9 @@ DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "zigzag")
 # How the linear layers' segment summaries meet under SP (lasp_jax.sequence_parallel.exchange).
 EXCHANGES = ("allgather", "scan", "auto")
+# Lowering of the linear layers' kernels (``kernels.chunk_linear_attention``, the delta rule):
+# "auto" is the kernels' own per-device choice; the others force one path (benchmarks, A/B runs).
+KERNEL_BACKENDS = ("auto", "xla", "gpu", "tpu")
 LAYER_KINDS = {"L": "linear", "N": "softmax"}
 
 
@@ -34,7 +37,11 @@ class ModelConfig:
   the depthwise causal conv + SiLU on q, k and v of every linear layer, after their projections
   (SPEC section 12; 0: none). ``exchange``: how LASP-2 combines the linear layers' segment
   summaries, ``"allgather"`` (one step, W summaries held), ``"scan"`` (log-depth ppermutes, O(1)
-  held) or ``"auto"`` (``exchange.choose_exchange``). Sharding: the sequence is split over mesh axis ``seq_axis``, the
+  held) or ``"auto"`` (``exchange.choose_exchange``). ``kernel_backend``: the lowering of the
+  linear layers' kernels, passed as ``backend=`` to ``lasp_jax.linear_attention`` /
+  ``lasp2_attention``: ``"auto"`` (the kernels' choice for the device), ``"xla"``, ``"gpu"`` or
+  ``"tpu"`` (Pallas); it changes speed, not the parameters or the maths (the softmax layers' flash
+  attention has a single XLA path). Sharding: the sequence is split over mesh axis ``seq_axis``, the
   batch over ``batch_axes``; weights over ``fsdp_axis``/``tensor_axis`` where the mesh has them.
   """
 
@@ -67,6 +74,7 @@ class ModelConfig:
   tensor_axis: str | None = "tensor"
   layout: str = "contiguous"
   exchange: str = "allgather"
+  kernel_backend: str = "auto"
 
   def __post_init__(self):
     if isinstance(self.batch_axes, (list, str)):
@@ -116,6 +124,9 @@ class ModelConfig:
       raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
     if self.exchange not in EXCHANGES:
       raise ValueError(f"exchange must be one of {EXCHANGES}, got {self.exchange!r}")
+    if self.kernel_backend not in KERNEL_BACKENDS:
+      raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, "
+                       f"got {self.kernel_backend!r}")
     for name in ("rope_base", "norm_eps", "init_std", "gate_normalizer"):
       val = getattr(self, name)
       if not isinstance(val, (int, float)) or isinstance(val, bool) or val <= 0:

@@ -156,9 +156,10 @@ def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=
     return lasp_jax.lasp2_attention(
         q, k, v, log_decay, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis, causal=True,
         scale=scale, segment_ids=segment_ids, chunk_size=cfg.chunk_size, layout=cfg.layout,
-        exchange=cfg.exchange, **delta)
+        exchange=cfg.exchange, backend=cfg.kernel_backend, **delta)
   return lasp_jax.linear_attention(q, k, v, log_decay, causal=True, scale=scale,
-                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size, **delta)
+                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size,
+                                   backend=cfg.kernel_backend, **delta)
 
 
 class LinearAttention(nnx.Module):

@@ -72,7 +72,9 @@ def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1
   """Linear attention on one device (SPEC sections 2-3), or the delta rule (SPEC 11).
 
   Args:
-    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32, bfloat16 or float16 (computed in
+      float32, returned in q's dtype; float16 overflows past 65504, which long sequences
+      without decay can reach: prefer bfloat16 for low precision).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset); causal only. A positive entry is a ValueError when concrete;
       under jit see ``kernels.linear_attention.check_log_decay``.
@@ -211,8 +213,9 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     o, s_final = _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size,
                                     kernel_backend)
   else:
+    # The delta rule resolves "auto" per stage (its state pass has its own dispatch entry).
     o, s_final = _delta_segments(q_s, k_s, v_s, layout_lib.to_segments(beta, nseg), g_s, prefix,
-                                 split, scale, chunk_size, kernel_backend)
+                                 split, scale, chunk_size, backend)
   o = layout_lib.from_segments(o.astype(q.dtype), nseg)
   # The exchange's final state is replicated over the axis by one all-reduce, only when asked.
   return (o, s_final) if return_final_state else o

@@ -229,7 +229,7 @@ def test_benchmark_smoke(tmp_path):
   bench.main(["--small", "--shape", "1,64,1,32,32", "--chunk", "16", "--iters", "1",
               "--out", str(out)])
   rows = json.loads(out.read_text())["rows"]
-  assert {r["impl"] for r in rows} == {"pallas", "xla", "delta-pallas", "delta-xla"}
+  assert {r["impl"] for r in rows} == {"pallas", "xla", "delta-pallas", "delta-auto", "delta-xla"}
   for r in rows:
     assert "error" not in r and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0 and r["fwd_gbs"] > 0
 

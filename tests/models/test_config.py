@@ -27,6 +27,8 @@ from lasp_jax.models import linear_attention as la
     (dict(batch_axes=("data", "sp")), "'sp'"),
     (dict(short_conv=-1), "short_conv must be a kernel size >= 0 (0: no conv), got -1"),
     (dict(short_conv=True), "got True"),
+    (dict(kernel_backend="cuda"), "kernel_backend must be one of ('auto', 'xla', 'gpu', 'tpu'), "
+                                  "got 'cuda'"),
 ])
 def test_bad_config_names_the_value(changes, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
@@ -154,3 +156,37 @@ def test_feature_map_kernels():
   phi = jnp.sum(la.rebased_features(q, gamma, beta) * la.rebased_features(k, gamma, beta))
   np.testing.assert_allclose(phi, jnp.sum(tilde(q) * tilde(k)) ** 2, rtol=1e-5)
   assert math.isfinite(float(phi))
+
+
+def test_kernel_backend_reaches_the_linear_ops(monkeypatch):
+  """``ModelConfig.kernel_backend`` is the ``backend=`` of every linear layer's op, one device and
+  sequence parallel; on CPU "xla" is what "auto" picks, so the logits are the same bits."""
+  import lasp_jax
+  from lasp_jax.sequence_parallel import lasp2
+  assert set(models.KERNEL_BACKENDS) == set(lasp2.BACKENDS)  # every value the ops take, no more
+  seen = []
+
+  def recording(op):
+    def call(*args, **kwargs):
+      seen.append((op.__name__, kwargs.get("backend")))
+      return op(*args, **kwargs)
+    return call
+
+  monkeypatch.setattr(lasp_jax, "linear_attention", recording(lasp_jax.linear_attention))
+  monkeypatch.setattr(lasp_jax, "lasp2_attention", recording(lasp_jax.lasp2_attention))
+  cfg = models.get_config("tiny_gdn_hybrid", num_layers=2)   # two delta-rule layers
+  assert cfg.kernel_backend == "auto"
+  tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, cfg.vocab_size)
+  logits = {}
+  for backend in ("auto", "xla"):
+    seen.clear()
+    model = models.create_model(cfg.replace(kernel_backend=backend))
+    logits[backend] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
+    assert seen == [("linear_attention", backend)] * 2
+  np.testing.assert_array_equal(logits["xla"], logits["auto"])
+  seen.clear()
+  mesh = jax.make_mesh((2,), ("sp",))
+  with jax.set_mesh(mesh):
+    model = models.create_model(cfg.replace(kernel_backend="xla"), mesh=mesh)
+    nnx.eval_shape(lambda m, t: m(t), model, tokens)   # tracing reaches the op: no compile
+  assert seen == [("lasp2_attention", "xla")] * 2

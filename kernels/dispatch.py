@@ -1,0 +1,60 @@
+"""Which lowering ``backend="auto"`` picks: a table per (device kind, kernel family), each entry
+citing the measurement behind it. A Pallas kernel is picked only where it was measured faster than
+the XLA path on that device; a device or family without an entry falls back by platform (TPU:
+its Pallas kernels; GPU: XLA for the delta rule's state pass, Pallas for linear attention; CPU:
+XLA). The delta rule's Pallas state pass is picked for bfloat16 inputs only (float32 operands run
+on CUDA cores: 10x slower than XLA, measured). Update an entry only from a side-by-side run (``benchmarks/gpu_check.sh``,
+``benchmarks/kernels.py``) and cite it.
+
+Families:
+- ``"linear_attention"``: ``kernels.linear_attention`` (and the delta rule's output stage);
+- ``"delta_state_pass"``: the delta rule's sequential state pass (``kernels.delta_rule``).
+"""
+
+from __future__ import annotations
+
+import jax
+
+FAMILIES = ("linear_attention", "delta_state_pass")
+
+# (device-kind prefix, family) -> backend. Device kinds as jax.Device.device_kind prints them.
+TABLE = {
+    # H200, 2026-12-04 (shared/measurements/h200-2026-12-04.md): B8 N8192 H16 D128 bf16 fwd+bwd,
+    # no decay 2.10 ms Pallas vs 13.0 ms XLA; per-token decay 10.7 vs 16.9 ms.
+    ("NVIDIA H200", "linear_attention"): "gpu",
+    # H200, 2026-12-04 (benchmarks/results/kernels_gpu.json, benchmarks/gpu_check.sh): Gated
+    # DeltaNet fwd+bwd at the same shape, state pass with bf16 operands in Pallas 28.1 ms vs XLA's
+    # scan 41.1 ms (both with the Pallas output stage; all-XLA 51.4 ms). The float32-operand
+    # Pallas pass took 522.9 ms (shared/measurements/h200-2026-12-04.md): f32 inputs keep it.
+    ("NVIDIA H200", "delta_state_pass"): "gpu",
+    # Hopper like the H200 (same SMs, less bandwidth); the H200 figures are the only ones we have.
+    ("NVIDIA H100", "linear_attention"): "gpu",
+    ("NVIDIA H100", "delta_state_pass"): "gpu",
+}
+
+_PLATFORM_DEFAULT = {
+    ("gpu", "linear_attention"): "gpu",
+    ("gpu", "delta_state_pass"): "xla",
+    ("tpu", "linear_attention"): "tpu",
+    ("tpu", "delta_state_pass"): "tpu",
+}
+
+
+def platform() -> str:
+  """``"gpu"``, ``"tpu"`` or ``"cpu"`` for the default device."""
+  name = jax.default_backend()
+  return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(name, "cpu")
+
+
+def auto_backend(family: str, device=None) -> str:
+  """The backend ``"auto"`` means for ``family`` on ``device`` (None: the default device)."""
+  if family not in FAMILIES:
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+  plat = platform()
+  if plat == "cpu":
+    return "xla"
+  kind = (device or jax.devices()[0]).device_kind
+  for (prefix, fam), backend in TABLE.items():
+    if fam == family and kind.startswith(prefix):
+      return backend
+  return _PLATFORM_DEFAULT.get((plat, family), "xla")
