@@ -129,14 +129,18 @@ def _last(row):
   return jnp.sum(jnp.where(cols == row.shape[-1] - 1, row, 0.0), axis=1, keepdims=True)
 
 
-def chunk_decay(b_row, seg_row):
+def chunk_decay(b_row, seg_row, columns=None):
   """:class:`Decay` of a chunk from its ``(1, c)`` rows of :func:`chunk_prefix` (lanes).
 
-  Iota masks, selects, lane sums and ``exp``: what Mosaic and Triton both lower, no matmul.
+  ``columns``: None, or ``(b_col, seg_col, b_last, seg_last)`` as ``(c, 1)``, ``(c, 1)``,
+  ``(1, 1)``, ``(1, 1)`` where the kernel can load them so (Triton); else they come from masked
+  lane sums (Mosaic, which would need a relayout for a transpose). Iota masks, selects, sums and
+  ``exp``: no matmul.
   """
   c = b_row.shape[-1]
-  b_col, seg_col = _column(b_row), _column(seg_row)
-  b_last, seg_last = _last(b_row), _last(seg_row)
+  if columns is None:
+    columns = _column(b_row), _column(seg_row), _last(b_row), _last(seg_row)
+  b_col, seg_col, b_last, seg_last = columns
   same = causal_mask(c) & (seg_col == seg_row)
   weights = jnp.where(same, jnp.exp(jnp.where(same, b_col - b_row, 0.0)), 0.0)
   zero = jnp.zeros_like(b_col)
