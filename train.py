@@ -17,7 +17,20 @@
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
 
+import os
+import signal
 import sys
+
+
+class _EarlySignals:
+  """Records SIGINT / SIGTERM while JAX and the library load; the run's own handler
+  (``loop._StopOnSignal``) takes over the recorded one (its ``received``) and stops cleanly."""
+
+  def __init__(self):
+    self.received = None
+
+  def __call__(self, signum, frame):
+    self.received = signal.Signals(signum).name
 
 
 def main(argv):
@@ -37,7 +50,28 @@ def main(argv):
   if argv and argv[0] == "sample":
     from lasp_jax.train.sample import main as sample_main
     return sample_main(argv[1:])
+  early = _EarlySignals()
+  previous = {sig: signal.signal(sig, early) for sig in (signal.SIGINT, signal.SIGTERM)}
+  try:
+    return _train(argv, early)
+  except KeyboardInterrupt:
+    # The second Ctrl-C (the first stops at the next step boundary). Leave at once: a normal
+    # interpreter exit while XLA compiles on other threads can end in a segmentation fault.
+    print("interrupted: stopped at once, without a checkpoint", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(130)
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _train(argv, early):
+  """``python train.py [config] [overrides]`` and ``speed``; ``early``: signals received so far."""
   from lasp_jax.train import load_config, run
+  from lasp_jax.train.loop import SetupError
+  if early.received:
+    print(f"stopped by {early.received} before training started", file=sys.stderr)
+    return 130
   speed = bool(argv) and argv[0] == "speed"
   argv = argv[1:] if speed else argv
   path = None
@@ -60,7 +94,11 @@ def main(argv):
       return 2
     print(speed_lib.report(cfg, results))
     return 0
-  summary = run(cfg)
+  try:
+    summary = run(cfg)
+  except SetupError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
   return 0 if summary["stopped_by"] is None else 130
 
 

@@ -436,7 +436,8 @@ def flash_attention(q, k, v, *, causal=True, scale=None, q_positions=None, kv_po
   """Softmax attention, blockwise with an online softmax, and its flash backward.
 
   Args:
-    q: ``(B, Nq, H, D)``; k, v: ``(B, Nk, Hkv, D)`` with ``H % Hkv == 0``; float32 or bfloat16.
+    q: ``(B, Nq, H, D)``; k, v: ``(B, Nk, Hkv, D)`` with ``H % Hkv == 0``; float32, bfloat16 or
+      float16.
     causal: a query sees keys whose position is <= its own.
     scale: multiplies the scores; None means ``D ** -0.5``.
     q_positions: ``(Nq,)`` int, default ``arange(Nq)``; kv_positions: ``(Nk,)`` int, default

@@ -150,7 +150,7 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=
   ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``.
 
   Args:
-    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32, bfloat16 or float16 (XLA path).
     beta: ``(B, N, H)``, in ``[0, 2]``.
     log_decay: None (DeltaNet), ``(H,)``, ``(B, N, H)`` (Gated DeltaNet) or ``(B, N, H, Dk)``
       (KDA); entries in ``[-inf, 0]`` (``-inf``: an exact reset).

@@ -228,7 +228,8 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, ini
   """Causal chunked linear attention (SPEC sections 2-3) on one device.
 
   Args:
-    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32 or bfloat16.
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32, bfloat16 or float16 (the Pallas
+      kernels take the first two; float16 runs on the XLA path).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset; module docstring for the checks).
     beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule instead (SPEC section 11,

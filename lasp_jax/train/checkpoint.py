@@ -25,7 +25,7 @@ from lasp_jax.train.mesh import any_process
 # Every other model field (d_model, vocab_size, layer_pattern, param_dtype, rope_base, ...) must
 # match: it changes the parameter shapes or tree, or what the saved weights mean.
 RESUMABLE_MODEL_FIELDS = frozenset({
-    "compute_dtype", "chunk_size", "remat", "layout", "exchange", "init_std",
+    "compute_dtype", "chunk_size", "remat", "layout", "exchange", "kernel_backend", "init_std",
     "seq_axis", "batch_axes", "fsdp_axis", "tensor_axis"})
 
 
@@ -64,9 +64,10 @@ class Checkpointer:
   def __init__(self, directory: str, keep: int):
     # Orbax also takes gs:// and other remote paths; only local ones are made absolute.
     self.directory = directory if "://" in str(directory) else os.path.abspath(directory)
+    # create=False: the first save makes the directory, so a run that fails to start leaves none.
     self.manager = ocp.CheckpointManager(
         self.directory, item_names=("state", "meta"),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=False))
 
   def all_steps(self) -> list[int]:
     return sorted(self.manager.all_steps())
@@ -124,8 +125,7 @@ class Checkpointer:
     raise RuntimeError(
         f"no checkpoint in {self.directory} restores: "
         + "; ".join(f"step {s}: {why}" for s, why in failures)
-        + ". Pick one with checkpoint.step, or start afresh with checkpoint.resume=false "
-        "checkpoint.overwrite=true")
+        + ". Pick one with checkpoint.step, or start afresh with checkpoint.overwrite=true")
 
   def close(self) -> None:
     """Waits for the saves in flight; a second call does nothing."""

@@ -100,8 +100,9 @@ class CheckpointConfig:
   every: int = 200                   # steps; 0 saves only at the end and on SIGTERM / SIGINT
   keep: int = 3
   resume: bool = True                # resume from the latest checkpoint in ``dir`` if there is one
-  # resume=false on a directory holding checkpoints is an error unless overwrite=true, which
-  # deletes them first (so that a new run never leaves an old run's weights behind).
+  # overwrite=true deletes the directory's checkpoints and starts afresh, whatever ``resume``
+  # says (so that a new run never leaves an old run's weights behind); without it, resume=false
+  # on a directory holding checkpoints is an error.
   overwrite: bool = False
   step: int | None = None            # resume from this step (later ones are deleted); None: latest
   dir: str | None = None             # default: <run_dir>/checkpoints
@@ -204,12 +205,9 @@ def validate(c: TrainConfig) -> None:
   _positive("checkpoint.keep", c.checkpoint.keep)
   if c.checkpoint.step is not None:
     _positive("checkpoint.step", c.checkpoint.step)
-  if not c.checkpoint.resume and c.checkpoint.step is not None:
+  if c.checkpoint.step is not None and (not c.checkpoint.resume or c.checkpoint.overwrite):
     raise ValueError(f"checkpoint.step={c.checkpoint.step} resumes from that step: it needs "
-                     f"checkpoint.resume=true")
-  if c.checkpoint.resume and c.checkpoint.overwrite:
-    raise ValueError("checkpoint.overwrite=true deletes the checkpoints instead of resuming from "
-                     "them: it needs checkpoint.resume=false")
+                     f"checkpoint.resume=true and no checkpoint.overwrite=true")
   _positive("log.every", c.log.every)
   _positive("log.eval_every", c.log.eval_every, allow_zero=True)
   _positive("log.eval_batches", c.log.eval_batches)
@@ -441,6 +439,14 @@ def load_config(path: str | None = None, overrides: Sequence[str] | Mapping[str,
   for k, v in pairs:
     _set_dotted(d, k, v)
   return from_dict(d)
+
+
+def candidate_paths(path: str) -> list[str]:
+  """Where a data path is looked for, in order: as given (from the working directory), then
+  relative to the repository root; absolute paths only as given."""
+  if os.path.isabs(path):
+    return [path]
+  return [os.path.abspath(path), os.path.join(REPO_ROOT, path)]
 
 
 def resolve_path(path: str) -> str:

@@ -32,7 +32,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from lasp_jax.sequence_parallel.layout import segment_order
-from lasp_jax.train.config import SYNTHETIC_SOURCES, DataConfig, resolve_path
+from lasp_jax.train.config import (SYNTHETIC_SOURCES, DataConfig, candidate_paths,
+                                   resolve_path)
 from lasp_jax.train.mesh import SEQ_AXIS, batch_axes
 
 Example = dict[str, np.ndarray]
@@ -185,7 +186,8 @@ def load_tokens(cfg: DataConfig, vocab_size: int | None = None) -> np.ndarray:
   (dtype from ``token_dtype``)."""
   path = resolve_path(cfg.path)
   if not os.path.isfile(path):
-    raise ValueError(f"data.path={cfg.path!r} is not a file (looked at {path!r})")
+    looked = " and ".join(repr(p) for p in dict.fromkeys(candidate_paths(cfg.path)))
+    raise ValueError(f"data.path={cfg.path!r} is not a file (looked at {looked})")
   if os.path.getsize(path) == 0:     # numpy's "cannot mmap an empty file" names no file
     raise ValueError(f"data.path={cfg.path!r} is an empty file ({path!r})")
   if cfg.source == "text":

@@ -150,6 +150,8 @@ class _StopOnSignal:
     if threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
+        # train.py records signals while JAX loads (``received``): keep one it already got.
+        self.received = self.received or getattr(self._previous[sig], "received", None)
     return self
 
   def _handle(self, signum, frame):
@@ -177,50 +179,69 @@ def _count_params(params) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
+class SetupError(ValueError):
+  """A bad config, data file or run directory, found before the first step: ``train.py`` prints
+  it as one line, like a config error."""
+
+
 def run(cfg: TrainConfig, *, on_step: Callable[[int, dict], None] | None = None) -> dict[str, Any]:
   """Trains as ``cfg`` says, resuming from the run's newest checkpoint that restores (or
-  ``checkpoint.step``); returns a summary. Nothing in the run directory changes before the resume
-  decision (``_prepare_run_dir``) has passed.
+  ``checkpoint.step``); returns a summary. Nothing in the run directory changes before the
+  mesh, data, model, optimiser state and resume decision are all ready, so a failed start
+  (SetupError) or a stop during it leaves the directory as it was.
+
+  SIGTERM and SIGINT stop the run cleanly from the start on: during set-up and the first
+  compilations (``stopped_by`` set, ``steps`` = the start step, nothing written), or after the
+  current step, with a checkpoint.
 
   ``on_step(step, record)`` is called after each step's record is written (tests, notebooks).
   """
-  setup_devices(cfg.mesh)
-  mesh = build_mesh(cfg.mesh)
-  mcfg = model_config(cfg, mesh)
-  saved = {**cfg.to_dict(), "resolved_model": mcfg.to_dict()}
-  ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"),
-                      cfg.checkpoint.keep)
-  try:
-    _prepare_run_dir(cfg, ckpt, saved)
-    if jax.process_index() == 0:
-      os.makedirs(cfg.run_dir, exist_ok=True)
-      with open(os.path.join(cfg.run_dir, "config.yaml"), "w", encoding="utf-8") as f:
-        yaml.safe_dump(saved, f, sort_keys=False)
-    return _train(cfg, mesh, mcfg, ckpt, on_step)
-  finally:
-    ckpt.close()
+  # Installed before any compilation: a KeyboardInterrupt raised inside XLA's compiler has ended
+  # the process with a segmentation fault (issue 23); a flag is read between the phases instead.
+  with _StopOnSignal() as stop:
+    try:
+      setup_devices(cfg.mesh)
+      mesh = build_mesh(cfg.mesh)
+      mcfg = model_config(cfg, mesh)
+    except ValueError as e:
+      raise SetupError(str(e)) from e
+    if cfg.optim.warmup_steps >= cfg.steps:
+      warnings.warn(f"optim.warmup_steps={cfg.optim.warmup_steps} >= steps={cfg.steps}: the "
+                    f"learning rate only warms up (to {cfg.optim.lr:g} at the last step) and "
+                    f"never decays; lower optim.warmup_steps for a decaying schedule")
+    ckpt = Checkpointer(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"),
+                        cfg.checkpoint.keep)
+    try:
+      try:
+        overwritten = _prepare_run_dir(cfg, ckpt, {**cfg.to_dict(),
+                                                   "resolved_model": mcfg.to_dict()})
+      except ValueError as e:
+        raise SetupError(str(e)) from e
+      return _train(cfg, mesh, mcfg, ckpt, on_step, stop, overwritten)
+    finally:
+      ckpt.close()
 
 
-def _prepare_run_dir(cfg: TrainConfig, ckpt: Checkpointer, new: dict) -> None:
-  """The resume decision, taken before anything in the run directory changes.
+def _prepare_run_dir(cfg: TrainConfig, ckpt: Checkpointer, new: dict) -> list[int]:
+  """The resume decision, taken before anything in the run directory changes; returns the steps
+  of the checkpoints that ``checkpoint.overwrite=true`` deletes when the run starts.
 
-  resume=false on checkpoints: an error, or with overwrite=true their deletion. resume=true on
-  checkpoints: the saved ``config.yaml`` must agree with ``new`` on every field the checkpoints'
-  shapes depend on (``checkpoint.resume_conflicts``).
+  overwrite=true: the checkpoints are deleted (whatever ``resume`` says). resume=false on
+  checkpoints: an error. resume=true on checkpoints: the saved ``config.yaml`` must agree with
+  ``new`` on every field the checkpoints' shapes depend on (``checkpoint.resume_conflicts``).
   """
   steps = ckpt.all_steps()
   if cfg.checkpoint.step is not None and cfg.checkpoint.step not in steps:
     raise ValueError(f"checkpoint.step={cfg.checkpoint.step}: no such checkpoint in "
                      f"{ckpt.directory} (it holds steps {steps})")
   if not steps:
-    return
+    return []
+  if cfg.checkpoint.overwrite:
+    return steps
   if not cfg.checkpoint.resume:
-    if not cfg.checkpoint.overwrite:
-      raise ValueError(f"{ckpt.directory} holds checkpoints {steps} and checkpoint.resume=false: "
-                       f"set checkpoint.overwrite=true to delete them, checkpoint.resume=true to "
-                       f"continue that run, or choose another run_dir / checkpoint.dir")
-    ckpt.delete(steps)
-    return
+    raise ValueError(f"{ckpt.directory} holds checkpoints {steps} and checkpoint.resume=false: "
+                     f"set checkpoint.overwrite=true to delete them, checkpoint.resume=true to "
+                     f"continue that run, or choose another run_dir / checkpoint.dir")
   path = os.path.join(cfg.run_dir, "config.yaml")
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
@@ -229,20 +250,26 @@ def _prepare_run_dir(cfg: TrainConfig, ckpt: Checkpointer, new: dict) -> None:
       raise ValueError(f"cannot resume the checkpoints {steps} in {ckpt.directory}: the config "
                        f"differs from {path} in fields the saved state depends on: "
                        f"{'; '.join(conflicts)}. Undo those changes, or start afresh with "
-                       f"checkpoint.resume=false checkpoint.overwrite=true (or another run_dir)")
+                       f"checkpoint.overwrite=true (or another run_dir)")
+  return []
 
 
-def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[str, Any]:
+def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _StopOnSignal,
+           overwritten: list[int]) -> dict[str, Any]:
   A = cfg.optim.grad_accum
   run_dir, ckpt_dir = cfg.run_dir, ckpt.directory
   is_main = jax.process_index() == 0
+  resume = cfg.checkpoint.resume and not cfg.checkpoint.overwrite
   with jax.set_mesh(mesh):
-    train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
-                         micro_batches=A, split="train")
     do_eval = cfg.log.eval_every > 0 and (cfg.data.source in SYNTHETIC_SOURCES
                                           or cfg.data.eval_fraction > 0)
-    eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
-                         micro_batches=1, split="eval") if do_eval else None)
+    try:
+      train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+                           micro_batches=A, split="train")
+      eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+                           micro_batches=1, split="eval") if do_eval else None)
+    except ValueError as e:
+      raise SetupError(str(e)) from e
 
     model = _models().create_model(mcfg, mesh=mesh, seed=cfg.seed)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -253,13 +280,32 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[st
 
     step, next_example = 0, 0
     found = (ckpt.restore_latest({"params": params, "opt_state": opt_state},
-                                 step=cfg.checkpoint.step) if cfg.checkpoint.resume else None)
+                                 step=cfg.checkpoint.step) if resume else None)
     if found is not None:
       step, restored, meta = found
       params, opt_state = restored["params"], restored["opt_state"]
       next_example = int(meta["data"]["next_example"])
-      if cfg.checkpoint.step is not None:    # later checkpoints: a branch this run abandons
-        ckpt.delete([s for s in ckpt.all_steps() if s > step])
+    try:   # the first batch too: an id outside the vocabulary is a set-up error
+      batch = train_data.get(next_example) if step < cfg.steps else None
+    except ValueError as e:
+      raise SetupError(str(e)) from e
+    if stop.any_process():
+      stopped_by = stop.received or "signal on another process"
+      if is_main:
+        print(f"stopped by {stopped_by} before the first step; {run_dir} is unchanged", flush=True)
+      return {"start_step": step, "steps": step, "losses": [], "evals": [],
+              "stopped_by": stopped_by, "run_dir": run_dir}
+
+    # Everything that can fail or be interrupted before training is done: now the run directory
+    # changes (overwritten checkpoints go, a resumed branch loses its later ones, config.yaml).
+    ckpt.delete(overwritten)
+    if found is not None and cfg.checkpoint.step is not None:   # a branch this run abandons
+      ckpt.delete([s for s in ckpt.all_steps() if s > step])
+    if is_main:
+      os.makedirs(run_dir, exist_ok=True)
+      with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
+        yaml.safe_dump({**cfg.to_dict(), "resolved_model": mcfg.to_dict()}, f, sort_keys=False)
+    if found is not None:
       same = {k: meta["data"].get(k) == v for k, v in (("source", cfg.data.source),
                                                          ("seed", cfg.data.seed))}
       if not all(same.values()):
@@ -299,49 +345,49 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step) -> dict[st
     summary = {"start_step": step, "steps": step, "losses": [], "evals": [], "stopped_by": None}
     last_saved = step if found is not None else None
     try:
-      with _StopOnSignal() as stop:
+      while step < cfg.steps:
+        t0 = time.perf_counter()   # step time: dispatch to metrics (not eval or checkpoints)
+        params, opt_state, metrics = train_step(params, rest, opt_state, batch, np.int32(step))
+        step += 1
+        next_example += train_data.examples_per_step()
+        # Prepare the next batch on the host while the device works on this step.
         batch = train_data.get(next_example) if step < cfg.steps else None
-        while step < cfg.steps:
-          t0 = time.perf_counter()   # step time: dispatch to metrics (not eval or checkpoints)
-          params, opt_state, metrics = train_step(params, rest, opt_state, batch, np.int32(step))
-          step += 1
-          next_example += train_data.examples_per_step()
-          # Prepare the next batch on the host while the device works on this step.
-          batch = train_data.get(next_example) if step < cfg.steps else None
-          m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          lr = m["lr"]
-          dt = time.perf_counter() - t0
-          rec = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"],
-                 "step_time": dt, "tok_s": tokens_per_step / dt}
-          if chance is not None:
-            rec["accuracy"] = m["accuracy"]
-          if fpt is not None:
-            rec["tflops_s"] = fpt * tokens_per_step / dt / 1e12
-            if peak is not None:
-              rec["mfu"] = fpt * tokens_per_step / dt / (peak * mesh.size)
-          log.write(rec)
-          summary["losses"].append(m["loss"])
-          summary["steps"] = step
-          if not math.isfinite(m["loss"]):
-            raise FloatingPointError(
-                f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, "
-                f"lr {lr:.4g}); "
-                f"stopping. The last checkpoint is step {last_saved} in {ckpt_dir}. Try a lower "
-                f"optim.lr, a longer optim.warmup_steps or model.compute_dtype=float32.")
-          if on_step is not None:
-            on_step(step, rec)
-          if eval_step is not None and step % cfg.log.eval_every == 0:
-            summary["evals"].append(evaluate(step))
-          stopping = stop.any_process()
-          if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping \
-              or step == cfg.steps:
-            ckpt.save(step, {"params": params, "opt_state": opt_state}, meta(step, next_example))
-            last_saved = step
-          if stopping:
-            summary["stopped_by"] = stop.received or "signal on another process"
-            log.message(f"stopped by {summary['stopped_by']} at step {step}; checkpoint saved in "
-                        f"{ckpt_dir}; run the same command again to resume")
-            break
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        lr = m["lr"]
+        dt = time.perf_counter() - t0
+        rec = {"step": step, "loss": m["loss"], "lr": lr, "grad_norm": m["grad_norm"],
+               "step_time": dt, "tok_s": tokens_per_step / dt}
+        if chance is not None:
+          rec["accuracy"] = m["accuracy"]
+        if fpt is not None:
+          rec["tflops_s"] = fpt * tokens_per_step / dt / 1e12
+          if peak is not None:
+            rec["mfu"] = fpt * tokens_per_step / dt / (peak * mesh.size)
+        log.write(rec)
+        summary["losses"].append(m["loss"])
+        summary["steps"] = step
+        if not math.isfinite(m["loss"]):
+          raise FloatingPointError(
+              f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, "
+              f"lr {lr:.4g}); "
+              f"stopping. The last checkpoint is step {last_saved} in {ckpt_dir}. Try a lower "
+              f"optim.lr, a longer optim.warmup_steps or model.compute_dtype=float32.")
+        if on_step is not None:
+          on_step(step, rec)
+        if eval_step is not None and step % cfg.log.eval_every == 0:
+          summary["evals"].append(evaluate(step))
+        stopping = stop.any_process()
+        if (cfg.checkpoint.every and step % cfg.checkpoint.every == 0) or stopping \
+            or step == cfg.steps:
+          ckpt.save(step, {"params": params, "opt_state": opt_state}, meta(step, next_example))
+          last_saved = step
+        if stopping:
+          summary["stopped_by"] = stop.received or "signal on another process"
+          again = ("run it again without checkpoint.overwrite=true to resume"
+                   if cfg.checkpoint.overwrite else "run the same command again to resume")
+          log.message(f"stopped by {summary['stopped_by']} at step {step}; checkpoint saved in "
+                      f"{ckpt_dir}; {again}")
+          break
       if eval_step is not None and step == cfg.steps and (not summary["evals"] or
                                                            summary["evals"][-1]["step"] != step):
         summary["evals"].append(evaluate(step))

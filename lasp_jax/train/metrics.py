@@ -100,7 +100,8 @@ class RunLog:
         if step % self.every == 0 or step == self.bar.total:
           self.bar.set_postfix(self._postfix(record), refresh=False)
       else:
-        self.message(" ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "kind"))
+        self.message(f"{kind}: " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items()
+                                            if k != "kind"))
 
   def _postfix(self, r: dict) -> dict:
     keys = ("loss", "accuracy", "lr", "tok_s", "mfu")

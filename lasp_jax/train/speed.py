@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import warnings
 
 import jax
 import numpy as np
@@ -39,7 +40,10 @@ def compare(cfg: TrainConfig, steps: int = DEFAULT_STEPS, warmup: int = 5) -> di
           checkpoint=dataclasses.replace(cfg.checkpoint, every=0, resume=False, overwrite=False,
                                          step=None, dir=None),
           log=dataclasses.replace(cfg.log, eval_every=0, progress=False, tensorboard=False))
-      run(c)
+      with warnings.catch_warnings():
+        # A speed run is shorter than a training warmup on purpose; its schedule does not matter.
+        warnings.filterwarnings("ignore", message=r"optim\.warmup_steps=")
+        run(c)
       from lasp_jax.train.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
       recs = [r for r in read_jsonl(os.path.join(c.run_dir, "metrics.jsonl"))
               if r["kind"] == "train"][warmup:]

@@ -193,6 +193,38 @@ def test_lasp2_bfloat16(decay):
   assert rel_err(o, want) < 2e-2
 
 
+@pytest.mark.parametrize("op", ["lasp2", *(pytest.param(o, marks=pytest.mark.slow)
+                                          for o in ("delta", "lasp2h", "conv"))])
+def test_float16_is_accepted_and_computed_in_float32(op):
+  # Issue 23: float16 was accepted without a word in the docstrings; it is part of the contract
+  # (kernels.linear_attention's input contract): states in float32, outputs and gradients in
+  # float16, here for the op, the delta rule, LASP-2H and the short conv under a mesh.
+  mesh = sp_mesh(8)
+  q, k, v, g, ct = make_inputs("token")
+  h = lambda *a: [x.astype(jnp.float16) for x in a]
+  k_unit = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+  beta = jax.nn.sigmoid(jax.random.normal(jax.random.PRNGKey(5), g.shape))
+  fn, args = {
+      "lasp2": (lambda q, k, v, g: lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh,
+                                                            chunk_size=CHUNK), (q, k, v, g)),
+      "delta": (lambda q, k, v, g, b: lasp_jax.lasp2_attention(q, k, v, g, beta=b, mesh=mesh,
+                                                               chunk_size=CHUNK),
+                (q, k_unit, v, g, beta)),
+      "lasp2h": (lambda q, k, v: lasp_jax.lasp2h_attention(q, k, v, mesh=mesh),
+                 (q, k, v[..., :DK])),
+      "conv": (lambda x, w: lasp_jax.causal_conv1d(x, w, mesh=mesh), (v[..., 0, :], v[0, :4, 0])),
+  }[op]
+  # Against float32 on the float16-rounded inputs: only the output rounding remains.
+  o = fn(*h(*args))
+  want = fn(*[x.astype(jnp.float32) for x in h(*args)])
+  assert o.dtype == jnp.float16
+  assert rel_err(o, want) < 3e-3, rel_err(o, want)
+  if op == "lasp2":
+    grad = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, *h(k, v, g)).astype(jnp.float32) * ct)))
+    dq, dq32 = grad(*h(q)), grad(h(q)[0].astype(jnp.float32))
+    assert dq.dtype == jnp.float16 and rel_err(dq, dq32) < 3e-3, rel_err(dq, dq32)
+
+
 def test_lasp2_64k_tokens_strong_decay_is_finite_and_exact():
   # Cumulative log-decays reach about -7e4 here: any exp(cumsum) or division by a cumulative
   # product under/overflows; differences of direct sums do not.
@@ -381,3 +413,31 @@ def test_scale_none_is_dk_to_the_minus_half_as_in_lasp2h():
   assert rel_err(lasp_jax.linear_attention(q, k, v, g, scale=None, chunk_size=CHUNK), want) < TOL
   assert rel_err(lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh, scale=None, chunk_size=CHUNK),
                  want) < TOL
+
+
+@pytest.mark.parametrize("decay", ["token", pytest.param("channel", marks=pytest.mark.slow)])
+def test_check_log_decay_under_checkify_with_the_readme_mesh(decay):
+  # Issue 23: checkify + check_log_decay on jax.make_mesh((8,), ("sp",)) was a ShardingTypeError
+  # under both wrappings: the check flattened and indexed a sequence-sharded decay, and err.get()
+  # indexes the per-device errors checkify returns after a shard_map (documented: device_get).
+  from jax.experimental import checkify
+  from kernels.linear_attention import check_log_decay
+  mesh = jax.make_mesh((8,), ("sp",))
+  q, k, v, g, _ = make_inputs(decay, n=128)
+  index = (1, 77, 1) + ((3,) if decay == "channel" else ())
+  bad = g.at[index].set(0.75)
+
+  def f(q, k, v, g):
+    check_log_decay(g)
+    return lasp_jax.lasp2_attention(q, k, v, g, mesh=mesh, chunk_size=16)
+
+  placed = lambda *a: [jax.device_put(x, NamedSharding(mesh, P(None, "sp"))) for x in a]
+  for checked in (checkify.checkify(jax.jit(f)), jax.jit(checkify.checkify(f))):
+    for good_args, bad_args in (([q, k, v, g], [q, k, v, bad]), (placed(q, k, v, g),
+                                                                  placed(q, k, v, bad))):
+      err, o = checked(*good_args)
+      assert jax.device_get(err).get() is None
+      assert np.all(np.isfinite(np.asarray(o)))
+      err, _ = checked(*bad_args)
+      with pytest.raises(Exception, match=rf"max 0\.75 at index \({', '.join(map(str, index))}\)"):
+        jax.device_get(err).throw()

@@ -187,3 +187,64 @@ def test_unzigzag_of_a_zigzag_lasp2_output_on_explicit_mesh():
     out = lasp_jax.unzigzag(o, 8)
   assert out.sharding.spec[:2] == (None, "sp")
   np.testing.assert_array_equal(out, np.asarray(o)[:, np.argsort(zigzag_perm(64, 8))])
+
+
+_COMPILE_PROBE = r"""
+import json, time
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+from lasp_jax import lasp2_attention, unzigzag, zigzag
+
+rng = np.random.default_rng(0)
+q, k, v = (jnp.asarray(rng.standard_normal((2, 256, 4, 32)), jnp.float32) for _ in range(3))
+
+
+def seconds(loss, *args):
+  start = time.perf_counter()
+  jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(*args).compile()
+  return time.perf_counter() - start
+
+
+def helpers(mesh, **kw):
+  def loss(q, k, v):
+    o = lasp2_attention(zigzag(q, 8), zigzag(k, 8), zigzag(v, 8), mesh=mesh, chunk_size=16,
+                        layout="zigzag")
+    return jnp.sum(unzigzag(o, 8, **kw) ** 2)
+  return loss
+
+
+explicit = jax.make_mesh((8,), ("sp",))
+auto = jax.sharding.Mesh(np.array(jax.devices()), ("sp",))
+placed = [jax.device_put(a, NamedSharding(auto, P(None, "sp"))) for a in (q, k, v)]
+out = {
+    # The yardstick: the op alone on the same inputs.
+    "op alone": seconds(lambda q, k, v: jnp.sum(lasp2_attention(q, k, v, mesh=explicit,
+                                                               chunk_size=16) ** 2), q, k, v),
+    # Issue 23's probe: unsharded inputs, a jax.make_mesh mesh.
+    "unsharded": seconds(helpers(explicit), q, k, v),
+    # Sequence-sharded on Auto axes: under jit the tracers carry no sharding, so the helpers take
+    # the same static permutation and the partitioner meets a sharded sequence.
+    "auto sharded": seconds(helpers(auto, seq_axis="sp"), *placed),
+}
+print("RESULT " + json.dumps(out))
+"""
+
+
+def test_helpers_compile_fast_whatever_the_input_sharding():
+  # Issue 23: with unsharded inputs (jnp.asarray) the 2W slices and concatenate of the static
+  # permutation compiled for 51-255 s inside jit(grad(...)) (66 s on Auto-sharded tracers),
+  # against 1.6-5 s for the op alone. A fresh process, so no compile cache helps either case;
+  # the bound is relative to the op alone to stay meaningful on a loaded machine.
+  import json
+  import os
+  import subprocess
+  import sys
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES="8",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  p = subprocess.run([sys.executable, "-c", _COMPILE_PROBE], env=env, capture_output=True,
+                     text=True, timeout=240)
+  assert p.returncode == 0, p.stderr[-4000:]
+  out = json.loads(next(x for x in p.stdout.splitlines() if x.startswith("RESULT "))[7:])
+  print(out)
+  for case in ("unsharded", "auto sharded"):
+    assert out[case] < 4 * out["op alone"] + 10, out

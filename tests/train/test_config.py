@@ -71,7 +71,7 @@ def test_overrides_all_syntaxes_and_types():
     (["data.eval_fraction=nan"], "data.eval_fraction"),
     (["log.peak_tflops_per_device=nan"], "log.peak_tflops_per_device"),
     (["checkpoint.step=3", "checkpoint.resume=false"], "checkpoint.step=3"),
-    (["checkpoint.overwrite=true"], "checkpoint.overwrite=true"),
+    (["checkpoint.step=3", "checkpoint.overwrite=true"], "checkpoint.step=3"),
 ])
 def test_bad_overrides_name_the_offender(args, names):
   with pytest.raises(ValueError, match=".*".join(map(_re, [names]))):

@@ -34,14 +34,14 @@ def test_resume_false_on_checkpoints_is_an_error_unless_overwrite(tmp_path, stra
     loop.run(config(run_dir, "checkpoint.resume=false", "seed=1"))
   assert (run_dir / "config.yaml").read_bytes() == config_before
   assert _meta(run_dir, 6)["config"]["seed"] == 0
-  # overwrite=true clears the old checkpoints: the directory then holds only the new run's.
-  s = loop.run(config(run_dir, "checkpoint.resume=false", "checkpoint.overwrite=true", "seed=1",
-                      "checkpoint.every=4"))
+  # overwrite=true clears the old checkpoints: the directory then holds only the new run's. On its
+  # own (issue 23: it was refused without checkpoint.resume=false, which the README did not say).
+  s = loop.run(config(run_dir, "checkpoint.overwrite=true", "seed=1", "checkpoint.every=4"))
   assert s["start_step"] == 0 and s["losses"] != straight_run[0]["losses"]
   assert sorted(os.listdir(run_dir / "checkpoints")) == ["4", "6"]
   assert _meta(run_dir, 6)["config"]["seed"] == 1 and _meta(run_dir, 4)["config"]["seed"] == 1
-  with pytest.raises(ValueError, match="overwrite=true.*needs checkpoint.resume=false"):
-    config(run_dir, "checkpoint.overwrite=true")
+  with pytest.raises(ValueError, match="checkpoint.step=4 .* no checkpoint.overwrite=true"):
+    config(run_dir, "checkpoint.overwrite=true", "checkpoint.step=4")
 
 
 def test_incompatible_resume_fails_first_and_names_the_fields(tmp_path, straight_run):
