@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+BACKENDS = ("xla", "tpu", "gpu")   # what an explicit backend= may name; "auto" resolves here
 FAMILIES = ("linear_attention", "delta_state_pass")
 
 # (device-kind prefix, family) -> backend. Device kinds as jax.Device.device_kind prints them.

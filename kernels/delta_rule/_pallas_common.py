@@ -37,20 +37,12 @@ import jax
 import jax.numpy as jnp
 
 from kernels._checks import check_float_array
+from kernels._pallas_util import matmul
 
 F32 = jnp.float32
 
 
-def mm(a, b, contract, dtype=F32):
-  """Matmul with ``dtype`` operands and float32 accumulation; float32 at HIGHEST precision (TPU
-  would use bf16 passes, Triton TF32, by default), bf16 on the tensor cores / MXU.
-
-  ``contract``: "nn" a @ b, "nt" a @ b^T, "tn" a^T @ b.
-  """
-  dims = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[contract]
-  precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
-                             precision=precision, preferred_element_type=F32)
+mm = matmul   # dtype defaults to float32 here: the TPU state pass is float32 throughout
 
 
 def state_step(s, k_end, u, a_col, dtype=F32):

@@ -29,7 +29,7 @@ from kernels.delta_rule import reference
 from kernels.linear_attention import api as la_api
 from kernels.linear_attention import reference as la_ref
 
-BACKENDS = ("xla", "tpu", "gpu")
+BACKENDS = dispatch.BACKENDS
 BETA_MAX = 2.0
 
 

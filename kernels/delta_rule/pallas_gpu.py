@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._pallas_util import is_pow2_at_least_16
 from kernels.delta_rule import _pallas_common as common
 from kernels.delta_rule._pallas_common import F32
 
@@ -52,22 +53,18 @@ def default_block_v(c: int, dk: int, dv: int) -> int:
   return min(64 if c * dk <= 64 * 128 else 32, dv)
 
 
-def _is_pow2_at_least_16(x: int) -> bool:
-  return x >= 16 and (x & (x - 1)) == 0
-
-
 def check_shapes(w, u0, k_end, log_gamma, s0=None, block_v=None):
   """Raises ValueError for inputs the Triton kernels cannot tile, naming the offending value."""
   bsz, h, nc, c, dk, dv = common.check_inputs("gpu", w, u0, k_end, log_gamma, s0)
   for name, val in (("the chunk size C", c), ("head dim Dk", dk), ("head dim Dv", dv)):
-    if not _is_pow2_at_least_16(val):
+    if not is_pow2_at_least_16(val):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 (Triton tiles), "
                        f"got {val}")
   if c * dk > MAX_CHUNK_TIMES_DK:
     raise ValueError(f"backend 'gpu' needs C * Dk <= {MAX_CHUNK_TIMES_DK} (the reverse kernel's "
                      f"float32 tiles overflow an sm_90 block's shared memory beyond), got "
                      f"C={c}, Dk={dk}: use a smaller chunk")
-  if block_v is not None and not (_is_pow2_at_least_16(block_v) and dv % block_v == 0):
+  if block_v is not None and not (is_pow2_at_least_16(block_v) and dv % block_v == 0):
     raise ValueError(f"backend 'gpu' needs block_v to be a power of two >= 16 dividing Dv={dv}, "
                      f"got {block_v}")
   # The largest array a kernel indexes: the chunk states of the backward, (B, H, NC, Dk, Dv).

@@ -51,6 +51,7 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kernels._pallas_util import matmul
 from kernels.linear_attention import reference as ref
 
 F32 = jnp.float32
@@ -157,18 +158,6 @@ def causal_mask(c):
   return rows >= cols
 
 
-def _mm(a, b, contract, dtype):
-  """Matmul on the MXU / tensor cores: operands in ``dtype``, float32 accumulation.
-
-  ``contract`` names the contracted dims: "nn" a @ b, "nt" a @ b^T, "tn" a^T @ b. Float32 operands
-  ask for full precision (TPU would use bf16 passes, Triton TF32, by default).
-  """
-  dims = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}[contract]
-  precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
-  return jax.lax.dot_general(a.astype(dtype), b.astype(dtype), (dims, ((), ())),
-                             precision=precision, preferred_element_type=F32)
-
-
 def _weights(scores, decay, mask):
   """``scores * W``, masked by selection (a NaN above the diagonal must not survive as 0 * NaN)."""
   return jnp.where(mask, scores if decay is None else scores * decay.weights, 0.0)
@@ -192,16 +181,16 @@ def _decay_state(s, decay):
 
 def _state_step(s, k, v, decay, dtype):
   """``S_new = a S + (k * kd)^T v``."""
-  return _mm(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
+  return matmul(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
 
 
 def forward_chunk(q, k, v, s, decay, *, scale, dtype):
   """One chunk forward: returns ``(o (c, Dv') f32, S_new)``; ``v``/``s`` may be a Dv slice."""
   c = q.shape[0]
   mask = causal_mask(c)
-  a = _weights(_mm(q, k, "nt", dtype), decay, mask)
-  o = scale * (_mm(a, ref.finite_values(v), "nn", dtype)
-               + _mm(_decayed_queries(q, decay), s, "nn", dtype))
+  a = _weights(matmul(q, k, "nt", dtype), decay, mask)
+  o = scale * (matmul(a, ref.finite_values(v), "nn", dtype)
+               + matmul(_decayed_queries(q, decay), s, "nn", dtype))
   return ref.mask_nonfinite_values(o, v, axis=0), _state_step(s, k, v, decay, dtype)
 
 
@@ -210,21 +199,21 @@ def dq_chunk(k, v, do, s, decay, *, scale, dtype):
   may be a Dk slice. With a decay, ``q_i . (state part)_i`` feeds the decay gradient."""
   c = do.shape[0]
   mask = causal_mask(c)
-  da = _weights(_mm(do, v, "nt", dtype), decay, mask)
-  inter = _mm(do, s, "nt", dtype)
+  da = _weights(matmul(do, v, "nt", dtype), decay, mask)
+  inter = matmul(do, s, "nt", dtype)
   inter = scale * (inter if decay is None else inter * decay.q_scale)
-  dq = scale * _mm(da, k, "nn", dtype) + inter
+  dq = scale * matmul(da, k, "nn", dtype) + inter
   return dq, inter, _state_step(s, k, v, decay, dtype)
 
 
 def _dk_and_ds(q, v, do, ds, da, decay, *, scale, dtype):
   """``dk = scale da^T q + kd (v dS^T)``, its state part ``kd (v dS^T)``, and ``dS`` before the
   chunk: ``a dS + scale (q qd)^T dO``."""
-  dk_state = _mm(v, ds, "nt", dtype)
+  dk_state = matmul(v, ds, "nt", dtype)
   if decay is not None:
     dk_state = dk_state * decay.k_scale
-  dk = scale * _mm(da, q, "tn", dtype) + dk_state
-  ds_prev = scale * _mm(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
+  dk = scale * matmul(da, q, "tn", dtype) + dk_state
+  ds_prev = scale * matmul(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
   return dk, dk_state, ds_prev
 
 
@@ -253,10 +242,10 @@ def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
   None."""
   c = q.shape[0]
   mask = causal_mask(c)
-  scores, dp = _mm(q, k, "nt", dtype), _mm(do, v, "nt", dtype)
+  scores, dp = matmul(q, k, "nt", dtype), matmul(do, v, "nt", dtype)
   a = _weights(scores, decay, mask)
   da = _weights(dp, decay, mask)
-  dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
+  dv = scale * matmul(a, do, "tn", dtype) + matmul(_decayed_keys(k, decay), ds, "nn", dtype)
   dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
   rows = None
   if decay is not None and s_before is not None:
@@ -271,12 +260,12 @@ def dk_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
   chunk's :class:`DecayRows` (None without ``s_before``; k is only read for it).
   """
   mask = causal_mask(q.shape[0])
-  dp = _mm(do, v, "nt", dtype)
+  dp = matmul(do, v, "nt", dtype)
   da = _weights(dp, decay, mask)
   dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
   rows = None
   if decay is not None and s_before is not None:
-    rows = decay_rows(_mm(q, k, "nt", dtype), dp, decay, k, dk_state, s_before, ds, scale=scale)
+    rows = decay_rows(matmul(q, k, "nt", dtype), dp, decay, k, dk_state, s_before, ds, scale=scale)
   return dk, ds_prev, rows
 
 
@@ -286,9 +275,9 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
   Returns ``(dv[:, vb], dS[:, vb] before the chunk)``; v is not needed.
   """
   mask = causal_mask(q.shape[0])
-  a = _weights(_mm(q, k, "nt", dtype), decay, mask)
-  dv = scale * _mm(a, do, "tn", dtype) + _mm(_decayed_keys(k, decay), ds, "nn", dtype)
-  ds_prev = scale * _mm(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
+  a = _weights(matmul(q, k, "nt", dtype), decay, mask)
+  dv = scale * matmul(a, do, "tn", dtype) + matmul(_decayed_keys(k, decay), ds, "nn", dtype)
+  ds_prev = scale * matmul(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
   return dv, ds_prev
 
 

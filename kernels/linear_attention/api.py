@@ -29,7 +29,7 @@ from kernels import dispatch
 from kernels._checks import check_float_array
 from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
-BACKENDS = ("xla", "tpu", "gpu")
+BACKENDS = dispatch.BACKENDS
 _PALLAS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 
 

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from kernels._pallas_util import is_pow2_at_least_16
 from kernels.linear_attention import _pallas_common as common
 from kernels.linear_attention._pallas_common import F32, BlockSizes
 
@@ -42,21 +43,17 @@ DEFAULT_BLOCK_SIZES = BlockSizes(chunk_size=64, block_k=64, block_v=64, num_warp
                                  split_backward=True)
 
 
-def _is_pow2_at_least_16(x: int) -> bool:
-  return x >= 16 and (x & (x - 1)) == 0
-
-
 def check_shapes(q, v, block_sizes: BlockSizes):
   """Raises ValueError for shapes the Triton kernels cannot tile, naming the offending value."""
   dk, dv = q.shape[-1], v.shape[-1]
   c = block_sizes.chunk_size
   for name, val in (("chunk_size", c), ("head dim Dk", dk), ("head dim Dv", dv)):
-    if not _is_pow2_at_least_16(val):
+    if not is_pow2_at_least_16(val):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 (Triton tiles), "
                        f"got {val}")
   for name, blk, full in (("block_k", block_sizes.block_k, dk),
                           ("block_v", block_sizes.block_v, dv)):
-    if blk is not None and not (_is_pow2_at_least_16(blk) and full % blk == 0):
+    if blk is not None and not (is_pow2_at_least_16(blk) and full % blk == 0):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 dividing {full}, "
                        f"got {blk}")
   for name, x in (("q", q), ("v", v)):

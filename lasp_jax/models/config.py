@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+from kernels import dispatch
+
 # The diagonal-decay family (SPEC section 7), then the delta rule (SPEC section 11).
 DIAGONAL_VARIANTS = ("basic", "lightning", "retention", "gla", "simple_gla", "based", "rebased")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
@@ -16,7 +18,7 @@ LAYOUTS = ("contiguous", "zigzag")
 EXCHANGES = ("allgather", "scan", "auto")
 # Lowering of the linear layers' kernels (``kernels.chunk_linear_attention``, the delta rule):
 # "auto" is the kernels' own per-device choice; the others force one path (benchmarks, A/B runs).
-KERNEL_BACKENDS = ("auto", "xla", "gpu", "tpu")
+KERNEL_BACKENDS = ("auto",) + dispatch.BACKENDS
 LAYER_KINDS = {"L": "linear", "N": "softmax"}
 
 

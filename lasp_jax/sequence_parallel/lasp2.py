@@ -44,13 +44,14 @@ import kernels
 from kernels.delta_rule import api as delta_api
 from kernels.delta_rule import reference as delta_ref
 from kernels.linear_attention import reference as ref
+from kernels import dispatch
 from kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
                                           validate_inputs)
 from lasp_jax.sequence_parallel import exchange as exchange_lib
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 
-BACKENDS = ("auto", "xla", "tpu", "gpu")
+BACKENDS = ("auto",) + dispatch.BACKENDS
 
 
 def _kernel_backend(backend: str, q, v, log_decay=None, chunk_size=64) -> str:

@@ -27,7 +27,7 @@ from lasp_jax.models import linear_attention as la
     (dict(batch_axes=("data", "sp")), "'sp'"),
     (dict(short_conv=-1), "short_conv must be a kernel size >= 0 (0: no conv), got -1"),
     (dict(short_conv=True), "got True"),
-    (dict(kernel_backend="cuda"), "kernel_backend must be one of ('auto', 'xla', 'gpu', 'tpu'), "
+    (dict(kernel_backend="cuda"), "kernel_backend must be one of ('auto', 'xla', 'tpu', 'gpu'), "
                                   "got 'cuda'"),
 ])
 def test_bad_config_names_the_value(changes, needle):
