@@ -6,7 +6,7 @@ table and writes it as JSON. Imports only jax and numpy (runs on a bare GPU/TPU 
   PYTHONPATH=. python benchmarks/kernels.py                     # on whatever backend JAX has
   PYTHONPATH=. python benchmarks/kernels.py --small             # CPU: toy shapes, interpret mode
   PYTHONPATH=. python benchmarks/kernels.py --check             # also check the compiled kernels
-  PYTHONPATH=. python benchmarks/kernels.py --compile-sm90      # no GPU: Triton compile for sm_90
+  PYTHONPATH=. python benchmarks/kernels.py --compile-sm90      # no GPU: sm_90a compile (pip: sm90)
 
 Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the implementation):
 - FLOPs: forward ``B H N (2 c (Dk + Dv) + 4 Dk Dv)`` (full c x c tiles, as computed), and
@@ -26,10 +26,15 @@ more FLOPs per token), so their roofline % is of that yardstick, a lower bound o
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import dataclasses
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -270,81 +275,314 @@ def check_compiled(backend, interpret, configs):
   return rows
 
 
+# ------------------------------------------------------------------ --compile-sm90 (issue 22)
+# Without a GPU: every Pallas Triton kernel of both GPU families, forward and backward, lowered via
+# jax.export for "cuda" and compiled for sm_90a by the `triton` package (the `sm90` extra), with
+# ptxas' register and spill report. A proxy for the GPU build: on a GPU, XLA compiles the same
+# Triton IR with the Triton and ptxas bundled in jaxlib, whose versions differ.
+
 SM90_SHARED_LIMIT = 232448   # bytes of shared memory one H100/H200 block may use
+SM90_OUT = "benchmarks/results/kernels_sm90.json"
 
 
-def compile_sm90(variants, shape=MAIN_SHAPE, dtype=jnp.bfloat16):
-  """Without a GPU: lowers every Triton kernel of fwd+bwd through Pallas and compiles the Triton IR
-  for sm_90 with the ``triton`` package (must be installed), reporting shared memory per kernel.
+@contextlib.contextmanager
+def _lowered_triton_kernels():
+  """Collects the Pallas Triton kernels lowered inside the block: a list of dicts with the kernel
+  name, its Triton IR (text), grid, and the num_warps / num_stages the GPU build would use.
 
-  Reaches into JAX internals (the Pallas Triton lowering) to get the IR; a diagnostic only.
+  The only code here that reaches into JAX internals (``jax._src.pallas``, JAX 0.10-0.11): it
+  wraps the Triton backend's ``pallas_call`` lowering rule (for the compiler params; JAX finds it
+  in a registry keyed by the params' class, or as a module attribute without params) and its
+  jaxpr -> Triton IR function (for the IR), restoring all three on exit.
   """
-  import triton  # noqa: PLC0415  (optional dependency of this mode only)
-  from triton.backends.compiler import GPUTarget
-  from jax._src.pallas.triton import lowering as tlow
-  import tempfile
+  from jax._src.pallas import core as pallas_core
+  from jax._src.pallas.triton import core as triton_core, lowering
+  from jax._src.pallas.triton import pallas_call_registration as registration
+  rules = getattr(pallas_core, "_backend_lowering_rules", {})
+  key = triton_core.CompilerParams
+  lower_rule, to_triton = registration.pallas_call_lowering, lowering.lower_jaxpr_to_triton_module
+  registered = rules.get(key)
+  kernels, params = [], []
 
-  captured = []
-  original = tlow.lower_jaxpr_to_triton_module
+  def rule(ctx, *args, compiler_params=None, **kw):
+    # JAX's defaults on CUDA: 4 warps, 3 stages.
+    params.append((getattr(compiler_params, "num_warps", None) or 4,
+                   getattr(compiler_params, "num_stages", None) or 3))
+    try:
+      return lower_rule(ctx, *args, compiler_params=compiler_params, **kw)
+    finally:
+      params.pop()
 
-  def capture(*a, **kw):
-    res = original(*a, **kw)
-    captured.append(res.module.operation.get_asm(enable_debug_info=False))
+  def capture(*args, **kw):
+    res = to_triton(*args, **kw)
+    op = res.module.operation
+    warps, stages = params[-1]
+    kernels.append(dict(kernel=op.attributes["sym_name"].value, grid=list(res.grid),
+                        num_warps=warps, num_stages=stages,
+                        ttir=op.get_asm(enable_debug_info=False)))
     return res
 
-  rows = []
+  if registered is not None:
+    rules[key] = (rule, registered[1])
+  registration.pallas_call_lowering, lowering.lower_jaxpr_to_triton_module = rule, capture
+  try:
+    yield kernels
+  finally:
+    registration.pallas_call_lowering, lowering.lower_jaxpr_to_triton_module = lower_rule, to_triton
+    if registered is not None:
+      rules[key] = registered
+
+
+def _export_for_cuda(fn, *args):
+  """``jax.export`` of ``jit(fn)`` for CUDA on any machine; its Triton kernels are not compiled."""
+  # JAX 0.11's Triton lowering reads the compute capability off the (abstract) device.
+  device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None, platform="cuda")
+  mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+  with jax.sharding.use_abstract_mesh(mesh):
+    jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")])(*args)
+
+
+def _sm90_exports(variants, shape):
+  """What --compile-sm90 exports: ``(labels, fwd+bwd fn, abstract args, keep(kernel name))``.
+
+  Linear attention: each block-size variant without and with a per-token decay, bf16, gradients
+  of q, k, v, the decay and the initial state. The delta rule (Gated DeltaNet: per-token decay)
+  through ``chunk_delta_rule(backend="gpu")``: bf16 inputs (bf16 dot operands in the state pass,
+  what models run) and float32 inputs (float32 IEEE operands, for comparison); only its state-pass
+  kernels are kept, its output stage being the linear-attention kernels with a per-token decay.
+  """
   bsz, n, h, dk, dv = shape
   sds = jax.ShapeDtypeStruct
-  tlow.lower_jaxpr_to_triton_module = capture
+  s0 = sds((bsz, h, dk, dv), jnp.float32)
+  g = sds((bsz, n, h), jnp.float32)
+  bf = jnp.bfloat16
+
+  def linear_attention(bs, decay):
+    def loss(q, k, v, g, s0):
+      o, s = pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0, block_sizes=bs)
+      return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4) if decay else (0, 1, 2, 4))
+
+  def delta_rule(chunk):
+    def loss(q, k, v, beta, g, s0):
+      # interpret=False: lower the Triton kernels even on this CPU-only machine.
+      o, s = delta_api.chunk_delta_rule(q, k, v, beta, g, initial_state=s0, chunk_size=chunk,
+                                        backend="gpu", interpret=False)
+      return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    return jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4, 5))
+
+  for name, bs in variants:
+    for decay in ("none", "token"):
+      yield (dict(family="linear_attention", variant=name, decay=decay, dtype="bfloat16"),
+             linear_attention(bs, decay == "token"),
+             (sds((bsz, n, h, dk), bf), sds((bsz, n, h, dk), bf), sds((bsz, n, h, dv), bf),
+              g if decay == "token" else None, s0),
+             lambda kernel: True)
+  chunk = variants[0][1].chunk_size
+  for dtype, name in ((bf, "delta bf16-operands"), (jnp.float32, "delta f32-operands")):
+    yield (dict(family="delta_rule", variant=name, decay="token", dtype=jnp.dtype(dtype).name),
+           delta_rule(chunk),
+           (sds((bsz, n, h, dk), dtype), sds((bsz, n, h, dk), dtype), sds((bsz, n, h, dv), dtype),
+            sds((bsz, n, h), dtype), g, s0),
+           lambda kernel: kernel.startswith("delta_state_pass"))
+
+
+def _find_ptxas():
+  """The ptxas Triton runs for sm_90 (it ships its own), or None."""
   try:
-    for name, bs in variants:
-      for decay in (False, True):
-        captured.clear()
+    from triton.backends.nvidia.compiler import get_ptxas  # noqa: PLC0415
+    path = get_ptxas(90).path
+  except Exception:  # noqa: BLE001  (another Triton layout: look in its bin/)
+    import triton.backends.nvidia as nvidia  # noqa: PLC0415
+    bin_dir = os.path.join(os.path.dirname(nvidia.__file__), "bin")
+    path = next((os.path.join(bin_dir, b) for b in ("ptxas-blackwell", "ptxas")
+                 if os.path.exists(os.path.join(bin_dir, b))), None)
+  return path if path and os.access(path, os.X_OK) else None
 
-        def step(q, k, v, g, s0, bs=bs):
-          def loss(q, k, v, g, s0):
-            o, s = pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0,
-                                                         block_sizes=bs)
-            return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
-          return jax.grad(loss, argnums=(0, 1, 2, 4))(q, k, v, g, s0)
 
-        x = sds((bsz, n, h, dk), dtype)
-        # JAX 0.11's Triton lowering reads the compute capability off the (abstract) device.
-        device = jax.sharding.AbstractDevice(device_kind="NVIDIA H100", num_cores=None,
-                                             platform="cuda")
-        with jax.sharding.use_abstract_mesh(
-            jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
-          jax.export.export(
-              jax.jit(step), platforms=["cuda"],
-              disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(
-                  "__gpu$xla.gpu.triton")])(
-                      x, x, sds((bsz, n, h, dv), dtype),
-                      sds((bsz, n, h), jnp.float32) if decay else None,
-                      sds((bsz, h, dk, dv), jnp.float32))
-        for src in captured:
-          kname = src.split("@", 1)[1].split(" ", 1)[0].split("(", 1)[0]
-          with tempfile.NamedTemporaryFile("w", suffix=".ttir", delete=False) as f:
-            f.write(src)
-          row = dict(variant=name, decay=decay, kernel=kname)
-          try:
-            kern = triton.compile(f.name, target=GPUTarget("cuda", 90, 32), options=dict(
-                num_warps=bs.num_warps or 4, num_stages=bs.num_stages or 2))
-            row.update(shared=int(kern.metadata.shared),
-                       fits=int(kern.metadata.shared) <= SM90_SHARED_LIMIT,
-                       wgmma="wgmma" in kern.asm["ptx"])
-          except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-          os.unlink(f.name)
-          rows.append(row)
-          print(row, flush=True)
-  finally:
-    tlow.lower_jaxpr_to_triton_module = original
-  return rows
+def _ptxas_version(ptxas):
+  """E.g. ``ptxas-blackwell, Cuda compilation tools, release 13.4, V13.4.x``; None without one."""
+  if ptxas is None:
+    return None
+  try:
+    out = subprocess.run([ptxas, "--version"], capture_output=True, text=True, timeout=60).stdout
+  except (OSError, subprocess.TimeoutExpired) as e:
+    return f"{os.path.basename(ptxas)}: {type(e).__name__}"
+  release = [line for line in out.splitlines() if "release" in line]
+  return ", ".join([os.path.basename(ptxas)] + release[:1])
+
+
+def _ptxas_usage(ptxas, ptx):
+  """Registers per thread and spilled bytes, from ``ptxas -v`` with Triton's own flags."""
+  if ptxas is None:
+    return dict(ptxas_error="ptxas not found (Triton ships one in triton/backends/nvidia/bin)")
+  arch = re.search(r"^\.target\s+(\w+)", ptx, re.M).group(1)
+  with tempfile.TemporaryDirectory() as tmp:
+    src = os.path.join(tmp, "k.ptx")
+    with open(src, "w") as f:
+      f.write(ptx)
+    try:
+      proc = subprocess.run([ptxas, "-lineinfo", "-v", "--regAllocOptLevel=2", f"--gpu-name={arch}",
+                             src, "-o", os.path.join(tmp, "k.cubin")],
+                            capture_output=True, text=True, timeout=600)
+    except (OSError, subprocess.TimeoutExpired) as e:
+      return dict(ptxas_error=f"{type(e).__name__}: {e}"[:300])
+  log = proc.stdout + proc.stderr
+  regs = re.search(r"Used (\d+) registers", log)
+  spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+  stack = re.search(r"(\d+) bytes stack frame", log)
+  if proc.returncode or not regs:
+    return dict(ptxas_error=f"rc {proc.returncode}: {log[-300:]}")
+  return dict(regs=int(regs.group(1)),
+              spill_stores=int(spills.group(1)) if spills else 0,
+              spill_loads=int(spills.group(2)) if spills else 0,
+              stack_frame=int(stack.group(1)) if stack else 0)
+
+
+def _dot_counts(ttir, ttgir, ptx):
+  """The ``tt.dot`` ops of the Triton IR: all, by operand type, and the float32 ones at IEEE
+  precision (``inputPrecision``'s default, omitted from the text; CUDA-core FMA); how Triton
+  lowered them for sm_90 (TTGIR: a ``warp_group_dot`` is wgmma, a ``tt.dot`` left is mma.sync or
+  FMA); and the static count of wgmma / mma.sync instructions in the PTX."""
+  dots = re.findall(r"= tt\.dot (.*)", ttir)
+  operand = [re.search(r": tensor<[\dx]*x(\w+)>", d).group(1) for d in dots]
+  found = [re.search(r"inputPrecision = (\w+)", d) for d in dots]
+  precision = [m.group(1) if m else "ieee" for m in found]
+  return dict(dots=len(dots),
+              ieee_dots=sum(t == "f32" and p == "ieee" for t, p in zip(operand, precision)),
+              dot_operands=dict(collections.Counter(operand)),
+              wgmma_dots=len(re.findall(r"= ttng\.warp_group_dot ", ttgir)),
+              other_dots=len(re.findall(r"= tt\.dot ", ttgir)),
+              wgmma=ptx.count("wgmma.mma_async"),
+              mma_sync=len(re.findall(r"\bmma\.sync\b", ptx)))
+
+
+def _compile_sm90a(k, ptxas):
+  """One lowered kernel (from :func:`_lowered_triton_kernels`) compiled for sm_90a: its row."""
+  import triton  # noqa: PLC0415  (optional dependency of --compile-sm90 only)
+  from triton.backends.compiler import GPUTarget  # noqa: PLC0415
+  row = dict(kernel=k["kernel"], grid=k["grid"], num_warps=k["num_warps"],
+             num_stages=k["num_stages"])
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, k["kernel"] + ".ttir")
+    with open(path, "w") as f:
+      f.write(k["ttir"])
+    t0 = time.perf_counter()
+    try:
+      kern = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(
+          num_warps=k["num_warps"], num_stages=k["num_stages"], enable_fp_fusion=True))
+    except Exception as e:  # noqa: BLE001  (report, keep going)
+      return dict(row, error=f"triton: {type(e).__name__}: {e}"[:500])
+  shared = int(kern.metadata.shared)
+  return dict(row, compile_s=round(time.perf_counter() - t0, 1), shared=shared,
+              fits=shared <= SM90_SHARED_LIMIT, **_ptxas_usage(ptxas, kern.asm["ptx"]),
+              **_dot_counts(k["ttir"], kern.asm["ttgir"], kern.asm["ptx"]))
+
+
+def _sm90_findings(rows):
+  """One line per thing to look at: errors, shared memory over the limit, dots not on wgmma
+  (bf16 ones: tensor-core work off the fast path; float32 IEEE ones: CUDA cores), spills."""
+  def name(r):
+    return f"{r['variant']} {r['decay']} {r.get('kernel', '')}".strip()
+  ok = [r for r in rows if "error" not in r]
+  lines = [f"error: {name(r)}: {r['error'][:120]}" for r in rows if "error" in r]
+  lines += [f"over the shared-memory limit: {name(r)} ({r['shared']} B)"
+            for r in ok if not r["fits"]]
+  lines += [f"dots not on wgmma: {name(r)}: {r['dots'] - r['wgmma_dots']} of {r['dots']} "
+            f"({r['ieee_dots']} float32 IEEE)" for r in ok if r["wgmma_dots"] < r["dots"]]
+  for dtype in sorted({r["dtype"] for r in ok}):
+    of_dtype = [r for r in ok if r["dtype"] == dtype]
+    spilling = [r for r in of_dtype if r.get("spill_stores")]
+    if spilling:
+      worst = max(spilling, key=lambda r: r["spill_stores"])
+      lines.append(f"spilling, {dtype}: {len(spilling)} of {len(of_dtype)} kernels; most: "
+                   f"{name(worst)} ({worst['spill_stores']} B stores, {worst['regs']} registers)")
+  lines += [f"no ptxas report: {name(r)}: {r['ptxas_error'][:120]}"
+            for r in ok if "ptxas_error" in r][:1]
+  return lines
+
+
+def compile_sm90(variants, shape=MAIN_SHAPE, out=SM90_OUT):
+  """Compiles every GPU kernel (linear attention and the delta rule's state pass, forward and
+  backward) for sm_90a without a GPU, writing per kernel: shared memory, registers, spills, dots
+  (IEEE ones, wgmma ones) and wgmma instructions. Needs the ``triton`` package (the ``sm90``
+  extra); a diagnostic reaching into JAX internals (:func:`_lowered_triton_kernels`).
+  """
+  import triton  # noqa: PLC0415  (optional dependency of this mode only)
+
+  ptxas = _find_ptxas()
+  result = dict(jax_version=jax.__version__, triton_version=triton.__version__,
+                target="cuda sm_90a", ptxas=_ptxas_version(ptxas), shape=list(shape),
+                shared_limit=SM90_SHARED_LIMIT,
+                note="static counts: wgmma/mma_sync are PTX instructions, dots are tt.dot ops "
+                     "(a dot in a loop counts once); on a GPU, jaxlib's bundled Triton and "
+                     "ptxas compile this IR and may differ",
+                findings=[], kernels=[])
+  for labels, fn, args, keep in _sm90_exports(variants, shape):
+    with _lowered_triton_kernels() as lowered:
+      try:
+        _export_for_cuda(fn, *args)
+      except Exception as e:  # noqa: BLE001  (report, keep going)
+        lowered = [dict(kernel="-", error=f"export: {type(e).__name__}: {e}"[:500])]
+    lowered = [k for k in lowered if "error" in k or keep(k["kernel"])] or [
+        dict(kernel="-", error="no Triton kernel lowered (an XLA fallback?)")]
+    seen = set()
+    for k in lowered:
+      if (k["kernel"], k.get("ttir")) in seen:
+        continue
+      seen.add((k["kernel"], k.get("ttir")))
+      row = dict(labels, **(k if "error" in k else _compile_sm90a(k, ptxas)))
+      result["kernels"].append(row)
+      print(_sm90_line(row), flush=True)
+      _save_json(result, out)
+  result["findings"] = _sm90_findings(result["kernels"])
+  _print_sm90_table(result)
+  _save_json(result, out)
+  print(f"wrote {out}")
+  return result
+
+
+def _save_json(obj, path):
+  """Atomic: a kill mid-write leaves the previous complete file."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+_SM90_HEAD = (f"{'variant':21s} {'decay':5s} {'dtype':8s} {'kernel':26s} {'shared':>7s} "
+              f"{'regs':>4s} {'spill st/ld':>11s} {'dots':>4s} {'ieee':>4s} {'wgdot':>5s} {'wgmma':>5s}")
+
+
+def _sm90_line(r):
+  head = f"{r['variant']:21s} {r['decay']:5s} {r['dtype']:8s} {r.get('kernel', '-'):26s}"
+  if "error" in r:
+    return head + " ERROR " + r["error"][:200]
+  spill = (f"{r['spill_stores']}/{r['spill_loads']}" if "regs" in r else "n/a")
+  regs = r.get("regs", "n/a")
+  return (head + f" {r['shared']:7d} {regs:>4} {spill:>11s} {r['dots']:4d} {r['ieee_dots']:4d} "
+          f"{r['wgmma_dots']:5d} {r['wgmma']:5d}" + ("" if r["fits"] else "  OVER SHARED LIMIT"))
+
+
+def _print_sm90_table(result):
+  print(f"\nsm_90a compile (triton {result['triton_version']}, jax {result['jax_version']}), "
+        f"B N H Dk Dv = {' '.join(map(str, result['shape']))}; shared in bytes (limit "
+        f"{result['shared_limit']}), regs per thread, spilled bytes, tt.dot ops, IEEE ones, "
+        "ones lowered to wgmma, wgmma PTX instructions")
+  print(_SM90_HEAD)
+  for r in result["kernels"]:
+    print(_sm90_line(r))
+  if result["ptxas"] is None:
+    print("ptxas not found: no registers or spills")
+  for line in result["findings"]:
+    print(line)
 
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--out", default="benchmarks/results/kernels.json")
+  p.add_argument("--out", default=None, help="the JSON written (default "
+                 "benchmarks/results/kernels.json; with --compile-sm90, " + SM90_OUT + ")")
   p.add_argument("--small", action="store_true", help="toy shapes, Pallas in interpret mode")
   p.add_argument("--backend", choices=("auto", "gpu", "tpu"), default="auto",
                  help="which Pallas kernels (auto: the device's; gpu-style on CPU)")
@@ -357,11 +595,13 @@ def main(argv=None):
   p.add_argument("--shape", default=None, help="only this shape, 'B,N,H,Dk,Dv'")
   p.add_argument("--chunk", type=int, default=None, help="chunk size of the default variant")
   p.add_argument("--compile-sm90", action="store_true",
-                 help="no GPU needed: compile each variant's Triton kernels for sm_90 (needs the "
-                      "triton package) and report shared memory; no timing")
+                 help="no GPU needed: compile every GPU kernel (each variant's linear attention, "
+                      "the delta rule's state pass) for sm_90a with the triton package (the sm90 "
+                      "extra); per kernel shared memory, registers, spills, dots, wgmma; no timing")
   p.add_argument("--peak-tflops", type=float, default=790.0)
   p.add_argument("--peak-gbs", type=float, default=4300.0)
   args = p.parse_args(argv)
+  args.out = args.out or (SM90_OUT if args.compile_sm90 else "benchmarks/results/kernels.json")
   t_start = time.perf_counter()
 
   hw = _hardware()
@@ -400,9 +640,14 @@ def main(argv=None):
         ("pallas bv128", dataclasses.replace(default, block_k=128, block_v=128, num_warps=8)),
     ]
   if args.compile_sm90:
-    result["compile_sm90"] = compile_sm90(variants)
-    save()
-    return result
+    # The default, its other backward form (fused dk/dv or split), then the sweep; no duplicates.
+    other_bwd = ("pallas fused-bwd" if default.split_backward else "pallas split-bwd",
+                 dataclasses.replace(default, split_backward=not default.split_backward))
+    unique = {}
+    for name, bs in [variants[0], other_bwd] + variants[1:]:
+      unique.setdefault(bs, name)
+    shape = tuple(int(x) for x in args.shape.split(",")) if args.shape else MAIN_SHAPE
+    return compile_sm90([(name, bs) for bs, name in unique.items()], shape, args.out)
   # (shape, decay, variants, time the XLA path too), most important first: a deadline cuts the tail.
   main_shape = SMALL_SHAPES[0] if args.small else MAIN_SHAPE
   # The delta rule before the block-size sweep: its time is a target of the device check.

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from kernels.delta_rule import pallas_gpu, pallas_tpu
+from tests.kernels.race import races_per_call
 from tests.references import f64, rel_err
 
 TOL = 1e-5
@@ -90,23 +91,20 @@ def test_forward_and_every_gradient(backend, nc, c, dv, dg, block_v):
   _check(fn, _data(0, 2, 2, nc, c, 32, dv, dg))
 
 
-def test_tpu_kernels_under_tpu_semantics_interpreter():
+def test_tpu_kernels_under_tpu_semantics_interpreter(monkeypatch):
   """pltpu.InterpretParams simulates Mosaic's pipelining: an output block is written back only when
   its index changes (s_final, ds0 at the last step), scratch persists along the chunk axis,
-  uninitialised memory reads as NaN. Races are detected."""
+  uninitialised memory reads as NaN. No kernel call races (each one checked: tests/kernels/race.py).
+  """
   from jax.experimental.pallas import tpu as pltpu
   args = _data(2, 1, 2, 3, 8, 32, 16, 32)
 
   def fn(*a):
     return pallas_tpu.delta_state_pass_tpu(
         *a, interpret=pltpu.InterpretParams(detect_races=True))
-  _check(fn, args)
-  try:  # where the race detector reports (a private module; skip the check if it moved)
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
-  except ImportError:
-    return
-  races = getattr(tpu_interpreter, "races", None)
-  assert not getattr(races, "races_found", False)
+  with races_per_call(monkeypatch) as races:
+    _check(fn, args)
+  assert len(races) >= 3 and not any(races), races   # forward, states, reverse at least
 
 
 def test_s0_none_is_zeros_and_non_float32_inputs_are_cast():
