@@ -1,4 +1,4 @@
-"""The state exchange alone (SPEC 10): all-gather vs scan, compiled on W simulated CPU devices.
+"""The state exchange alone (design §10): all-gather vs scan, compiled on W simulated CPU devices.
 
 Shared by comm.py (collectives, bytes, sequential steps) and memory.py (per-device memory) and
 scaling.py (the cost model). The whole LASP-2 op at W = 256 compiles slowly on CPU (the local pass

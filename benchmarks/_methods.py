@@ -155,7 +155,7 @@ def comm_summary(hlo_text: str, w: int) -> dict:
 
 
 def spec9_forward(method, *, w, batch, n, heads, kv_heads, dim, dtype_bytes):
-  """SPEC section 9's forward yardstick: ``(received bytes per device, sequential steps)``."""
+  """design §9's forward yardstick: ``(received bytes per device, sequential steps)``."""
   c = n // w
   state = batch * heads * dim * dim * 4                        # float32 (B, H, Dk, Dv)
   kv = 2 * batch * c * (heads if method in LINEAR else kv_heads) * dim * dtype_bytes

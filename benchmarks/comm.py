@@ -11,10 +11,10 @@ runs) and its HLO read:
 - received bytes per device: each collective's result size turned into what one device receives
   (``_methods.bytes_moved``),
 - sequential steps: collectives on the longest dependency chain (rounds that cannot overlap),
-beside SPEC section 9's forward formulas. Two sweeps: N grows at fixed W, and W grows at fixed N.
+beside design §9's forward formulas. Two sweeps: N grows at fixed W, and W grows at fixed N.
 Simulated devices: up to 64 (``JAX_NUM_CPU_DEVICES`` is set before jax starts).
 
-Third sweep, the state exchange alone (SPEC 10; ``benchmarks/_exchange.py``): the all-gather
+Third sweep, the state exchange alone (design §10; ``benchmarks/_exchange.py``): the all-gather
 (LASP-2) against the log-depth scan, diagonal and delta summaries (``B, H, Dk = Dv = --dim``),
 contiguous and zigzag, with packed-document ids, for ``--exchange-ws`` (2 .. 256: one subprocess
 per W with that many simulated devices; compile only; ``--exchange-ws`` with no values skips it).
@@ -103,7 +103,7 @@ def measure(args, method, n, w, passes, cache={}):
 
 def table(rows, title):
   lines = [title, f"{'method':<16}{'N':>9}{'W':>4}  {'pass':<8}{'colls':>6}{'steps':>6}"
-           f"{'recv/dev':>12}{'SPEC9 fwd':>12}{'SPEC9 steps':>12}"]
+           f"{'recv/dev':>12}{'design §9 fwd':>12}{'§9 steps':>12}"]
   for r in rows:
     if "skipped" in r:
       lines.append(f"{r['method']:<16}{r['n']:>9}{r['w']:>4}  {r['passes']:<8}  n/a: {r['skipped']}")
@@ -180,7 +180,7 @@ def exchange_sweep(args):
   rows = X.sweep(args.exchange_ws, kinds=args.exchange_kinds, layouts=args.exchange_layouts,
                  batch=args.batch, heads=args.heads, dk=args.dim, dv=args.dim)
   print()
-  print(f"== Exchange alone (SPEC 10), B={args.batch} H={args.heads} Dk=Dv={args.dim}, with "
+  print(f"== Exchange alone (design §10), B={args.batch} H={args.heads} Dk=Dv={args.dim}, with "
         "document ids: collectives, steps in sequence, bytes received ==")
   print(X.table(rows, ("colls", "steps", "recv")))
   return rows

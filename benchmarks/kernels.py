@@ -16,7 +16,7 @@ Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the im
 - roofline time = max(FLOPs / peak, bytes / bandwidth); ``roofline %`` = roofline time / time.
 Peaks default to an H200's measured 790 TFLOP/s (bf16) and 4300 GB/s; pass --peak-* elsewhere.
 
-The delta rule (``kernels.delta_rule.chunk_delta_rule``, SPEC 11: rows ``delta-pallas`` with the
+The delta rule (``kernels.delta_rule.chunk_delta_rule``, design §11: rows ``delta-pallas`` with the
 Pallas state pass and output kernels, ``delta-xla``) runs on the main shape with the per-token decay
 (Gated DeltaNet), unit-norm keys and a fixed ``beta = 0.5``; gradients of q, k, v and the decay. Its
 rows keep the linear-attention yardstick above (the delta rule adds the WY solve, ``~c^2 (Dk + Dv)``

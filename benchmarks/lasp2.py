@@ -7,7 +7,7 @@ Forward+backward of ``lasp2_attention`` over a W-device sequence axis, of the sa
 documents (``segment_ids``: documents of ``--doc-len`` tokens on average, random lengths, so their
 starts fall anywhere, device edges included; 0 skips it) and of ``linear_attention`` on one device,
 same (B, N, H, D), timed side by side (interleaved repeats, median), plus the collective count and
-bytes of the LASP-2 programs read from their compiled HLO. The delta rule (SPEC 11: the same decay,
+bytes of the LASP-2 programs read from their compiled HLO. The delta rule (design §11: the same decay,
 ``beta = sigmoid``, unit-norm keys) is timed in the same loop, under LASP-2 and on one device, so
 its cost relative to the diagonal family is a ratio of one run. On one CPU the W simulated devices share
 the same cores, so the time ratio measures the overhead of the split, not a speed-up.

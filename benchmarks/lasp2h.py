@@ -4,7 +4,7 @@
 
 1. Collectives of ``lasp2h_attention`` per call (forward, and forward+backward) at two sequence
    lengths, counted in the compiled HLO (``lasp_jax.comm``) with inputs already sharded as in
-   training, next to SPEC section 9's yardstick: the all-gather of K and V receives
+   training, next to design §9's yardstick: the all-gather of K and V receives
    ``(W-1) * 2 * B * C * Hkv * D`` elements per device.
 2. Forward+backward wall time of causal ``lasp2h_attention`` at N = 16384 in the zigzag and the
    contiguous layout, side by side, and the per-device count of computed score tiles (the work the
@@ -192,7 +192,7 @@ def main():
         f"piece), lasp2h_attention zigzag causal, B=1 H=32 Hkv=8 D=128, W={W}")
   print("(the 4-byte all-reduce of fwd+bwd is the loss's scalar sum, not part of LASP-2H)")
   print(f"{'N':>7} {'dtype':>8} {'pass':>8} {'seg':>4} {'kind':>15} {'count':>5} {'bytes':>13} "
-        f"{'SPEC-9 KV recv':>15}")
+        f"{'§9 KV recv':>15}")
   for row in result["collectives"]:
     for kind, st in sorted(row["collectives"].items()):
       print(f"{row['N']:>7} {row['dtype']:>8} {row['pass']:>8} {str(row['segment_ids'])[0]:>4} "

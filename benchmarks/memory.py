@@ -10,7 +10,7 @@ The CPU compiler's buffer assignment stands in for a GPU/TPU one: same program, 
 and scheduling, so read these as relative, not as exact device numbers. float32 by default
 (XLA:CPU upcasts bf16 in places).
 
-Second table, the state exchange alone (SPEC 10; ``benchmarks/_exchange.py``): per-device
+Second table, the state exchange alone (design §10; ``benchmarks/_exchange.py``): per-device
 temporaries and peak of fwd+bwd for the all-gather and the scan, diagonal and delta summaries,
 both layouts, W = ``--exchange-ws`` (one subprocess per W; ``--exchange-ws`` with no values skips
 it). The all-gather's grow with W (it holds all W S summaries and its fold's levels); the scan's
@@ -118,7 +118,7 @@ def main(argv=None):
                      passes=["fwd+bwd"], batch=args.batch, heads=args.heads, dk=args.dim,
                      dv=args.dim)
     print()
-    print(f"== Exchange alone (SPEC 10), fwd+bwd, B={args.batch} H={args.heads} "
+    print(f"== Exchange alone (design §10), fwd+bwd, B={args.batch} H={args.heads} "
           f"Dk=Dv={args.dim}: per-device temporaries and peak (compiled, XLA:CPU) ==")
     print(X.table(rows_x, ("temp", "peak")))
   M.write_json(args.out, dict(backend=jax.default_backend(), jax=jax.__version__, args=vars(args),

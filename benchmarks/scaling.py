@@ -23,7 +23,7 @@ and Ulysses. Per device and step:
 - Hardware numbers (peak bf16 dense FLOP/s, per-device link bandwidth across nodes, latency per
   collective step) are stated per preset below; MFU (default 0.4) is an assumption.
 
-Second table, the state exchange's strategies (SPEC 10) at the paper's scale (N = 2048K on 64-256
+Second table, the state exchange's strategies (design §10) at the paper's scale (N = 2048K on 64-256
 devices, and a TPU v5p slice): LASP-2's all-gather, the log-depth scan, and the LASP-1 chain of
 W-1 state sends, for the diagonal summary (Linear-Llama3-1B's, per-channel decay: ``Dk + Dk Dv``
 floats per head) and the delta rule's (``Dk Dk + Dk Dv``). MODELLED, not measured: each strategy's

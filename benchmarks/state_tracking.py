@@ -6,7 +6,7 @@ A linear RNN's transition ``I - beta k^T k`` has eigenvalues in ``[1 - beta, 1]`
 ``[0, 1]`` none is negative and the state cannot flip its sign, which running parity needs; with
 ``beta`` in ``[0, 2]`` (``model.allow_neg_eigval=true``) the eigenvalue -1 is reachable (a
 Householder reflection per 1 bit; Grazzi et al., 2024, "Unlocking State-Tracking in Linear RNNs
-Through Negative Eigenvalues"; SPEC section 11).
+Through Negative Eigenvalues"; design §11).
 
 Trains a small all-DeltaNet model (``STATE_TRACKING``: 2 layers, d_model 64, the kernel-4 short
 conv, a 2-token vocabulary) on ``data.source=parity`` (random bits, the target at each position

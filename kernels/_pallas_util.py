@@ -11,7 +11,7 @@ _CONTRACT = {"nn": ((1,), (0,)), "nt": ((1,), (1,)), "tn": ((0,), (0,))}
 
 
 def matmul(a, b, contract, dtype=F32):
-  """``a @ b`` with ``dtype`` operands and float32 accumulation (SPEC 15).
+  """``a @ b`` with ``dtype`` operands and float32 accumulation (design §15).
 
   ``contract``: "nn" a @ b, "nt" a @ b^T, "tn" a^T @ b. bf16 operands run on the tensor cores /
   MXU; float32 ones ask for full precision (IEEE on CUDA cores: TPU would otherwise use bf16

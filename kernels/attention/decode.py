@@ -1,4 +1,4 @@
-"""One query per row against a key/value cache: the decode step of a softmax layer (SPEC section 14).
+"""One query per row against a key/value cache: the decode step of a softmax layer (design §14).
 
 The cache holds ``L`` slots of which the first ``length`` are filled (the prompt and the tokens
 generated so far, the new one included); the rest are masked out. Grouped-query: query head ``h``

@@ -1,5 +1,5 @@
 """The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunked WY form in XLA, Pallas state-pass
-kernels, and the linear-attention kernels for the output (SPEC section 11)."""
+kernels, and the linear-attention kernels for the output (design §11)."""
 
 from kernels.delta_rule.api import (apply, check_beta, chunk_delta_rule, prepare,
                                     validate_inputs)

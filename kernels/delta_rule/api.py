@@ -145,7 +145,7 @@ def resolve_backend(backend) -> str:
 
 def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=None,
                      segment_ids=None, chunk_size=64, backend=None, interpret=None):
-  """The causal delta rule (SPEC section 11), chunked, on one device.
+  """The causal delta rule (design §11), chunked, on one device.
 
   ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``.
 

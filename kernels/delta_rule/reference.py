@@ -1,7 +1,7 @@
 """The chunked delta rule in pure jnp: the XLA path, and the stages the Pallas kernels plug into.
 
 ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``
-(SPEC section 11). Write ``P_i = diag(exp g_i) S_{i-1}`` and ``u_i = beta_i (v_i - k_i P_i)``
+(design §11). Write ``P_i = diag(exp g_i) S_{i-1}`` and ``u_i = beta_i (v_i - k_i P_i)``
 (fla's ``v_new``): then ``S_i = diag(exp g_i) S_{i-1} + k_i^T u_i``, a *diagonal-decay* recurrence
 with values ``u``. So the delta rule is three stages per chunk of ``c`` tokens, with the chunk's
 incoming state ``S``, ``b_i`` the in-chunk inclusive log-decay sums and ``K_b = K * e^{b}``:
@@ -17,9 +17,9 @@ incoming state ``S``, ``b_i`` the in-chunk inclusive log-decay sums and ``K_b = 
    ``kernels.linear_attention`` (XLA or its Pallas kernels, forward and backward).
 
 Stage 3 rebuilds the chunk states from ``U`` instead of reading them from stage 2: per-chunk states
-are never stored (SPEC section 3). A chunk also has an affine summary ``S_out = M S + E`` with
+are never stored (design §3). A chunk also has an affine summary ``S_out = M S + E`` with
 ``M = diag(e^{gamma}) - K_end^T W`` (``Dk x Dk``) and ``E = K_end^T U0``: :func:`segment_summary`
-folds them into a segment's ``DeltaSummary`` for the sequence-parallel exchange (SPEC section 10).
+folds them into a segment's ``DeltaSummary`` for the sequence-parallel exchange (design §10).
 
 Numerics as ``kernels.linear_attention.reference``: log-decays clamped to ``LOG_DECAY_FLOOR`` (a
 reset, ``-inf``, is an exact zero transition), every decay factor ``exp`` of a direct sum

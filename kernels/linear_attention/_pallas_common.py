@@ -2,7 +2,7 @@
 
 The kernels never sum log-decays themselves. Once per call, XLA turns the clamped per-token
 log-decay ``g`` (``reference.clamp_log_decay``) into two per-token arrays (:func:`chunk_prefix`),
-SPEC section 15:
+design §15:
 
     b_i   = sum of g_l over (the last reset at or before i, i] within i's chunk   (a direct sum)
     seg_i = number of resets in i's chunk up to and including i

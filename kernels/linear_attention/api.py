@@ -11,7 +11,7 @@ Input contract shared by every linear op (``chunk_linear_attention``, ``lasp_jax
 - ``scale``: a real number or None; None means ``Dk ** -0.5``, as in LASP-2H (the default stays
   1.0, the paper's unnormalised linear attention).
 - float32, bfloat16 or float16 inputs; float64 (only possible with ``jax_enable_x64``) is a
-  TypeError: the ops compute and keep states in float32 (SPEC section 1), so a float64 result
+  TypeError: the ops compute and keep states in float32 (design §1), so a float64 result
   would only pretend to its precision.
 """
 
@@ -141,7 +141,7 @@ def _check_not_float64(name, x):
   # Only reachable with jax_enable_x64: otherwise a float64 numpy input canonicalises to float32.
   if jax.dtypes.canonicalize_dtype(x.dtype) == jnp.float64:
     raise TypeError(f"{name} has dtype float64, which the linear-attention ops do not compute in "
-                    f"(states are float32, SPEC section 1): cast the inputs to float32 or "
+                    f"(states are float32, design §1): cast the inputs to float32 or "
                     f"bfloat16")
 
 
@@ -157,7 +157,7 @@ def check_segment_ids(segment_ids, shape):
 
 
 def document_starts(segment_ids):
-  """``(B, N)`` bool: True where the id differs from the previous token's (SPEC section 13).
+  """``(B, N)`` bool: True where the id differs from the previous token's (design §13).
 
   Token 0 is never a start here: whatever comes before it (an initial state, a previous segment)
   is the caller's to drop or keep.
@@ -167,7 +167,7 @@ def document_starts(segment_ids):
 
 
 def reset_log_decay(log_decay, segment_ids, heads):
-  """The log-decay with every document start folded in as ``-inf``, an exact reset (SPEC 10).
+  """The log-decay with every document start folded in as ``-inf``, an exact reset (design §10).
 
   ``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i`` with ``g_i = -inf`` drops the state before token
   i, and every in-chunk weight across i is ``exp`` of a sum containing it: exactly 0. So packed
@@ -225,14 +225,14 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
 
 def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, initial_state=None,
                            segment_ids=None, chunk_size=64, backend=None, interpret=None):
-  """Causal chunked linear attention (SPEC sections 2-3) on one device.
+  """Causal chunked linear attention (design §2-3) on one device.
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32, bfloat16 or float16 (the Pallas
       kernels take the first two; float16 runs on the XLA path).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset; module docstring for the checks).
-    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule instead (SPEC section 11,
+    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule instead (design §11,
       ``kernels.delta_rule.chunk_delta_rule``, which takes the same other arguments).
     scale: multiplies q; None means ``Dk ** -0.5`` (as in LASP-2H).
     initial_state: None (zeros) or ``(B, H, Dk, Dv)``; it feeds the first document of each row.
@@ -250,7 +250,7 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, ini
     ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
 
   Raises:
-    ValueError: bad shapes (SPEC section 1), a concrete positive log-decay, ``chunk_size`` not a
+    ValueError: bad shapes (design §1), a concrete positive log-decay, ``chunk_size`` not a
       positive int or not dividing N, or (Pallas
       backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
       >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` a chunk size that is a

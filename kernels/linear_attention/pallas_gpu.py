@@ -1,6 +1,6 @@
 """Chunked linear attention as Pallas Triton kernels (GPU; interpret mode on CPU for tests).
 
-Layout stays SPEC's ``(B, N, H, D)``: a program owns one (batch, head) and walks its chunks in a
+Layout stays ``(B, N, H, D)`` (design §1): a program owns one (batch, head) and walks its chunks in a
 ``fori_loop`` that carries the float32 state in registers (Triton programs cannot share a grid
 axis sequentially the way Mosaic does). Three kernels (math in ``_pallas_common``):
 

@@ -1,9 +1,9 @@
 """Chunked causal linear attention in pure jnp: the XLA path and the kernels' yardstick.
 
-Shapes follow SPEC section 1 (batch-major, sequence second); internally everything runs per
+Shapes follow design §1 (batch-major, sequence second); internally everything runs per
 (batch, head) in the layout ``x_BxHxNCxCxD`` (``NC`` chunks of ``C`` tokens).
 
-Numerics (SPEC sections 2-4, 10): every decay weight is ``exp`` of a *direct* sum of log-decays
+Numerics (design §2-4, 10): every decay weight is ``exp`` of a *direct* sum of log-decays
 (all <= 0), never a difference of two cumulative sums and never a division by a cumulative
 product. A difference ``b_i - b_j`` of in-chunk prefix sums cancels catastrophically once one gate
 is very negative (``-1e9`` leaves nothing of the mild gates around it) and is NaN at ``-inf``;
@@ -127,7 +127,7 @@ def _varying_axes(x) -> frozenset:
 
 
 def per_token_log_decay(log_decay, batch, seq_len, heads):
-  """Brings a decay of any SPEC shape to float32 ``(B, N, H, Dg)``, ``Dg`` in {1, Dk}, clamped to
+  """Brings a decay of any shape of design §1 to float32 ``(B, N, H, Dg)``, ``Dg`` in {1, Dk}, clamped to
   ``LOG_DECAY_FLOOR`` (module docstring); None stays None."""
   if log_decay is None:
     return None

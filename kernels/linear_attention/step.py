@@ -1,6 +1,6 @@
-"""One token of the linear recurrence: the decode step of every linear layer (SPEC section 14).
+"""One token of the linear recurrence: the decode step of every linear layer (design §14).
 
-Diagonal family:  ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t``;  delta rule (SPEC section 11):
+Diagonal family:  ``S_t = diag(exp g_t) S_{t-1} + k_t^T v_t``;  delta rule (design §11):
 ``S_t = (I - beta_t k_t^T k_t) diag(exp g_t) S_{t-1} + beta_t k_t^T v_t``;  both ``o_t = scale q_t S_t``.
 
 The delta step is the diagonal step with the values replaced by ``u_t = beta_t (v_t - k_t S')``,

@@ -10,7 +10,7 @@ realised as ``W - 1`` sequential ``ppermute`` steps of one float32 state ``(B, H
 (every device sends at every step in SPMD; after step ``s`` devices ``0..s+1`` hold their final
 ``S_in``). Only the state travels: each device's own total decay ``gamma_t`` is local. The backward
 pass is autodiff, whose transpose of each ``ppermute`` is a ``ppermute`` the other way: ``W - 1``
-sequential steps back. SPEC section 9 lists the cost next to LASP-2's single all-gather.
+sequential steps back. design §9 lists the cost next to LASP-2's single all-gather.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Baselines: ring attention, K/V blocks passed around the ring of devices.
 
 Two flavours, both ``W - 1`` sequential ``ppermute`` steps of one fused ``[K | V]`` block
-``(B, C, Hkv, Dk + Dv)`` per direction (SPEC section 9), the next block's send issued before the
+``(B, C, Hkv, Dk + Dv)`` per direction (design §9), the next block's send issued before the
 current block's compute so that XLA can overlap them:
 
 - ``ring_softmax``: softmax attention, each block by the flash kernel (``kernels.attention``, the

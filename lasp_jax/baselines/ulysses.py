@@ -2,7 +2,7 @@
 
 Each device trades its sequence shard of all heads for the full sequence of ``H / W`` heads (one
 all-to-all per input), attends locally over the whole sequence, and trades back (one all-to-all):
-4 all-to-alls of ``B C H D (W - 1) / W`` elements forward (SPEC section 9), mirrored backward.
+4 all-to-alls of ``B C H D (W - 1) / W`` elements forward (design §9), mirrored backward.
 Needs ``H % W == 0``. Contiguous layout.
 
 - ``ulysses_softmax``: local attention is the flash kernel (``kernels.attention``) LASP-2H uses. With GQA,

@@ -1,4 +1,4 @@
-"""The decode cache (SPEC section 14): what each layer keeps between generated tokens.
+"""The decode cache (design §14): what each layer keeps between generated tokens.
 
 Linear layers keep O(1) in the context length: the recurrent state (float32) and, with a short
 conv, the last ``K - 1`` inputs of each of q, k and v. Softmax layers keep K (after RoPE) and V

@@ -1,4 +1,4 @@
-"""Model configuration: one frozen, validated dataclass and the named presets (SPEC section 7)."""
+"""Model configuration: one frozen, validated dataclass and the named presets (design §7)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from kernels import dispatch
 
-# The diagonal-decay family (SPEC section 7), then the delta rule (SPEC section 11).
+# The diagonal-decay family (design §7), then the delta rule (design §11).
 DIAGONAL_VARIANTS = ("basic", "lightning", "retention", "gla", "simple_gla", "based", "rebased")
 DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
 LINEAR_VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
@@ -35,9 +35,9 @@ class ModelConfig:
   ``gate_rank``/``gate_normalizer``: the rank of GLA's (and KDA's) low-rank gate and the divisor of
   GLA's and simple GLA's logsigmoid. ``allow_neg_eigval`` (delta-rule variants only): ``beta`` in
   ``[0, 2]`` instead of ``[0, 1]``, so the transition ``I - beta k^T k`` can have the eigenvalue
-  ``-1`` that state tracking (e.g. parity) needs (SPEC section 11). ``short_conv``: kernel size of
+  ``-1`` that state tracking (e.g. parity) needs (design §11). ``short_conv``: kernel size of
   the depthwise causal conv + SiLU on q, k and v of every linear layer, after their projections
-  (SPEC section 12; 0: none). ``exchange``: how LASP-2 combines the linear layers' segment
+  (design §12; 0: none). ``exchange``: how LASP-2 combines the linear layers' segment
   summaries, ``"allgather"`` (one step, W summaries held), ``"scan"`` (log-depth ppermutes, O(1)
   held) or ``"auto"`` (``exchange.choose_exchange``). ``kernel_backend``: the lowering of the
   linear layers' kernels, passed as ``backend=`` to ``lasp_jax.linear_attention`` /
@@ -184,7 +184,7 @@ _PRESETS: dict[str, ModelConfig] = {
     "tiny_hybrid": ModelConfig(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
                                num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN", chunk_size=16,
                                feature_dim=4, gate_rank=4, short_conv=4),
-    # tiny_hybrid with Gated DeltaNet linear layers (SPEC section 11; as Qwen3-Next's 3:1 hybrid).
+    # tiny_hybrid with Gated DeltaNet linear layers (design §11; as Qwen3-Next's 3:1 hybrid).
     "tiny_gdn_hybrid": ModelConfig(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
                                    num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN",
                                    linear_variant="gated_deltanet", chunk_size=16, feature_dim=4,

@@ -1,4 +1,4 @@
-"""Generation (SPEC section 14): prefill, a decode step, and ``generate``.
+"""Generation (design §14): prefill, a decode step, and ``generate``.
 
     logits, cache = prefill(model, prompt_BxP, max_len=P + T)   # the chunked (LASP-2) forward
     logits, cache = decode_step(model, cache, token_B)           # one recurrence step per layer

@@ -80,8 +80,8 @@ def rope_positions(n: int, ctx: Context, layout: str):
 def document_positions(segment_ids_BxN, ctx: Context, cfg):
   """True positions ``(B, N)`` int32 of the tokens within their documents, in the model's layout.
 
-  A document starts wherever the id differs from the previous token's in natural order (SPEC
-  section 13), and its first token is at position 0 (so is the row's first token). The ids must
+  A document starts wherever the id differs from the previous token's in natural order (design
+  §13), and its first token is at position 0 (so is the row's first token). The ids must
   already be sharded like the tokens.
   """
   if not ctx.sequence_parallel or ctx.seq_shards == 1:

@@ -1,5 +1,5 @@
-"""The linear-attention layer block and its variants (SPEC section 7, the paper's Table 2; the delta
-rule of SPEC section 11).
+"""The linear-attention layer block and its variants (design §7, the paper's Table 2; the delta
+rule of design §11).
 
 Block (as in the reference models), for ``x (B, N, d_model)``:
 
@@ -132,7 +132,7 @@ def mamba_dt_bias_init(key, shape, dt_min: float = 1e-3, dt_max: float = 1e-1,
 
 
 def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
-  """``SiLU(causal_conv1d(x))`` over the ``H * D`` channels of a projection (SPEC section 12), with
+  """``SiLU(causal_conv1d(x))`` over the ``H * D`` channels of a projection (design §12), with
   the halo exchange when the mesh has the sequence axis; no taps across a document start of
   ``segment_ids (B, N)``."""
   import lasp_jax
@@ -147,7 +147,7 @@ def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=
                    return_final_state=False):
   """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device; the
   state restarts at every document start of ``segment_ids (B, N)``. ``beta (B, N, H)`` (None: the
-  diagonal family) makes it the delta rule (SPEC section 11). ``return_final_state``: also the
+  diagonal family) makes it the delta rule (design §11). ``return_final_state``: also the
   float32 state after the last token, ``(o, state)``."""
   import lasp_jax
   delta = {} if beta is None else {"beta": beta}
@@ -180,7 +180,7 @@ class LinearAttention(nnx.Module):
   Based/ReBased's normaliser comes from the same op run on ``[v, 1]``: the last output column is
   ``phi(q_i) z_i`` and LASP-2 carries ``z`` with the state.
 
-  Delta-rule variants (SPEC section 11; as Gated DeltaNet / Qwen3-Next and Kimi Linear):
+  Delta-rule variants (design §11; as Gated DeltaNet / Qwen3-Next and Kimi Linear):
   ``q, k, v = SiLU(conv(.))`` (``SiLU(.)`` without ``cfg.short_conv``), ``q, k = q / |q|, k / |k|``
   per head over Dk (``l2_normalize``, float32), ``beta_h = sigmoid(x w_b,h)`` per token and head,
   times 2 with ``cfg.allow_neg_eigval`` (``beta`` in ``[0, 2]``: eigenvalues of the transition down

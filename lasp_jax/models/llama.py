@@ -1,4 +1,4 @@
-"""Linear-Llama3: Llama-3 with linear attention, and its hybrids (SPEC section 7).
+"""Linear-Llama3: Llama-3 with linear attention, and its hybrids (design §7).
 
     x = Embed(tokens)
     for each layer l (kind from ``cfg.layer_pattern``: linear or softmax attention):
@@ -65,7 +65,7 @@ class LinearLlama(nnx.Module):
   """The decoder. ``model(tokens_BxN, segment_ids=None) -> logits_BxNxV`` (float32), tokens in
   ``cfg.layout`` order.
 
-  ``segment_ids (B, N)`` int, in the layout of the tokens, packs documents (SPEC section 13): a
+  ``segment_ids (B, N)`` int, in the layout of the tokens, packs documents (design §13): a
   document starts wherever the id differs from the previous token's in natural order; every layer
   then sees only its own document and RoPE positions restart at 0 at each start, so a document's
   logits do not depend on what is packed before it.

@@ -1,4 +1,4 @@
-"""Short causal depthwise convolution, sequence parallel by a halo exchange (SPEC section 12).
+"""Short causal depthwise convolution, sequence parallel by a halo exchange (design §12).
 
     y_t = act(bias + sum_{j=0}^{K-1} weight[j] * x_{t-(K-1)+j})      (the last tap is token t)
 
@@ -114,7 +114,7 @@ def causal_conv1d_shard(x, weight, bias=None, *, axis_name=None, activation=None
     axis_name: the mesh axis the sequence is split over; None: the whole sequence is local.
     activation: None or ``"silu"``.
     segment_ids: None or ``(B, L)`` int, this shard's ids: taps never cross a document start.
-    layout: ``"contiguous"`` or ``"zigzag"`` (two segments per shard, SPEC section 5).
+    layout: ``"contiguous"`` or ``"zigzag"`` (two segments per shard, design §5).
 
   Returns:
     ``y (B, L, C)`` in x's dtype, the matching rows of the unsplit convolution.
@@ -150,7 +150,7 @@ def causal_conv1d_shard(x, weight, bias=None, *, axis_name=None, activation=None
 
 
 def causal_conv1d_step(x_BxC, state_BxHxC, weight, bias=None, *, activation=None):
-  """One token of the short causal conv: the decode step (SPEC section 14).
+  """One token of the short causal conv: the decode step (design §14).
 
   Args:
     x_BxC: ``(B, C)``, the new token's inputs.
@@ -208,7 +208,7 @@ def _sequence_mesh(mesh, seq_axis):
 
 def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None, mesh=None,
                   seq_axis="sp", batch_axis=None, layout="contiguous"):
-  """Short causal depthwise conv1d (SPEC section 12) on global arrays.
+  """Short causal depthwise conv1d (design §12) on global arrays.
 
   Args:
     x: ``(B, N, C)`` float, sequence in ``layout`` order (sharded or not: it is resharded).

@@ -1,4 +1,4 @@
-"""The one exchange of every linear recurrence over the sequence axis (SPEC section 10).
+"""The one exchange of every linear recurrence over the sequence axis (design §10).
 
 A run of tokens acts on the state as an affine map, its *summary* ``S_out = M S_in + E``; summaries
 compose associatively, ``(M2, E2) o (M1, E1) = (M2 M1, M2 E1 + E2)``. Sequence parallelism is the
@@ -67,7 +67,7 @@ class DiagonalSummary:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DeltaSummary:
-  """``S_out = m S_in + state`` for a batch of segments of the delta rule (SPEC section 11).
+  """``S_out = m S_in + state`` for a batch of segments of the delta rule (design §11).
 
   ``m (B, H, Dk, Dk)`` float32: the segment's transition, the product of its tokens'
   ``(I - beta_i k_i^T k_i) diag(exp g_i)`` (a reset is ``m = 0``); ``state (B, H, Dk, Dv)``
@@ -108,7 +108,7 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
     axis_name: the sequence mesh axis; layout: ``"contiguous"`` or ``"zigzag"``.
     edge_ids: None, or ``(first, last)``, each ``(S, B)`` int: the segment ids of each segment's
       first and last token; a segment whose first id differs from its predecessor's last starts a
-      document there (SPEC section 13).
+      document there (design §13).
     initial: None or ``(B, H, Dk, Dv)``: the state before the first token of the sequence.
     send: a pytree of bools like ``local`` (None: all True); a False leaf is the same on every
       segment (e.g. a constant decay's ``log_m``) and is not sent.

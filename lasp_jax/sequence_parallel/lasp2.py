@@ -1,12 +1,12 @@
-"""LASP-2: sequence-parallel linear attention with one all-gather of a memory state (SPEC 2-5).
+"""LASP-2: sequence-parallel linear attention with one all-gather of a memory state (design §2-5).
 
 Three entry points:
-- ``linear_attention``: one device, the chunked form (SPEC section 3).
+- ``linear_attention``: one device, the chunked form (design §3).
 - ``lasp2``: the per-shard op, for use inside the caller's own ``jax.shard_map``.
 - ``lasp2_attention``: the same on global ``(B, N, H, D)`` arrays over a mesh axis.
 
 Per device the forward pass is:
-1. each segment's summary (SPEC 10): its zero-initial state and its total log-decay (a cheap
+1. each segment's summary (design §10): its zero-initial state and its total log-decay (a cheap
    matmul and a sum); with packed documents (``segment_ids``) every start is an exact ``-inf``
    decay, so a segment holding a start has ``M = 0``,
 2. the exchange (``exchange.allgather_prefix``): ONE all-gather of every segment's summary in one
@@ -22,7 +22,7 @@ The backward pass is autodiff: the transpose of the all-gather is one reduce-sca
 size, so one state-sized collective per direction, none that grows with N (the scan has its own
 log-depth backward).
 
-The delta rule (``beta``, SPEC 11) uses the same exchange with a ``Dk x Dk`` transition in its
+The delta rule (``beta``, design §11) uses the same exchange with a ``Dk x Dk`` transition in its
 summary; its local pass starts from ``S_in`` (the WY stage, which does not need it, comes first).
 
 Numerics: log-decays are clamped to ``reference.LOG_DECAY_FLOOR`` (exact: ``exp`` of anything at or
@@ -70,7 +70,7 @@ def _check_decay_mode(log_decay, causal):
 def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1.0,
                      segment_ids=None, initial_state=None, return_final_state=False,
                      chunk_size=64, backend="auto"):
-  """Linear attention on one device (SPEC sections 2-3), or the delta rule (SPEC 11).
+  """Linear attention on one device (design §2-3), or the delta rule (design §11).
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; float32, bfloat16 or float16 (computed in
@@ -86,7 +86,7 @@ def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1
     scale: multiplies q (1.0 is the paper's unnormalised linear attention); None means
       ``Dk ** -0.5``, as in LASP-2H.
     segment_ids: None or ``(B, N)`` int: packed documents; the state restarts from zero wherever
-      the id differs from the previous token's (SPEC section 13); causal only.
+      the id differs from the previous token's (design §13); causal only.
     initial_state: None or ``(B, H, Dk, Dv)``, feeding the first document of each row; causal only.
     return_final_state: also return the state after the last token, float32 ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N.
@@ -135,13 +135,13 @@ def segment_decays(log_decay, nb, seg_len, heads):
 
 def local_state(k, v, to_end):
   """A segment's zero-initial state ``sum_j diag(exp(sum_{u>j} g_u)) k_j^T v_j``, float32
-  ``(B, H, Dk, Dv)`` (SPEC section 4, step 1)."""
+  ``(B, H, Dk, Dv)`` (design §4, step 1)."""
   k_dec = k.astype(jnp.float32) if to_end is None else k.astype(jnp.float32) * jnp.exp(to_end)
   return jnp.einsum("blhk,blhv->bhkv", k_dec, v.astype(jnp.float32))
 
 
 def add_incoming(o_local, q, b_in, s_in, scale):
-  """``o_local + scale * (q * exp(b)) S_in`` in float32 (SPEC section 4, step 4); ``scale`` None
+  """``o_local + scale * (q * exp(b)) S_in`` in float32 (design §4, step 4); ``scale`` None
   means ``Dk ** -0.5``."""
   scale = ref.resolve_scale(scale, q.shape[-1])
   q_dec = q.astype(jnp.float32) if b_in is None else q.astype(jnp.float32) * jnp.exp(b_in)
@@ -157,17 +157,17 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     q, k: ``(B, C, H, Dk)``; v: ``(B, C, H, Dv)``: this device's shard of the sequence.
     log_decay: None, ``(H,)`` (replicated), ``(B, C, H)`` or ``(B, C, H, Dk)`` (sharded like q).
     axis_name: the mesh axis the sequence is split over.
-    beta: None, or ``(B, C, H)`` in ``[0, 2]`` (sharded like q): the delta rule (SPEC section 11);
+    beta: None, or ``(B, C, H)`` in ``[0, 2]`` (sharded like q): the delta rule (design §11);
       the exchange then carries each segment's ``Dk x Dk`` transition with its state.
     segment_ids: None or ``(B, C)`` int (sharded like q): packed documents; the state restarts
       from zero wherever the id differs from the previous token's in natural order, also when
-      that token is on another device (SPEC section 13; no extra collective).
+      that token is on another device (design §13; no extra collective).
     initial_state: None or ``(B, H, Dk, Dv)``, the same on every device of ``axis_name``: the
       state before the first token, feeding the first document of each row.
     return_final_state: also return the state after the last token of the whole sequence,
       float32 ``(B, H, Dk, Dv)``, replicated over ``axis_name`` (one all-reduce of that state).
-    layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5); the shard holds 1 or 2 segments.
-    exchange: how the segments' summaries meet (SPEC 10, ``exchange.prefix``): ``"allgather"``
+    layout: ``"contiguous"`` or ``"zigzag"`` (design §5); the shard holds 1 or 2 segments.
+    exchange: how the segments' summaries meet (design §10, ``exchange.prefix``): ``"allgather"``
       (LASP-2: one all-gather, every device holds all ``W`` summaries), ``"scan"`` (log-depth
       ppermute scan, O(1) summaries held) or ``"auto"`` (by ``exchange.choose_exchange``).
     Others as ``linear_attention``.
@@ -242,7 +242,7 @@ def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, bac
 
 
 def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size, backend):
-  """The delta rule (SPEC 10-11): the WY stage per chunk (independent of the exchange), the
+  """The delta rule (design §10-11): the WY stage per chunk (independent of the exchange), the
   segment's ``(M, E)`` summary (``Dk x Dk`` transition) through the exchange, then the state pass
   and the output from the incoming state."""
   with jax.named_scope("lasp2_delta_prepare"):
@@ -292,7 +292,7 @@ def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; sharded or not (they are resharded).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``.
-    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule (SPEC section 11).
+    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule (design §11).
     mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes); None uses the ``jax.set_mesh`` context.
     seq_axis: mesh axis that splits N; ``batch_axis``: optional mesh axis that splits B.
     segment_ids: None or ``(B, N)`` int in the layout of q: packed documents (a start is where

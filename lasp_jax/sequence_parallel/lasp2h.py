@@ -1,4 +1,4 @@
-"""LASP-2H: sequence-parallel softmax attention by one all-gather of K and V (SPEC section 6).
+"""LASP-2H: sequence-parallel softmax attention by one all-gather of K and V (design §6).
 
 Per device, forward:
 1. ONE all-gather over the sequence axis of K and V stacked into one buffer (only the ``Hkv``
@@ -124,7 +124,7 @@ def lasp2h(q, k, v, *, axis_name, causal=True, scale=None, segment_ids=None, lay
       Compared at their own width (int64 needs ``jax_enable_x64``); numpy ids JAX cannot hold
       are checked to fit int32 (``flash.segment_ids_for_kernel``). Traced ids are already of a
       dtype JAX holds, so nothing narrows them here.
-    layout: ``"contiguous"`` or ``"zigzag"`` (SPEC section 5).
+    layout: ``"contiguous"`` or ``"zigzag"`` (design §5).
     return_kv: for inference (prefill): also the gathered K/V, ``(2, B, N, Hkv, D)`` in storage
       order, invariant over ``axis_name`` (the same on every device), from the one all-gather.
 

@@ -1,4 +1,4 @@
-"""Sequence layouts over the devices of a mesh axis (SPEC section 5).
+"""Sequence layouts over the devices of a mesh axis (design §5).
 
 ``contiguous``: device ``r`` holds tokens ``[r*C, (r+1)*C)``.
 ``zigzag``: the sequence is cut into ``2W`` equal chunks ``z_0 .. z_{2W-1}``; device ``r`` holds
