@@ -6,11 +6,10 @@ import dataclasses
 from typing import Any, Mapping
 
 from kernels import dispatch
+from lasp_jax.models import variants
+# The diagonal-decay family (design §7), then the delta rule (design §11), one entry each.
+from lasp_jax.models.variants import DELTA_VARIANTS, DIAGONAL_VARIANTS, LINEAR_VARIANTS  # noqa: F401
 
-# The diagonal-decay family (design §7), then the delta rule (design §11).
-DIAGONAL_VARIANTS = ("basic", "lightning", "retention", "gla", "simple_gla", "based", "rebased")
-DELTA_VARIANTS = ("deltanet", "gated_deltanet", "kda")
-LINEAR_VARIANTS = DIAGONAL_VARIANTS + DELTA_VARIANTS
 FEATURE_MAPS = ("identity", "swish", "relu", "elu_plus_one")
 DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "zigzag")
@@ -78,6 +77,11 @@ class ModelConfig:
   exchange: str = "allgather"
   kernel_backend: str = "auto"
 
+  @property
+  def variant(self) -> variants.LinearVariant:
+    """The linear layers' entry of ``models/variants.py``."""
+    return variants.get(self.linear_variant)
+
   def __post_init__(self):
     if isinstance(self.batch_axes, (list, str)):
       object.__setattr__(self, "batch_axes",
@@ -96,12 +100,10 @@ class ModelConfig:
       val = getattr(self, name)
       if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val <= 0):
         raise ValueError(f"{name} must be a positive int or None, got {val!r}")
-    if self.linear_variant not in LINEAR_VARIANTS:
-      raise ValueError(f"linear_variant must be one of {LINEAR_VARIANTS}, "
-                       f"got {self.linear_variant!r}")
+    variants.get(self.linear_variant)   # ValueError naming the variants
     if not isinstance(self.allow_neg_eigval, bool):
       raise ValueError(f"allow_neg_eigval must be a bool, got {self.allow_neg_eigval!r}")
-    if self.allow_neg_eigval and self.linear_variant not in DELTA_VARIANTS:
+    if self.allow_neg_eigval and not self.variant.delta:
       raise ValueError(f"allow_neg_eigval=True widens the delta rule's beta to [0, 2]: it needs a "
                        f"linear_variant in {DELTA_VARIANTS}, got {self.linear_variant!r}")
     if self.feature_map not in FEATURE_MAPS:

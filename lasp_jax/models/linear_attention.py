@@ -29,7 +29,6 @@ from flax import nnx
 
 from kernels.linear_attention.step import recurrent_step
 from lasp_jax.models.cache import LinearCache
-from lasp_jax.models.config import DELTA_VARIANTS
 from lasp_jax.models.layers import param, rms_norm
 from lasp_jax.models.sharding_rules import Context
 from lasp_jax.sequence_parallel.conv import causal_conv1d_step, conv_state
@@ -40,12 +39,6 @@ NORMALISER_EPS = 1e-6
 # Guard of the delta rule's L2 norm of q and k (fla's l2norm).
 L2_NORM_EPS = 1e-6
 
-# The data-dependent decays: the gate's logit per token and key channel (a low-rank projection)
-# or per token and head; GLA-style ``logsigmoid(logit) / normaliser`` or Mamba2-style
-# ``-exp(A_log) * softplus(logit)`` (Gated DeltaNet, KDA).
-PER_CHANNEL_GATE = ("gla", "kda")
-PER_HEAD_GATE = ("simple_gla", "gated_deltanet")
-MAMBA_GATE = ("gated_deltanet", "kda")
 
 
 def feature_map(x, name: str):
@@ -199,8 +192,8 @@ class LinearAttention(nnx.Module):
     self.layer_idx = layer_idx
     d, h, dh = cfg.d_model, cfg.num_heads, cfg.dim_per_head
     dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
-    variant = cfg.linear_variant
-    dqk = cfg.feature_dim if variant in ("based", "rebased") else dh
+    variant = cfg.variant
+    dqk = variant.qk_dim(cfg)
     self.w_q = param(rngs, (d, h, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_k = param(rngs, (d, h, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_v = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
@@ -216,36 +209,36 @@ class LinearAttention(nnx.Module):
       self.conv_k = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
       self.conv_v = param(rngs, (cfg.short_conv, h, dh), conv_axes, dt, std=conv_std)
     # The gate's bias is 0 for GLA-style gates, Mamba's dt_bias for Mamba-style ones.
-    bias = dict(init=mamba_dt_bias_init) if variant in MAMBA_GATE else dict(value=0.0)
-    if variant in PER_CHANNEL_GATE:
+    bias = dict(init=mamba_dt_bias_init) if variant.mamba_gate else dict(value=0.0)
+    if variant.gate == "per_channel":
       r = cfg.gate_rank
       self.w_g1 = param(rngs, (d, r), ("embed", "rank"), dt, std=std)
       self.w_g2 = param(rngs, (r, h, dh), ("rank", "q_heads", "head_dim"), dt, std=std)
       self.b_g = param(rngs, (h, dh), ("q_heads", "head_dim"), dt, **bias)
-    elif variant in PER_HEAD_GATE:
+    elif variant.gate == "per_head":
       self.w_g = param(rngs, (d, h), ("embed", "q_heads"), dt, std=std)
       self.b_g = param(rngs, (h,), ("q_heads",), dt, **bias)
-    elif variant == "rebased":
+    elif variant.features == "rebased":
       self.fm_gamma = param(None, (h, dqk), ("q_heads", "feature"), dt, value=1.0)
       self.fm_beta = param(None, (h, dqk), ("q_heads", "feature"), dt, value=0.0)
-    if variant in MAMBA_GATE:
+    if variant.mamba_gate:
       self.a_log = param(rngs, (h,), ("q_heads",), dt, init=mamba_a_log_init)
-    if variant in DELTA_VARIANTS:
+    if variant.delta:
       self.w_b = param(rngs, (d, h), ("embed", "q_heads"), dt, std=std)
 
   def _log_decay(self, x_BxNxD, ctx: Context):
     """``g``: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)`` float32 (class docstring)."""
-    cfg, variant = self.cfg, self.cfg.linear_variant
-    if variant == "lightning":
+    cfg, variant = self.cfg, self.cfg.variant
+    if variant.gate == "lightning":
       return lightning_log_decay(cfg.num_heads, self.layer_idx, cfg.num_layers)
-    if variant == "retention":
+    if variant.gate == "retention":
       return retention_log_decay(cfg.num_heads)
-    if variant not in PER_CHANNEL_GATE + PER_HEAD_GATE:
+    if not variant.data_dependent_gate:
       return None
     # Gates in float32: they are summed over the whole sequence.
     x32 = x_BxNxD.astype(jnp.float32)
     c32 = dataclasses.replace(ctx, compute_dtype=jnp.float32)
-    if variant in PER_CHANNEL_GATE:
+    if variant.gate == "per_channel":
       low = c32.einsum("bnd,dr->bnr", x32, c32.weight(self.w_g1, ("embed", "rank")),
                        ("act_batch", "act_seq", None))
       logit = c32.einsum("bnr,rhk->bnhk", low,
@@ -255,7 +248,7 @@ class LinearAttention(nnx.Module):
       logit = c32.einsum("bnd,dh->bnh", x32, c32.weight(self.w_g, ("embed", "q_heads")),
                          ("act_batch", "act_seq", "act_heads"))
     logit = logit + _replicated(self.b_g, c32)
-    if variant in MAMBA_GATE:
+    if variant.mamba_gate:
       a = jnp.exp(_replicated(self.a_log, c32))               # (H,)
       a = a[:, None] if logit.ndim == 4 else a
       return -a * jax.nn.softplus(logit)
@@ -284,17 +277,17 @@ class LinearAttention(nnx.Module):
   def _core_inputs(self, q, k, v, x_BxNxD, ctx: Context):
     """After the conv: the op's ``q, k, v, g, beta, scale`` for the variant (class docstring).
     Based/ReBased's values get the column of ones whose output is the normaliser."""
-    cfg, variant = self.cfg, self.cfg.linear_variant
-    if variant in ("based", "rebased"):
+    cfg, variant = self.cfg, self.cfg.variant
+    if variant.normalised:
       q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map
-      if variant == "based":
+      if variant.features == "taylor":
         q, k = taylor_features(q), taylor_features(k)
       else:
         gamma, beta = self.fm_gamma[...], self.fm_beta[...]
         q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
       v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
       return q, k, v1, None, None, 1.0
-    if variant in DELTA_VARIANTS:
+    if variant.delta:
       q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
     else:
       q, k, beta = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map), None
@@ -302,7 +295,7 @@ class LinearAttention(nnx.Module):
 
   def _output(self, o, x_BxNxD, ctx: Context):
     """The op's output ``(B, N, H, Dv)`` (Based: ``Dv + 1``) -> the layer's ``(B, N, D)``."""
-    if self.cfg.linear_variant in ("based", "rebased"):
+    if self.cfg.variant.normalised:
       o32 = o.astype(jnp.float32)
       o = (o32[..., :-1] / (o32[..., -1:] + NORMALISER_EPS)).astype(o.dtype)
     o = ctx.constrain(o, _HEADS)
@@ -327,7 +320,7 @@ class LinearAttention(nnx.Module):
           conv = tuple(conv_state(x.reshape(*x.shape[:2], -1), cfg.short_conv,
                                   segment_ids=segment_ids_BxN, layout=cfg.layout,
                                   num_shards=ctx.seq_shards) for x in raw)
-      elif variant in DELTA_VARIANTS:  # Gated DeltaNet's SiLU on q, k, v is part of the conv
+      elif cfg.variant.delta:  # Gated DeltaNet's SiLU on q, k, v is part of the conv
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
       q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_BxNxD, ctx)
       out = core_attention(q, k, v, g, scale=scale, cfg=cfg, ctx=ctx,
@@ -353,7 +346,7 @@ class LinearAttention(nnx.Module):
           outs.append(y.reshape(b, 1, h, d))
           conv += (st,)
         q, k, v = outs
-      elif variant in DELTA_VARIANTS:
+      elif cfg.variant.delta:
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
       q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_Bx1xD, ctx)
       g = g if g is None or g.ndim == 1 else g[:, 0]  # (H,) or this token's (B, H[, Dk])

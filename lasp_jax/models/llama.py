@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from lasp_jax.models.config import DELTA_VARIANTS, ModelConfig
+from lasp_jax.models.config import ModelConfig
 from lasp_jax.models.layers import RMSNorm, SwiGLU, document_positions, param, rope_positions
 from lasp_jax.models.linear_attention import LinearAttention
 from lasp_jax.models.sharding_rules import ShardingRules, make_context
@@ -245,18 +245,12 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
       mm = d * h * dh * 2 + d * hkv * dh * 2
       core = h * 2.0 * dh * seq_len
     else:
-      v = cfg.linear_variant
-      dqk = cfg.feature_dim if v in ("based", "rebased") else dh
-      dk = {"based": 1 + dqk + dqk * dqk, "rebased": dqk * dqk}.get(v, dqk)
-      dv = dh + 1 if v in ("based", "rebased") else dh
-      mm = d * h * dqk * 2 + d * h * dh * 3
+      variant = cfg.variant
+      dqk = variant.qk_dim(cfg)
+      dk, dv = variant.state_dims(cfg)
+      mm = d * h * dqk * 2 + d * h * dh * 3 + variant.gate_weights(cfg)
       mm += cfg.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
-      if v in ("gla", "kda"):
-        mm += d * cfg.gate_rank + cfg.gate_rank * h * dh
-      elif v in ("simple_gla", "gated_deltanet"):
-        mm += d * h
-      if v in DELTA_VARIANTS:
-        mm += d * h                                   # beta
+      if variant.delta:
         core = h * (6.0 * dk * dv + c * (3.0 * dk + 2.0 * dv) + c * c / 3.0)
       else:
         core = h * (4.0 * dk * dv + c * (dk + dv))
