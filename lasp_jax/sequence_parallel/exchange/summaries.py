@@ -1,0 +1,87 @@
+"""Segment summaries: the affine maps ``S_out = M S_in + E`` that the exchange moves and folds
+(design §10), one type per family, and the :class:`Summary` protocol they meet."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol
+
+import jax
+import jax.numpy as jnp
+
+from kernels.linear_attention import reference as ref
+
+class Summary(Protocol):
+  """What the exchange needs of a family's summary (a pytree whose leaves lead with the segment
+  and batch axes): its ``state`` (the part sent in the scan's last round), composition, a reset
+  where a document starts, and the transpose for the scan's backward."""
+  state: jax.Array
+
+  def compose(self, earlier: "Summary") -> "Summary": ...
+
+  def reset(self, starts_B) -> "Summary": ...
+
+  def transpose(self) -> "Summary": ...
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DiagonalSummary:
+  """``S_out = diag(exp(log_m)) S_in + state`` for a batch of segments.
+
+  ``log_m (B, H, Dg)``: the direct sum of the segment's log-decays, clamped (``Dg`` 1 or Dk; a
+  reset is ``ref.LOG_DECAY_FLOOR``, whose exp is exactly 0); ``state (B, H, Dk, Dv)`` float32: the
+  segment's state from zero.
+  """
+  log_m: jax.Array
+  state: jax.Array
+
+  def compose(self, earlier: "DiagonalSummary") -> "DiagonalSummary":
+    """``self o earlier``: first ``earlier``, then ``self``."""
+    return DiagonalSummary(jnp.maximum(self.log_m + earlier.log_m, ref.LOG_DECAY_FLOOR),
+                           jnp.exp(self.log_m)[..., None] * earlier.state + self.state)
+
+  def reset(self, starts_B) -> "DiagonalSummary":
+    """The summary with its incoming state dropped (``M = 0``) where ``starts_B`` (B,) is True."""
+    return DiagonalSummary(jnp.where(starts_B[:, None, None], ref.LOG_DECAY_FLOOR, self.log_m),
+                           self.state)
+
+  def transpose(self) -> "DiagonalSummary":
+    """The summary with ``M^T`` (a diagonal is its own transpose): the scan's backward runs the
+    transposed recurrence ``lambda_p = M_p^T lambda_{p+1} + g_p`` through the same scan."""
+    return self
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DeltaSummary:
+  """``S_out = m S_in + state`` for a batch of segments of the delta rule (design §11).
+
+  ``m (B, H, Dk, Dk)`` float32: the segment's transition, the product of its tokens'
+  ``(I - beta_i k_i^T k_i) diag(exp g_i)`` (a reset is ``m = 0``); ``state (B, H, Dk, Dv)``
+  float32: the segment's state from zero.
+  """
+  m: jax.Array
+  state: jax.Array
+
+  def compose(self, earlier: "DeltaSummary") -> "DeltaSummary":
+    """``self o earlier``: first ``earlier``, then ``self``."""
+    mm = lambda a, b: jnp.einsum("...ij,...jk->...ik", a, b,  # noqa: E731
+                                 precision=jax.lax.Precision.HIGHEST)
+    return DeltaSummary(mm(self.m, earlier.m), mm(self.m, earlier.state) + self.state)
+
+  def reset(self, starts_B) -> "DeltaSummary":
+    """The summary with its incoming state dropped (``m = 0``) where ``starts_B`` (B,) is True."""
+    return DeltaSummary(jnp.where(starts_B[:, None, None, None], 0.0, self.m), self.state)
+
+  def transpose(self) -> "DeltaSummary":
+    """The summary with ``m^T``, for the scan's backward (see ``DiagonalSummary.transpose``)."""
+    return DeltaSummary(jnp.swapaxes(self.m, -1, -2), self.state)
+
+
+def _bits(ids):
+  """Integer ids ``(S, B)`` -> float32 ``(S, B, k)`` holding the same bits (``k = 2`` for 64-bit
+  ids), so that they travel exactly in the float buffer and keep their whole width."""
+  if ids.dtype.itemsize < 4:
+    ids = ids.astype(jnp.int32)
+  return jax.lax.bitcast_convert_type(ids, jnp.float32).reshape(*ids.shape, -1)
