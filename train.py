@@ -6,13 +6,17 @@
   python train.py plot runs/tiny                    # loss curve -> runs/tiny/loss.png
   python train.py speed [config] [overrides]        # tokens/s: sequence over all devices vs 1
                                                     # (30 steps each unless steps= is given)
-  python train.py prepare in.txt out.bin [--split-blank-lines | --eos-id ID]
+  python train.py prepare in.txt [more.txt dir/ ...] out.bin [--tokenizer tokenizer.json |
+                    --train-bpe VOCAB] [--split-blank-lines] [--jsonl-key text] [--eos-id ID]
                                                     # out.bin + its out.bin.json sidecar
+  python train.py eval runs/shakespeare [--data held_out.bin] [--batches N]
+                                                    # loss, perplexity, bits per byte (JSON)
   python train.py sample runs/shakespeare --prompt "ROMEO:" --max-new-tokens 200
                     [--temperature T] [--top-k K] [--seed S] [--step STEP]
                                                     # the latest checkpoint, greedy by default;
                                                     # prints the prompt + the continuation
-                                                    # (--prompt-ids 1,2,3 for token models)
+                                                    # (--prompt-ids 1,2,3: token ids;
+                                                    # --stop-at-eos)
 
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
@@ -47,6 +51,9 @@ def main(argv):
   if argv and argv[0] == "prepare":
     from lasp_jax.train.prepare import main as prepare_main
     return prepare_main(argv[1:])
+  if argv and argv[0] == "eval":
+    from lasp_jax.train.evaluate import main as eval_main
+    return eval_main(argv[1:])
   if argv and argv[0] == "sample":
     from lasp_jax.train.sample import main as sample_main
     return sample_main(argv[1:])

@@ -1,6 +1,6 @@
 """Independent float64 references, one per semantics, shared by every test of that semantics.
 
-- ``linear_recurrence``: SPEC section 2, token by token (the ground truth of every linear op).
+- ``linear_recurrence``: design §2, token by token (the ground truth of every linear op).
 - ``softmax_attention``: dense float64 softmax attention with GQA, causal and segment masks.
 
 Both are written in jnp so that gradients come from float64 autodiff; call them under
@@ -26,10 +26,10 @@ def f64(fn, *args, **kwargs):
 
 def linear_recurrence(q, k, v, log_decay=None, *, scale=1.0, initial_state=None, causal=True,
                       segment_ids=None):
-  """``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``, ``o_i = scale * q_i S_i`` (SPEC section 2).
+  """``S_i = diag(exp g_i) S_{i-1} + k_i^T v_i``, ``o_i = scale * q_i S_i`` (design §2).
 
-  Shapes as SPEC section 1. Returns ``(o, final_state)``. Bidirectional: ``o_i = scale q_i sum_j k_j^T v_j``.
-  ``segment_ids (B, N)`` (SPEC section 13): at a token whose id differs from the previous token's
+  Shapes as design §1. Returns ``(o, final_state)``. Bidirectional: ``o_i = scale q_i sum_j k_j^T v_j``.
+  ``segment_ids (B, N)`` (design §13): at a token whose id differs from the previous token's
   the state before it is dropped, ``S_i = k_i^T v_i`` (a select, so nothing of it survives).
   """
   if not causal:
@@ -107,7 +107,7 @@ def rel_err(x, ref):
 
 
 def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None):
-  """Depthwise causal conv1d, ``y_t = act(bias + sum_j w[j] x_{t-(K-1)+j})`` (SPEC section 12).
+  """Depthwise causal conv1d, ``y_t = act(bias + sum_j w[j] x_{t-(K-1)+j})`` (design §12).
 
   ``x (B, N, C)`` in natural order, ``weight (K, C)``. A tap reaching before token 0 or before the
   start of token t's document (the last position <= t whose id differs from its predecessor's,
@@ -136,7 +136,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, segment_ids=None):
 def delta_recurrence(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=None,
                      segment_ids=None):
   """``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``, ``o_i = scale q_i S_i``
-  (SPEC section 11), token by token; ``beta (B, N, H)``, decays and ``segment_ids`` as
+  (design §11), token by token; ``beta (B, N, H)``, decays and ``segment_ids`` as
   :func:`linear_recurrence`. Returns ``(o, final_state)``.
 
   Written as fla's naive recurrence: decay the state, then the delta update

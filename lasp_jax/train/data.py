@@ -101,7 +101,7 @@ def parity_example(rng: np.random.Generator, seq_len: int, first_token: int = 0,
   target at position ``t`` is their running parity ``p_t = b_1 xor .. xor b_t`` (token
   ``first_token + p_t``), which depends on every bit so far: a linear RNN tracks it only with a
   transition that can flip the sign of its state (eigenvalue -1: the delta rule with ``beta`` in
-  ``[0, 2]``, SPEC section 11). ``mask`` is 1 from position ``skip`` on (0 before). Chance: 1/2.
+  ``[0, 2]``, design §11). ``mask`` is 1 from position ``skip`` on (0 before). Chance: 1/2.
   """
   bits = rng.integers(0, 2, size=seq_len)
   parity = np.cumsum(bits) % 2
@@ -171,6 +171,30 @@ def token_dtype(cfg: DataConfig, path: str, vocab_size: int | None = None) -> st
     raise ValueError(f"{side} says vocab_size {data_vocab}, more than the model's vocab_size "
                      f"{vocab_size}: set model.vocab_size >= {data_vocab}")
   return dtype
+
+
+def data_vocab_size(cfg: DataConfig) -> tuple[int | None, str]:
+  """``(vocab_size, where it comes from)`` of the data: the token file's sidecar, 256 for text
+  (bytes), what MQAR (``data.mqar.vocab_size``, else ``2 * num_kv_pairs + 2``) or parity
+  (``first_token + 2``) needs; None when unknown (a token file without a sidecar vocab_size)."""
+  if cfg.source == "text":
+    return 256, "the text source (bytes)"
+  if cfg.source == "mqar":
+    if cfg.mqar.vocab_size is not None:
+      return cfg.mqar.vocab_size, f"data.mqar.vocab_size={cfg.mqar.vocab_size}"
+    return 2 * cfg.mqar.num_kv_pairs + 2, (f"MQAR with data.mqar.num_kv_pairs="
+                                           f"{cfg.mqar.num_kv_pairs}")
+  if cfg.source == "parity":
+    first = cfg.parity.first_token
+    return first + 2, f"parity with data.parity.first_token={first}"
+  if cfg.path is None:
+    return None, "data.path"
+  path = resolve_path(cfg.path)
+  if not os.path.isfile(path):
+    return None, path
+  meta = read_sidecar(path) or {}
+  v = meta.get("vocab_size")
+  return (int(v) if isinstance(v, int) else None), f"{sidecar_path(path)}"
 
 
 def _warn_if_wider(tokens: np.ndarray, path: str) -> None:

@@ -31,6 +31,7 @@ from lasp_jax.train.config import SYNTHETIC_SOURCES, TrainConfig
 from lasp_jax.train.data import Batches
 from lasp_jax.train.mesh import SEQ_AXIS, any_process, batch_axes, build_mesh, setup_devices
 from lasp_jax.train.metrics import RunLog, peak_flops_per_device
+from lasp_jax.train.tokenizer import data_tokenizer_meta, save_run_tokenizer
 
 
 def _models():
@@ -50,6 +51,7 @@ def model_config(cfg: TrainConfig, mesh):
                        f"which needs {want!r}; leave model.{key} unset")
   over["seq_axis"], over["batch_axes"] = SEQ_AXIS, axes
   base = models.get_config(cfg.model.preset)
+  over["vocab_size"] = resolve_vocab_size(cfg, base.vocab_size)
   mcfg = models.ModelConfig.from_dict({**base.to_dict(), **over})
   w = dict(zip(mesh.axis_names, mesh.axis_sizes))[SEQ_AXIS]
   segments = 2 if mcfg.layout == "zigzag" else 1
@@ -59,6 +61,30 @@ def model_config(cfg: TrainConfig, mesh):
         f"sp={w} devices x {segments} segment(s) ({mcfg.layout} layout) x model.chunk_size="
         f"{mcfg.chunk_size}; change data.seq_len, model.chunk_size or mesh.sp")
   return mcfg
+
+
+def resolve_vocab_size(cfg: TrainConfig, preset_vocab: int) -> int:
+  """The model's vocabulary: ``model.vocab_size`` if given (ValueError naming both numbers when it
+  is smaller than the data's, except for text, whose bytes may use fewer), else the data's
+  (``data.data_vocab_size``): a token file's sidecar or 256 for text exactly; for MQAR / parity
+  the preset's, raised to what the task needs. The preset's when the data does not say (a token
+  file without a sidecar vocab_size)."""
+  from lasp_jax.train.data import data_vocab_size  # pylint: disable=import-outside-toplevel
+  data_vocab, where = data_vocab_size(cfg.data)
+  given = cfg.model.overrides.get("vocab_size")
+  if given is not None:
+    # text: bytes, 256 at most; a smaller vocabulary may fit the text (ASCII), which the first
+    # batch checks (an id >= model.vocab_size is a set-up error naming it).
+    if data_vocab is not None and given < data_vocab and cfg.data.source != "text":
+      raise ValueError(f"model.vocab_size={given} is smaller than the data's vocab_size "
+                       f"{data_vocab} ({where}): set model.vocab_size >= {data_vocab}, or leave it "
+                       f"unset to take {data_vocab} from the data")
+    return int(given)
+  if data_vocab is None:
+    return preset_vocab
+  if cfg.data.source in SYNTHETIC_SOURCES:
+    return max(preset_vocab, data_vocab)
+  return data_vocab
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,6 +294,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
                            micro_batches=A, split="train")
       eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
                            micro_batches=1, split="eval") if do_eval else None)
+      run_tokenizer = data_tokenizer_meta(cfg.data, mcfg.vocab_size)
     except ValueError as e:
       raise SetupError(str(e)) from e
 
@@ -305,6 +332,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
       os.makedirs(run_dir, exist_ok=True)
       with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump({**cfg.to_dict(), "resolved_model": mcfg.to_dict()}, f, sort_keys=False)
+      save_run_tokenizer(run_dir, run_tokenizer)
     if found is not None:
       same = {k: meta["data"].get(k) == v for k, v in (("source", cfg.data.source),
                                                          ("seed", cfg.data.seed))}
@@ -339,6 +367,8 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
       rec = {"step": s, "loss": float(tot[0] / count)}
       if chance is not None:
         rec["accuracy"], rec["chance"] = float(tot[2] / count), chance
+      else:
+        rec["perplexity"] = float(math.exp(min(rec["loss"], 700.0)))
       log.write(rec, kind="eval")
       return rec
 

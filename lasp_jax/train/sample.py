@@ -7,12 +7,15 @@ restores (``Checkpointer.restore_latest``; ``--step`` picks one), placed on one 
 trained sequence parallel over many devices samples on one. Generation is
 ``lasp_jax.models.decoding.generate``: greedy at temperature 0 (the default), else seeded sampling.
 
-``--prompt TEXT`` is for byte-level text runs (``vocab_size`` 256, trained on ``data.source=text``
-or on a byte token file from ``train.py prepare`` without an EOS id): the prompt is encoded as
-UTF-8 bytes and the output is the prompt followed by the continuation, decoded as UTF-8 with
-``errors="replace"``. ``--prompt-ids`` works for any run: comma-separated token ids in, the prompt's
-ids followed by the generated ones out, in the same format. Errors (no such run, no checkpoint, a
-text prompt for a non-byte model, an id outside the vocabulary, bad arguments) exit with status 2
+``--prompt TEXT`` is for text runs (``data.source=text``, or a token file written by ``train.py
+prepare``): the prompt is encoded with the run's tokenizer (``RUN_DIR/data.json`` and
+``RUN_DIR/tokenizer.json``, which training copies there; for older runs the data's sidecar): bytes,
+bytes + EOS, or a Hugging Face ``tokenizer.json``; the output is the prompt followed by the
+continuation, decoded with it (bytes as UTF-8 with ``errors="replace"``). ``--stop-at-eos`` ends
+the continuation at the first EOS. ``--prompt-ids`` works for any run: comma-separated token ids
+in, the prompt's ids followed by the generated ones out, in the same format. Errors (no such run,
+no checkpoint, a text prompt for a run without a tokenizer, an id outside the vocabulary, bad
+arguments) exit with status 2
 and a message on stderr; the restored step goes to stderr too, so stdout holds only the sample.
 """
 
@@ -25,7 +28,7 @@ import sys
 
 import yaml
 
-from lasp_jax.train.config import TrainConfig, from_dict, resolve_path
+from lasp_jax.train.config import TrainConfig, from_dict
 
 BYTE_VOCAB = 256
 
@@ -66,29 +69,21 @@ def checkpoint_dir(run_dir: str, train_cfg: TrainConfig) -> str:
   return train_cfg.checkpoint.dir or os.path.join(run_dir, "checkpoints")
 
 
-def byte_level(train_cfg: TrainConfig, model_cfg) -> str | None:
-  """None when the run is a byte-level text model (``--prompt`` works), else why it is not."""
-  if model_cfg.vocab_size != BYTE_VOCAB:
-    return (f"its vocab_size is {model_cfg.vocab_size}, not {BYTE_VOCAB} (the byte vocabulary)")
+def run_tokenizer(run_dir: str, train_cfg: TrainConfig, model_cfg):
+  """``(tokenizer, None)`` for a text run (``tokenizer.load_run_tokenizer``: the copy in the run
+  directory, else the data's), or ``(None, why not)``."""
+  from lasp_jax.train.tokenizer import load_run_tokenizer  # pylint: disable=import-outside-toplevel
   src = train_cfg.data.source
-  if src == "text":
-    return None
-  if src == "tokens":
-    from lasp_jax.train.data import read_sidecar  # pylint: disable=import-outside-toplevel
-    path = resolve_path(train_cfg.data.path)
-    try:
-      meta = read_sidecar(path)
-    except (OSError, ValueError):
-      meta = None
-    if meta is None:
-      return (f"it trained on the token file {train_cfg.data.path!r}, whose sidecar (which would "
-              f"say whether its tokens are bytes) cannot be read")
-    if meta.get("tokenizer") == "byte" and meta.get("vocab_size") == BYTE_VOCAB:
-      return None
-    return (f"it trained on the token file {train_cfg.data.path!r}, whose tokens are not plain "
-            f"bytes (sidecar: tokenizer {meta.get('tokenizer')!r}, vocab_size "
-            f"{meta.get('vocab_size')!r})")
-  return f"it trained on synthetic {src} data, not text"
+  if src not in ("text", "tokens"):
+    return None, f"it trained on synthetic {src} data, not text"
+  tok = load_run_tokenizer(run_dir, train_cfg)
+  if tok is None:
+    return None, (f"it trained on the token file {train_cfg.data.path!r}, whose tokenizer is "
+                  f"unknown (no {run_dir}/data.json and no readable sidecar naming one)")
+  if tok.vocab_size > model_cfg.vocab_size:
+    return None, (f"its tokenizer ({tok.kind}) has vocab_size {tok.vocab_size}, more than the "
+                  f"model's vocab_size {model_cfg.vocab_size}")
+  return tok, None
 
 
 def load_model(run_dir: str, *, step: int | None = None):
@@ -165,14 +160,18 @@ def decode_bytes(ids) -> str:
 
 
 def sample_text(model, prompt: str, max_new_tokens: int, *, temperature: float = 0.0,
-                top_k: int | None = None, seed: int = 0) -> str:
-  """The continuation of ``prompt`` by a byte-level model: ``max_new_tokens`` bytes decoded as
-  UTF-8 (``errors="replace"``), without the prompt."""
-  if model.config.vocab_size != BYTE_VOCAB:
-    raise ValueError(f"a text prompt needs a byte-level model (vocab_size {BYTE_VOCAB}); this one "
-                     f"has vocab_size {model.config.vocab_size}: use token ids")
-  return decode_bytes(sample_ids(model, encode_text(prompt), max_new_tokens,
-                                 temperature=temperature, top_k=top_k, seed=seed))
+                top_k: int | None = None, seed: int = 0, tokenizer=None) -> str:
+  """The continuation of ``prompt``: ``max_new_tokens`` tokens decoded with ``tokenizer`` (a
+  ``lasp_jax.train.tokenizer`` one; None: bytes, for a byte-level model), without the prompt."""
+  if tokenizer is None:
+    if model.config.vocab_size != BYTE_VOCAB:
+      raise ValueError(f"a text prompt without a tokenizer needs a byte-level model (vocab_size "
+                       f"{BYTE_VOCAB}); this one has vocab_size {model.config.vocab_size}: pass "
+                       f"its tokenizer, or use token ids")
+    return decode_bytes(sample_ids(model, encode_text(prompt), max_new_tokens,
+                                   temperature=temperature, top_k=top_k, seed=seed))
+  return tokenizer.decode(sample_ids(model, tokenizer.encode(prompt), max_new_tokens,
+                                     temperature=temperature, top_k=top_k, seed=seed))
 
 
 def parse_ids(text: str) -> list[int]:
@@ -197,10 +196,10 @@ def _parser() -> argparse.ArgumentParser:
   ap.add_argument("run_dir", metavar="RUN_DIR", help="a training run's directory (run_dir=)")
   prompt = ap.add_mutually_exclusive_group(required=True)
   prompt.add_argument("--prompt", metavar="TEXT",
-                      help="text, for byte-level text runs (vocab_size 256, trained on "
-                           "data.source=text or a byte token file): encoded as UTF-8 bytes; "
-                           "prints the prompt followed by the continuation, decoded as UTF-8 "
-                           "with errors='replace'")
+                      help="text, for runs on text or on a token file from train.py prepare: "
+                           "encoded with the run's tokenizer (bytes, bytes + EOS or its "
+                           "tokenizer.json); prints the prompt followed by the continuation, "
+                           "decoded with the same tokenizer")
   prompt.add_argument("--prompt-ids", metavar="IDS",
                       help="comma-separated token ids (any run), e.g. 1,2,3; prints the prompt's "
                            "ids followed by the generated ones, comma-separated")
@@ -212,6 +211,8 @@ def _parser() -> argparse.ArgumentParser:
                   help="sample among the K most likely tokens only (with --temperature > 0)")
   ap.add_argument("--seed", type=int, default=0, metavar="S",
                   help="sampling seed (default 0): the same seed gives the same sample")
+  ap.add_argument("--stop-at-eos", action="store_true",
+                  help="end the continuation at the first EOS (the tokenizer's, else data.eos_id)")
   ap.add_argument("--step", type=int, default=None,
                   help="restore this checkpoint step instead of the newest")
   return ap
@@ -239,12 +240,13 @@ def main(argv) -> int:
   try:
     train_cfg, model_cfg = read_run_config(args.run_dir)
     vocab = model_cfg.vocab_size
+    tok = None
     if args.prompt is not None:
-      why = byte_level(train_cfg, model_cfg)
-      if why is not None:
-        return _error(f"--prompt needs a byte-level text model, and {args.run_dir!r} is not one: "
-                      f"{why}. Give token ids with --prompt-ids")
-      ids = encode_text(args.prompt)
+      tok, why = run_tokenizer(args.run_dir, train_cfg, model_cfg)
+      if tok is None:
+        return _error(f"--prompt needs a text run, and {args.run_dir!r} is not one: {why}. Give "
+                      f"token ids with --prompt-ids")
+      ids = tok.encode(args.prompt)
     else:
       ids = parse_ids(args.prompt_ids)
     if not ids:
@@ -262,8 +264,20 @@ def main(argv) -> int:
                      top_k=args.top_k, seed=args.seed)
   except (ValueError, RuntimeError) as e:
     return _error(str(e))
+  if args.stop_at_eos:
+    eos = tok.eos_id if tok is not None else train_cfg.data.eos_id
+    if eos is None and tok is None:
+      # pylint: disable-next=import-outside-toplevel
+      from lasp_jax.train.tokenizer import load_run_tokenizer
+      try:
+        t = load_run_tokenizer(args.run_dir, train_cfg)
+      except (OSError, ValueError):
+        t = None
+      eos = t.eos_id if t is not None else None
+    if eos is not None and eos in new:
+      new = new[:new.index(eos) + 1]
   if args.prompt is not None:
-    print(decode_bytes(ids + new))   # the prompt, then the continuation
+    print(tok.decode(ids + new))     # the prompt, then the continuation
   else:
     print(",".join(str(t) for t in ids + new))
   return 0

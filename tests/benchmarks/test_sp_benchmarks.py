@@ -5,6 +5,7 @@ Not a timing test. The methods' exactness is tested in tests/baselines.
 
 import importlib.util
 import json
+import math
 import os
 
 import pytest
@@ -31,12 +32,36 @@ def test_script_runs(tmp_path, name, extra):
   out = tmp_path / f"{name}.json"
   _script(name).main(["--small", "--out", str(out)] + extra)
   data = json.loads(out.read_text())
-  assert data
+  _check_rows(name, data, [a for a in extra[1:] if not a.startswith("--")][:2])
   assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
+def _check_rows(name, data, methods):
+  """The JSON holds a row per requested method with sane values (not just something)."""
+  rows = [r for r in data["rows"] if "skipped" not in r]
+  assert {r["method"] for r in rows} == set(methods), [r["method"] for r in rows]
+  if name == "sp_speed":
+    assert all(math.isfinite(r["ms"]) and r["ms"] > 0 for r in rows), rows
+    by = {(r["method"], r["n"]): r for r in rows}
+    for r in rows:   # the ratio is to LASP-2's time at the same N (1 for LASP-2 itself)
+      assert r["ratio_to_lasp"] == pytest.approx(r["ms"] / by[("lasp2", r["n"])]["ms"]), r
+  elif name == "memory":
+    assert all(isinstance(r["peak"], int) and r["peak"] > 0 for r in rows), rows
+    assert set(data["longest_within_budget"]) == set(methods)
+  elif name == "scaling":
+    for r in rows:
+      assert r["step_serial_s"] == pytest.approx(r["compute_s"] + r["comm_s"]), r
+      assert r["step_overlap_s"] == pytest.approx(max(r["compute_s"], r["comm_s"])), r
+      if r["method"] == "lasp2":
+        assert r["lasp2_gain_pct_serial"] == 0.0, r
+      elif r["devices"] > 2:   # LASP-1's chained permutes: more sequential steps than one gather
+        lasp2 = [x for x in rows if x["method"] == "lasp2" and x["devices"] == r["devices"]
+                 and x["n"] == r["n"]][0]
+        assert r["layer_steps"] > lasp2["layer_steps"], (r, lasp2)
+
+
 def test_comm_runs_and_counts_match_spec9(tmp_path):
-  """comm.py at toy size (W=4); its HLO counts are what SPEC section 9 says: LASP-2 one
+  """comm.py at toy size (W=4); its HLO counts are what design §9 says: LASP-2 one
   all-gather (1 step), LASP-1 W-1 = 3 chained state permutes, both receiving W-1 float32 states;
   the exchange sweep's scan rows are its schedule's permutes."""
   out = tmp_path / "comm.json"
@@ -53,7 +78,7 @@ def test_comm_runs_and_counts_match_spec9(tmp_path):
     assert fwd[m]["received_bytes"] == fwd[m]["spec9_fwd_bytes"]
     assert fwd[m]["sequential_steps"] == fwd[m]["spec9_fwd_steps"]
   assert fwd["lasp1"]["sequential_steps"] == 3
-  # The exchange sweep (SPEC 10, W = 4, zigzag at toy size): the scan is the schedule's permutes
+  # The exchange sweep (design §10, W = 4, zigzag at toy size): the scan is the schedule's permutes
   # (+ the final state's all-reduce), never an all-gather; the all-gather one all-gather.
   from lasp_jax.sequence_parallel import exchange
   ex = json.loads(out.read_text())["exchange_sweep"]

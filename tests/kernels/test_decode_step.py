@@ -1,4 +1,4 @@
-"""The decode-step kernels (SPEC section 14): one token of the linear recurrence (diagonal family
+"""The decode-step kernels (design §14): one token of the linear recurrence (diagonal family
 and delta rule) and one query over a K/V cache, against the float64 references."""
 
 import jax

@@ -1,4 +1,4 @@
-"""The chunked delta rule (XLA path) against the float64 token-by-token recurrence (SPEC 11)."""
+"""The chunked delta rule (XLA path) against the float64 token-by-token recurrence (design §11)."""
 
 import functools
 
@@ -83,7 +83,7 @@ def reference(decay, beta_max, packed, scale=0.5):
 
 
 def test_reference_is_the_spec_matrix_recurrence():
-  """``delta_recurrence`` (fla's ``v' = beta (v - S^T k)``, ``S += k v'^T``) equals the SPEC 11
+  """``delta_recurrence`` (fla's ``v' = beta (v - S^T k)``, ``S += k v'^T``) equals the design §11
   product ``S_i = (I - beta k^T k) diag(a) S + beta k^T v`` written with explicit matrices."""
   q, k, v, beta, g, s0, _ = make_inputs("channel", b=1, n=12, h=1, dk=4, dv=3)
   q, k, v, beta, g, s0 = (np.asarray(x, np.float64) for x in (q, k, v, beta, g, s0))
@@ -148,13 +148,17 @@ def test_strong_gates_and_resets_are_exact_and_finite():
 
 
 def test_nonfinite_input_never_reaches_earlier_positions():
+  """A NaN at position 40 leaves every earlier output what the float64 recurrence gives (on the
+  clean inputs: causal, positions < 40 never see 40), not just finite."""
   q, k, v, beta, g, _, _ = make_inputs("token")
+  want = f64(delta_recurrence, q, k, v, beta, g)[0][:, :40]
   for name in ("k", "v", "beta", "g"):
     args = dict(q=q, k=k, v=v, beta=beta, g=g)
     args[name] = args[name].at[:, 40].set(jnp.nan)
     o = delta_rule.chunk_delta_rule(args["q"], args["k"], args["v"], args["beta"], args["g"],
                                     chunk_size=CHUNK, backend="xla")[0]
     assert np.all(np.isfinite(np.asarray(o[:, :40]))), name
+    assert rel_err(o[:, :40], want) < TOL, (name, rel_err(o[:, :40], want))
 
 
 def test_bfloat16_inputs():

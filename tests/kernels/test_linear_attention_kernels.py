@@ -370,7 +370,7 @@ def test_positive_log_decay_is_a_value_error_and_checkify_catches_it_under_jit()
 
 @pytest.mark.parametrize("backend", ["xla", "gpu"])
 def test_scale_none_is_dk_to_the_minus_half_and_bad_scale_is_a_type_error(backend):
-  """scale=None means Dk ** -0.5, as in LASP-2H; the default stays 1.0 (SPEC section 2)."""
+  """scale=None means Dk ** -0.5, as in LASP-2H; the default stays 1.0 (design §2)."""
   q, k, v, g, _ = _data(12, 1, 32, 1, 32, 32, "token")
   run = functools.partial(kernels.chunk_linear_attention, q, k, v, g, chunk_size=16,
                           backend=backend, interpret=True)

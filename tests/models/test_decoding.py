@@ -1,4 +1,4 @@
-"""Generation (SPEC section 14): prefill + decode steps give the full forward pass's logits at
+"""Generation (design §14): prefill + decode steps give the full forward pass's logits at
 every position, so greedy tokens are its argmax; for every linear variant (short conv on), a
 hybrid, GQA, prompts that are not a multiple of the chunk; the sequence-parallel prefill on 8
 devices gives one device's cache and tokens; sampling is seeded; errors name their value."""

@@ -1,4 +1,4 @@
-"""The delta-rule variants (SPEC section 11): DeltaNet, Gated DeltaNet and KDA layers against a
+"""The delta-rule variants (design §11): DeltaNet, Gated DeltaNet and KDA layers against a
 float64 token-by-token reference, their gates' init, forward and gradients, and on 8 simulated devices ==
 one device (logits and gradients, both layouts, packed documents)."""
 

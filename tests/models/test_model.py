@@ -171,7 +171,9 @@ def test_bfloat16_compute_is_close_to_float32():
   bf16 = models.create_model(cfg.replace(compute_dtype="bfloat16"))
   l32, l16 = f32(tokens), bf16(tokens)
   assert l16.dtype == jnp.float32
-  assert rel_err(l16, l32) < 5e-2
+  # Measured 6.0e-3 (bf16 rounding of the same parameters); zeroing one MLP projection of the
+  # bf16 model gives 6.1e-2 to 7.9e-2, so the bound sits at about 3x the real difference.
+  assert rel_err(l16, l32) < 2e-2
 
 
 def test_bad_inputs():

@@ -1,4 +1,4 @@
-"""LinearLlama with packed documents (SPEC section 13): a document's logits do not depend on what
+"""LinearLlama with packed documents (design §13): a document's logits do not depend on what
 is packed before it, on one device and on 8 simulated devices in the zigzag layout."""
 
 import functools

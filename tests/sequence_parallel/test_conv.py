@@ -1,4 +1,4 @@
-"""The short causal conv (SPEC 12) against a float64 reference: W = 1..8, both layouts, K = 1..4,
+"""The short causal conv (design §12) against a float64 reference: W = 1..8, both layouts, K = 1..4,
 document starts at and around device boundaries, gradients; its collectives are a halo only."""
 
 import functools

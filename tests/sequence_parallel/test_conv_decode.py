@@ -1,4 +1,4 @@
-"""The short conv's decode side (SPEC sections 12, 14): one-token steps from a prefill's
+"""The short conv's decode side (design §12, 14): one-token steps from a prefill's
 ``conv_state`` continue the full convolution exactly, in both layouts and on a sequence-split
 array; ``natural_rows`` reads natural-order rows of a layout-ordered, sharded array."""
 

@@ -1,4 +1,4 @@
-"""The scan exchange (SPEC 10): ``scan_prefix`` against ``allgather_prefix`` and a float64 numpy
+"""The scan exchange (design §10): ``scan_prefix`` against ``allgather_prefix`` and a float64 numpy
 fold of the summaries, values and gradients, every summary type and layout, packed documents and
 an initial state, W = 3 and 8 here and W = 12 and 16 in a subprocess; HLO: log-depth permutes,
 no all-gather, temporaries that do not grow with W; the dispatcher and the cost model."""
@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from kernels.linear_attention import reference as ref
 from lasp_jax import comm
 from lasp_jax.sequence_parallel import exchange
 from lasp_jax.sequence_parallel import layout as layout_lib
+from tests import references as refs
 from tests.references import rel_err
 
 B, H, DK, DV = 2, 2, 4, 3
@@ -26,6 +26,10 @@ KINDS = ("diag_scalar", "diag_channel", "delta")
 LAYOUTS = ("contiguous", "zigzag")
 TOL = 2e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# The log M of a segment with a document start inside it: the sum of clamped log-decays that the
+# kernels produce there, some -1e4. Its exp is exactly 0 in float32 and float64, which is all the
+# references below rely on (a local value, not the implementation's floor).
+INNER_RESET_LOG_M = -1e4
 
 
 # --- inputs: summaries in global segment order, then laid out per device -------------------------
@@ -64,7 +68,7 @@ def global_summaries(kind, p_total, packed, seed=0):
   else:
     dg = 1 if kind == "diag_scalar" else DK
     log_m = -rng.uniform(0.05, 1.5, (p_total, B, H, dg))
-    log_m = np.where(inner[:, :, None, None], ref.LOG_DECAY_FLOOR, log_m).astype(np.float32)
+    log_m = np.where(inner[:, :, None, None], INNER_RESET_LOG_M, log_m).astype(np.float32)
     summ = exchange.DiagonalSummary(jnp.asarray(log_m), jnp.asarray(state))
   ids = None
   if packed:   # a change of id is a start; ids reused (mod 3) so that only changes matter
@@ -87,9 +91,38 @@ def numpy_fold(summ, start, initial=None):
     if isinstance(summ, exchange.DeltaSummary):
       s = np.einsum("bhij,bhjv->bhiv", np.asarray(summ.m[p], np.float64), s) + state[p]
     else:
-      lm = np.asarray(summ.log_m[p], np.float64)
-      s = np.where(lm <= ref.LOG_DECAY_FLOOR, 0.0, np.exp(lm))[..., None] * s + state[p]
+      s = np.exp(np.asarray(summ.log_m[p], np.float64))[..., None] * s + state[p]
   return np.stack(s_in), s
+
+
+def jnp_fold(delta, m_or_log_m, state, start, initial=None):
+  """``numpy_fold`` in jnp, for float64 autodiff (``refs.f64``): the reference gradients."""
+  s = jnp.zeros(state.shape[1:], state.dtype) if initial is None else initial
+  s_in = []
+  for p in range(state.shape[0]):
+    s = jnp.where(start[p][:, None, None, None], 0.0, s)
+    s_in.append(s)
+    if delta:
+      s = jnp.einsum("bhij,bhjv->bhiv", m_or_log_m[p], s) + state[p]
+    else:
+      s = jnp.exp(m_or_log_m[p])[..., None] * s + state[p]
+  return jnp.stack(s_in), s
+
+
+def fold_grads(summ, start, initial, ct_in, ct_fin):
+  """Float64 gradients of ``sum(s_in * ct_in) + sum(final * ct_fin)`` through ``jnp_fold``
+  w.r.t. the summary's two leaves (global order) and the initial state (if any)."""
+  delta = isinstance(summ, exchange.DeltaSummary)
+  leaves = (summ.m, summ.state) if delta else (summ.log_m, summ.state)
+  start = np.asarray(start)
+
+  def loss(a, b, ct_in, ct_fin, initial=None):
+    s_in, final = jnp_fold(delta, a, b, start, initial)
+    return jnp.sum(s_in * ct_in) + jnp.sum(final * ct_fin)
+
+  if initial is None:
+    return refs.f64(jax.grad(loss, argnums=(0, 1)), *leaves, ct_in, ct_fin)
+  return refs.f64(jax.grad(loss, argnums=(0, 1, 4)), *leaves, ct_in, ct_fin, initial)
 
 
 def to_local(x, layout, w):
@@ -171,23 +204,32 @@ def run_case(kind, layout, w, packed, with_initial, mesh=None):
         local, lids, initial)
   (s_sc, f_sc, g_sc), (s_ag, f_ag, g_ag) = out
   s_ref, f_ref = numpy_fold(summ, start, initial)
+
+  def global_grads(g):   # (summary leaves in global order, then the initial state's if any)
+    leaves = [np.asarray(x) for x in jax.tree.leaves(g)]
+    return [to_global(x, layout, w) for x in leaves[:2]] + leaves[2:]
+
   return dict(s_in=(to_global(np.asarray(s_sc), layout, w), to_global(np.asarray(s_ag), layout, w),
                     s_ref),
               final=(np.asarray(f_sc), np.asarray(f_ag), f_ref),
-              grads=(jax.tree.map(np.asarray, g_sc), jax.tree.map(np.asarray, g_ag)))
+              grads=(global_grads(g_sc), global_grads(g_ag),
+                     fold_grads(summ, start, None if initial is None else np.asarray(initial),
+                                ct_in, ct_fin)))
 
 
 def check_case(res, what):
-  """scan == allgather == the numpy fold, values and gradients."""
+  """scan == allgather == the numpy fold (values), == the float64 fold's autodiff (gradients)."""
   (s_sc, s_ag, s_ref), (f_sc, f_ag, f_ref) = res["s_in"], res["final"]
   assert rel_err(s_sc, s_ref) < TOL, f"{what} s_in vs fold: {rel_err(s_sc, s_ref)}"
   assert rel_err(s_ag, s_ref) < TOL, f"{what} allgather s_in vs fold: {rel_err(s_ag, s_ref)}"
   assert rel_err(f_sc, f_ref) < TOL, f"{what} final vs fold: {rel_err(f_sc, f_ref)}"
   assert rel_err(f_ag, f_ref) < TOL, f"{what} allgather final vs fold: {rel_err(f_ag, f_ref)}"
-  g_sc, g_ag = res["grads"]
-  for a, b in zip(jax.tree.leaves(g_sc), jax.tree.leaves(g_ag)):
-    assert np.all(np.isfinite(a)), what
-    assert rel_err(a, b) < TOL, f"{what} grad {a.shape}: {rel_err(a, b)}"
+  g_sc, g_ag, g_ref = res["grads"]
+  assert len(g_sc) == len(g_ag) == len(g_ref), what
+  for name, a, b, r in zip(("m", "state", "initial"), g_sc, g_ag, g_ref):
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b)), what
+    assert rel_err(a, r) < TOL, f"{what} scan grad {name}: {rel_err(a, r)}"
+    assert rel_err(b, r) < TOL, f"{what} allgather grad {name}: {rel_err(b, r)}"
 
 
 # --- exactness ----------------------------------------------------------------------------------

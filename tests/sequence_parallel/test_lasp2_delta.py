@@ -1,4 +1,4 @@
-"""The delta rule under LASP-2 (SPEC 10-11) against the float64 recurrence: every decay form, both
+"""The delta rule under LASP-2 (design §10-11) against the float64 recurrence: every decay form, both
 layouts, W = 1, 2, 3, 4, 8, packed documents cut at device edges, initial and final states, gradients of
 q, k, v, beta, g and S_0; the exchange gathers one ``(M, E)`` per segment, independent of N."""
 

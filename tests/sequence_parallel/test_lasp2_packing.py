@@ -1,4 +1,4 @@
-"""Packed documents, initial and final states under LASP-2 (SPEC 10, 13) against the float64
+"""Packed documents, initial and final states under LASP-2 (design §10, 13) against the float64
 recurrence with resets: every decay form, both layouts, 8 devices, gradients; no new collective."""
 
 import functools

@@ -1,4 +1,4 @@
-"""Zigzag layout helpers: round trips, the chunk order of SPEC section 5, positions, errors, and
+"""Zigzag layout helpers: round trips, the chunk order of design §5, positions, errors, and
 the sequence-sharded path (half-shards moved by ppermute) on Explicit and Auto meshes."""
 
 import time
@@ -15,7 +15,7 @@ from lasp_jax.sequence_parallel import layout
 
 
 def zigzag_perm(n, w):
-  """``perm`` with ``x[:, perm]`` the zigzag order of SPEC section 5, independent of the library."""
+  """``perm`` with ``x[:, perm]`` the zigzag order of design §5, independent of the library."""
   chunks = np.arange(n).reshape(2 * w, n // (2 * w))
   return np.concatenate([np.concatenate([chunks[r], chunks[2 * w - 1 - r]]) for r in range(w)])
 

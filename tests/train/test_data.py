@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import lasp_jax
-from lasp_jax.train.config import DataConfig, MqarConfig, REPO_ROOT
+from lasp_jax.train.config import DataConfig, MqarConfig
 from lasp_jax.train.data import Batches, mqar_example, natural_order
 
-SHAKESPEARE = os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+from tests.data import SHAKESPEARE, SHAKESPEARE_REL  # noqa: E402  (shipped in tests/data/)
 
 
 def test_mqar_answers_are_the_context_values():
@@ -86,7 +86,7 @@ def test_text_bytes_and_token_files(tmp_path):
   assert bytes(x[0].astype(np.uint8)) in text
   assert np.all(np.asarray(batch["mask"]) == 1)
   # Relative to the repository root works too (how configs name it).
-  rel = Batches(DataConfig(source="text", path="../shared/data/tinyshakespeare.txt", seq_len=32,
+  rel = Batches(DataConfig(source="text", path=SHAKESPEARE_REL, seq_len=32,
                            batch_size=2), vocab_size=256, mesh=mesh, layout="contiguous")
   np.testing.assert_array_equal(np.asarray(rel.get(0)["inputs"]), np.asarray(batch["inputs"]))
   for dtype, top in (("uint16", 60000), ("uint32", 100000)):

@@ -9,10 +9,10 @@ import pytest
 
 import lasp_jax
 from lasp_jax.train import prepare as prepare_lib
-from lasp_jax.train.config import DataConfig, MqarConfig, REPO_ROOT, TrainConfig
+from lasp_jax.train.config import DataConfig, MqarConfig, TrainConfig
 from lasp_jax.train.data import Batches, natural_order
 
-SHAKESPEARE = os.path.join(REPO_ROOT, "..", "shared", "data", "tinyshakespeare.txt")
+from tests.data import SHAKESPEARE  # noqa: E402  (the first 20 KB, shipped in tests/data/)
 EOS = prepare_lib.PARAGRAPH_EOS
 
 
@@ -86,9 +86,10 @@ def test_prepare_eos_id_records_a_byte_and_rejects_bad_ones(tmp_path, capsys):
   assert "--eos-id 300" in capsys.readouterr().err
   with pytest.raises(ValueError, match="--eos-id 10 and --split-blank-lines"):
     prepare_lib.prepare(str(src), str(tmp_path / "o.bin"), eos_id=10, split_blank_lines=True)
-  with pytest.raises(SystemExit):     # argparse: not allowed together
-    prepare_lib.main([str(src), str(tmp_path / "o.bin"), "--eos-id", "10",
-                      "--split-blank-lines"])
+  capsys.readouterr()
+  assert prepare_lib.main([str(src), str(tmp_path / "o.bin"), "--eos-id", "10",
+                           "--split-blank-lines"]) == 2     # bytes: not together
+  assert "--eos-id 10 and --split-blank-lines" in capsys.readouterr().err
 
 
 def test_segment_ids_change_exactly_after_eos_and_mask_the_next_target(corpus):

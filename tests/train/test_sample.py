@@ -16,7 +16,7 @@ from lasp_jax.train import loop
 from lasp_jax.train.sample import load_model, main, sample_text
 from tests.train.runs import config
 
-SHAKESPEARE = "../shared/data/tinyshakespeare.txt"   # relative to the repository root
+from tests.data import SHAKESPEARE_REL as SHAKESPEARE  # noqa: E402  (relative to the repository root)
 PROMPT = "ROMEO:"
 N = 12
 
@@ -118,9 +118,9 @@ def test_errors_exit_2_with_a_message(text_run, tmp_path, capsys):
   fails(text_run, "--prompt", "a", "--temperature", "-1", match="--temperature")
   fails(text_run, "--prompt", "a", "--temperature", "1", "--top-k", "300", match="--top-k 300")
   fails(text_run, "--prompt", "a", "--step", "5", match="no checkpoint")
-  # --prompt needs a byte-level text run.
-  fails(_fake_run(tmp_path, text_run, resolved_model={"vocab_size": 300}), "--prompt", "a",
-        match="vocab_size is 300")
+  # --prompt needs a text run whose tokenizer fits the model.
+  fails(_fake_run(tmp_path, text_run, resolved_model={"vocab_size": 200}), "--prompt", "a",
+        match="vocab_size 256, more than the model's vocab_size 200")
   fails(_fake_run(tmp_path, text_run, data={"source": "mqar"}), "--prompt", "a",
         match="synthetic mqar")
   # A run directory whose checkpoints are gone.

@@ -11,7 +11,7 @@ from lasp_jax.train import load_config, loop, plot_run
 from lasp_jax.train.metrics import read_jsonl
 from tests.train.runs import QUIET, config
 
-SHAKESPEARE = "../shared/data/tinyshakespeare.txt"   # relative to the repository root
+from tests.data import SHAKESPEARE_REL as SHAKESPEARE  # noqa: E402  (relative to the repository root)
 
 
 def _cfg(run_dir, *args):
