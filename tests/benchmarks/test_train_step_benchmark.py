@@ -22,6 +22,7 @@ runpy.run_path("benchmarks/train_step.py", run_name="__main__")
 """
 
 
+@pytest.mark.slow   # ~40 s; benchmarks/gpu_check.sh --small runs the same dry run
 def test_train_step_small_runs_without_grain(tmp_path):
   out = tmp_path / "train.json"
   env = dict(os.environ, JAX_PLATFORMS="cpu")

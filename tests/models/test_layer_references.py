@@ -171,7 +171,7 @@ def _softmax_cfg():
   return models.get_config("tiny_hybrid", rope_base=1000.0, init_std=0.3)
 
 
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("packed", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_softmax_layer_matches_float64(packed):
   cfg = _softmax_cfg()
   assert cfg.num_heads == 4 and cfg.kv_heads == 2
