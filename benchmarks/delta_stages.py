@@ -25,7 +25,6 @@ from benchmarks.kernels import MAIN_SHAPE, _inputs, _timed  # noqa: E402
 from kernels.delta_rule import api as delta_api  # noqa: E402
 from kernels.delta_rule import reference as delta_ref  # noqa: E402
 from kernels.linear_attention import api as la_api  # noqa: E402
-from kernels.linear_attention import reference as la_ref  # noqa: E402
 
 
 def _vjp_step(fn):
@@ -40,7 +39,8 @@ def stages(shape, dtype, chunk, interpret):
   q, k, v, g, _ = _inputs(shape, dtype, "token", seed=0)
   k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(dtype)
   beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
-  chunks = jax.jit(lambda k, v, b, g: delta_api.prepare(k, v, b, g, chunk_size=chunk))(k, v, beta, g)
+  prep = lambda k, v, b, g: delta_api.prepare(k, v, b, g, chunk_size=chunk)  # noqa: E731
+  chunks = jax.jit(prep)(k, v, beta, g)
   bsz, _, h, dk = q.shape
   s0 = jnp.zeros((bsz, h, dk, v.shape[-1]), jnp.float32)
   lg = jnp.broadcast_to(chunks.log_gamma, chunks.log_gamma.shape)
@@ -67,7 +67,6 @@ def stages(shape, dtype, chunk, interpret):
                                         interpret=interpret if backend == "gpu" else None)
     return fn
 
-  prep = lambda k, v, b, g: delta_api.prepare(k, v, b, g, chunk_size=chunk)  # noqa: E731
   cw = (chunks.w, chunks.u0, chunks.k_end, lg)
   yield "1 prepare (XLA)", prep, (k, v, beta, g)
   yield "2 state pass (Pallas bf16)", state_pass("gpu"), cw

@@ -30,7 +30,6 @@ import os
 import sys
 import time
 import traceback
-import types
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The repository first: benchmarks/ has a kernels.py that would shadow the kernels package.
@@ -46,12 +45,8 @@ from lasp_jax import models  # noqa: E402
 
 
 def _train_modules():
-  """``lasp_jax.train.config`` and ``.optim`` without the package's ``__init__``, which imports
-  the training loop and with it the data loader (grain) and TensorBoard logging."""
-  if "lasp_jax.train" not in sys.modules:
-    pkg = types.ModuleType("lasp_jax.train")
-    pkg.__path__ = [os.path.join(_ROOT, "lasp_jax", "train")]
-    sys.modules["lasp_jax.train"] = pkg
+  """``lasp_jax.train.config`` and ``.optim`` (the package loads its loop, and with it grain and
+  TensorBoard logging, only on first use of ``run``)."""
   from lasp_jax.train import config, optim  # pylint: disable=import-outside-toplevel
   return config, optim
 

@@ -3,8 +3,8 @@ citing the measurement behind it. A Pallas kernel is picked only where it was me
 the XLA path on that device; a device or family without an entry falls back by platform (TPU:
 its Pallas kernels; GPU: XLA for the delta rule's state pass, Pallas for linear attention; CPU:
 XLA). The delta rule's Pallas state pass is picked for bfloat16 inputs only (float32 operands run
-on CUDA cores: 10x slower than XLA, measured). Update an entry only from a side-by-side run (``benchmarks/gpu_check.sh``,
-``benchmarks/kernels.py``) and cite it.
+on CUDA cores: 10x slower than XLA, measured). Update an entry only from a side-by-side run
+(``benchmarks/gpu_check.sh``, ``benchmarks/kernels.py``) and cite it.
 
 Families:
 - ``"linear_attention"``: ``kernels.linear_attention`` (and the delta rule's output stage);
@@ -14,6 +14,7 @@ Families:
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 BACKENDS = ("xla", "tpu", "gpu")   # what an explicit backend= may name; "auto" resolves here
 FAMILIES = ("linear_attention", "delta_state_pass")
@@ -26,7 +27,7 @@ TABLE = {
     # H200, 2026-12-04 (benchmarks/results/kernels_gpu.json, benchmarks/gpu_check.sh): Gated
     # DeltaNet fwd+bwd at the same shape, state pass with bf16 operands in Pallas 28.1 ms vs XLA's
     # scan 41.1 ms (both with the Pallas output stage; all-XLA 51.4 ms). The float32-operand
-    # Pallas pass took 522.9 ms (shared/measurements/h200-2026-12-04.md): f32 inputs keep it.
+    # Pallas pass took 522.9 ms (shared/measurements/h200-2026-12-04.md): see _GPU_DTYPES.
     ("NVIDIA H200", "delta_state_pass"): "gpu",
     # Hopper like the H200 (same SMs, less bandwidth); the H200 figures are the only ones we have.
     ("NVIDIA H100", "linear_attention"): "gpu",
@@ -40,22 +41,30 @@ _PLATFORM_DEFAULT = {
     ("tpu", "delta_state_pass"): "tpu",
 }
 
+# Input dtypes for which a family's GPU kernel may be picked: the delta state pass runs float32
+# inputs as IEEE dots on CUDA cores, 10x slower than XLA (522.9 vs 51.4 ms, the H200 run above).
+_GPU_DTYPES = {"delta_state_pass": ("bfloat16",)}
 
-def platform() -> str:
-  """``"gpu"``, ``"tpu"`` or ``"cpu"`` for the default device."""
+
+def default_backend() -> str:
+  """The default device's lowering: ``"gpu"``, ``"tpu"``, or ``"xla"`` elsewhere (CPU)."""
   name = jax.default_backend()
-  return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(name, "cpu")
+  return {"cuda": "gpu", "rocm": "gpu", "gpu": "gpu", "tpu": "tpu"}.get(name, "xla")
 
 
-def auto_backend(family: str, device=None) -> str:
-  """The backend ``"auto"`` means for ``family`` on ``device`` (None: the default device)."""
+def auto_backend(family: str, dtype=None, device=None) -> str:
+  """The backend ``"auto"`` means for ``family`` with ``dtype`` inputs (None: any) on ``device``
+  (None: the default device)."""
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-  plat = platform()
-  if plat == "cpu":
+  plat = default_backend()
+  if plat == "xla":
     return "xla"
   kind = (device or jax.devices()[0]).device_kind
-  for (prefix, fam), backend in TABLE.items():
-    if fam == family and kind.startswith(prefix):
-      return backend
-  return _PLATFORM_DEFAULT.get((plat, family), "xla")
+  backend = next((b for (prefix, fam), b in TABLE.items()
+                  if fam == family and kind.startswith(prefix)),
+                 _PLATFORM_DEFAULT.get((plat, family), "xla"))
+  allowed = _GPU_DTYPES.get(family)
+  if backend == "gpu" and allowed and dtype is not None and jnp.dtype(dtype).name not in allowed:
+    return "xla"
+  return backend

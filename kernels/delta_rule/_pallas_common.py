@@ -42,18 +42,15 @@ from kernels._pallas_util import matmul
 F32 = jnp.float32
 
 
-mm = matmul   # dtype defaults to float32 here: the TPU state pass is float32 throughout
-
-
 def state_step(s, k_end, u, a_col, dtype=F32):
   """``a S + k_end^T u``: ``s (Dk, Dv')``, ``k_end (C, Dk)``, ``u (C, Dv')``, ``a_col (Dk, 1)``."""
-  return a_col * s + mm(k_end, u, "tn", dtype)
+  return a_col * s + matmul(k_end, u, "tn", dtype)
 
 
 def forward_chunk(w, u0, k_end, a_col, s, dtype=F32):
   """One chunk forward: ``(u (C, Dv'), S after the chunk (Dk, Dv'))``; ``Dv'`` may be a slice.
   ``dtype``: the dot operands' (the state itself stays float32)."""
-  u = u0 - mm(w, s, "nn", dtype)
+  u = u0 - matmul(w, s, "nn", dtype)
   return u, state_step(s, k_end, u, a_col, dtype)
 
 
@@ -68,11 +65,11 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
   Returns ``(dw (C, Dk), du0 (C, Dv'), dk_end (C, Dk), dlg_col (Dk, 1), dS before the chunk)``.
   """
   s = s.astype(F32)
-  du_tot = du + mm(k_end, ds, "nn", dtype)
-  dk_end = mm(u, ds, "nt", dtype)
+  du_tot = du + matmul(k_end, ds, "nn", dtype)
+  dk_end = matmul(u, ds, "nt", dtype)
   dlg_col = a_col * jnp.sum(s * ds, axis=1, keepdims=True)
-  dw = -mm(du_tot, s, "nt", dtype)
-  ds_prev = a_col * ds - mm(w, du_tot, "tn", dtype)
+  dw = -matmul(du_tot, s, "nt", dtype)
+  ds_prev = a_col * ds - matmul(w, du_tot, "tn", dtype)
   return dw, du_tot, dk_end, dlg_col, ds_prev
 
 

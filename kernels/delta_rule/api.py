@@ -86,9 +86,7 @@ def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_
   default device). On the GPU the state pass's dots take q's dtype (bf16: tensor cores).
   """
   if backend in (None, "auto"):
-    pass_backend = dispatch.auto_backend("delta_state_pass")
-    if pass_backend == "gpu" and q.dtype != jnp.bfloat16:
-      pass_backend = "xla"   # float32 operands: IEEE dots on CUDA cores (kernels.dispatch)
+    pass_backend = dispatch.auto_backend("delta_state_pass", q.dtype)
     la_backend = "auto"
   else:
     pass_backend = la_backend = backend

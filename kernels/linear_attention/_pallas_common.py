@@ -36,10 +36,14 @@ Backward (two kernels, both recompute rather than store per-chunk states):
 - The decay gradient: the op depends on the global cumulative log-decay ``B`` only through
   ``q_i e^{B_i}``, ``k_j e^{-B_j}`` and the factor ``e^{B_N}`` of the final state, so
   ``dL/dB_i = q_i.dq_i - k_i.dk_i (+ <S_N, dS_N> at i = N)`` and ``dg_t = sum_{i >= t} dL/dB_i``
-  (an identity of the exact function; nothing here is exponentiated). The kernels emit the row
-  sums ``q_i.dq_i`` and ``k_i.dk_i`` from their float32 accumulators, so dq and dk leave in the
-  input dtype and no float32 copy of them crosses HBM. Below the floor the clamp makes the
-  gradient 0 (-inf included), the exact value.
+  (an identity of the exact function; nothing here is exponentiated). Summed over a whole row
+  from bf16 operands that suffix sum cancels badly (the q and k sides of one pair carry different
+  roundings: an ``(H,)`` decay's dg was 16% off on an H200), so the GPU kernels sum ``dg_t`` over
+  the pairs ``j < t <= i`` chunk by chunk instead (:func:`decay_grad_flux`; the dq pass stores the
+  state before each chunk, in the input dtype, for the dkv pass's ``<a S_n, dS_{n+1}>``), and dq,
+  dk leave in the input dtype. The TPU kernels still use the suffix sum
+  (:func:`decay_grad_suffix`). Below the floor the clamp makes the gradient 0 (-inf included), the
+  exact value.
 """
 
 from __future__ import annotations

@@ -33,10 +33,7 @@ BACKENDS = dispatch.BACKENDS
 _PALLAS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 
 
-def default_backend() -> str:
-  """The lowering used when ``backend=None``: Pallas on TPU and GPU, XLA elsewhere."""
-  platform = jax.default_backend()
-  return {"tpu": "tpu", "gpu": "gpu", "cuda": "gpu", "rocm": "gpu"}.get(platform, "xla")
+default_backend = dispatch.default_backend
 
 
 def resolve_backend(backend, q, v, log_decay=None, chunk_size=64) -> str:

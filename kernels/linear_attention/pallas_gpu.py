@@ -1,8 +1,8 @@
 """Chunked linear attention as Pallas Triton kernels (GPU; interpret mode on CPU for tests).
 
-Layout stays ``(B, N, H, D)`` (design §1): a program owns one (batch, head) and walks its chunks in a
-``fori_loop`` that carries the float32 state in registers (Triton programs cannot share a grid
-axis sequentially the way Mosaic does). Three kernels (math in ``_pallas_common``):
+Layout stays ``(B, N, H, D)`` (design §1): a program owns one (batch, head) and walks its chunks
+in a ``fori_loop`` that carries the float32 state in registers (Triton programs cannot share a
+grid axis sequentially the way Mosaic does). Three kernels (math in ``_pallas_common``):
 
 - forward, grid ``(B, H, Dv / block_v)``: each program keeps a ``(Dk, block_v)`` slice of the state;
 - ``dq``, grid ``(B, H, Dk / block_k)``: recomputes a ``(block_k, Dv)`` slice of the state forward;

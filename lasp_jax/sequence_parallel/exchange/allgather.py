@@ -1,4 +1,5 @@
-"""The all-gather exchange (LASP-2): every summary in one float32 buffer, one all-gather, a local fold."""
+"""The all-gather exchange (LASP-2): every summary in one float32 buffer, one all-gather, then a
+local fold."""
 
 from __future__ import annotations
 
