@@ -30,7 +30,7 @@ import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# The repository before benchmarks/ (which has a kernels.py of its own), then benchmarks/.
+# The repository first (lasp_jax without an install), then benchmarks/ itself.
 if os.path.dirname(_HERE) not in sys.path:
   sys.path.insert(0, os.path.dirname(_HERE))
 if _HERE not in sys.path:

@@ -3,7 +3,7 @@
   PYTHONPATH=. python benchmarks/delta_stages.py               # the accelerator's main shape
   PYTHONPATH=. python benchmarks/delta_stages.py --small       # CPU: toy shape (a dry run)
 
-Stages (``kernels.delta_rule`` module docstrings): 1. ``prepare`` (the WY solve per chunk, XLA);
+Stages (``lasp_jax.kernels.delta_rule`` module docstrings): 1. ``prepare`` (the WY solve per chunk, XLA);
 2. the sequential state pass (Pallas with bf16 operands, and XLA's scan); 3. the output, which is
 diagonal-decay linear attention of ``(q, k, u)`` (Pallas, and XLA); and the whole op. Each row is
 the VJP of the stage's outputs against fixed random cotangents. Imports only jax and numpy.
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import MAIN_SHAPE, _inputs, _timed  # noqa: E402
-from kernels.delta_rule import api as delta_api  # noqa: E402
-from kernels.delta_rule import reference as delta_ref  # noqa: E402
-from kernels.linear_attention import api as la_api  # noqa: E402
+from lasp_jax.kernels.delta_rule import api as delta_api  # noqa: E402
+from lasp_jax.kernels.delta_rule import reference as delta_ref  # noqa: E402
+from lasp_jax.kernels.linear_attention import api as la_api  # noqa: E402
 
 
 def _vjp_step(fn):
@@ -50,7 +50,7 @@ def stages(shape, dtype, chunk, interpret):
     def fn(w, u0, k_end, lg):
       if backend == "xla":
         return delta_ref.delta_state_pass_xla(w, u0, k_end, lg, s0)
-      from kernels.delta_rule import pallas_gpu
+      from lasp_jax.kernels.delta_rule import pallas_gpu
       return pallas_gpu.delta_state_pass_gpu(w, u0, k_end, lg, s0, interpret=interpret,
                                              operand_dtype=dtype)
     return fn

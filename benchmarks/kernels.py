@@ -16,7 +16,7 @@ Yardsticks (per call, for the chunked algorithm at chunk size c, whatever the im
 - roofline time = max(FLOPs / peak, bytes / bandwidth); ``roofline %`` = roofline time / time.
 Peaks default to an H200's measured 790 TFLOP/s (bf16) and 4300 GB/s; pass --peak-* elsewhere.
 
-The delta rule (``kernels.delta_rule.chunk_delta_rule``, design §11: rows ``delta-pallas`` with the
+The delta rule (``lasp_jax.kernels.delta_rule.chunk_delta_rule``, design §11: rows ``delta-pallas`` with the
 Pallas state pass and output kernels, ``delta-xla``) runs on the main shape with the per-token decay
 (Gated DeltaNet), unit-norm keys and a fixed ``beta = 0.5``; gradients of q, k, v and the decay. Its
 rows keep the linear-attention yardstick above (the delta rule adds the WY solve, ``~c^2 (Dk + Dv)``
@@ -43,8 +43,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from kernels.delta_rule import api as delta_api  # noqa: E402
-from kernels.linear_attention import pallas_gpu, pallas_tpu, reference  # noqa: E402
+from lasp_jax.kernels.delta_rule import api as delta_api  # noqa: E402
+from lasp_jax.kernels.linear_attention import pallas_gpu, pallas_tpu, reference  # noqa: E402
 
 MAIN_SHAPE = (8, 8192, 16, 128, 128)
 OTHER_SHAPES = [(4, 16384, 16, 128, 128), (16, 4096, 32, 64, 64), (8, 8192, 16, 64, 128)]

@@ -38,9 +38,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import lasp_jax  # noqa: E402
-from kernels.attention import flash_attention  # noqa: E402
+from lasp_jax.kernels.attention import flash_attention  # noqa: E402
 from lasp_jax import comm  # noqa: E402
-from kernels.attention import pick_block  # noqa: E402
+from lasp_jax.kernels.attention import pick_block  # noqa: E402
 from lasp_jax.sequence_parallel import layout as layout_lib  # noqa: E402
 from lasp_jax.sequence_parallel.lasp2h import computed_blocks_per_device  # noqa: E402
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-import kernels
-from kernels.linear_attention.api import check_chunk_size, resolve_backend, validate_inputs
+from lasp_jax import kernels
+from lasp_jax.kernels.linear_attention.api import check_chunk_size, resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
 from lasp_jax.sequence_parallel import lasp2 as lasp2_lib
 

@@ -4,7 +4,7 @@ Two flavours, both ``W - 1`` sequential ``ppermute`` steps of one fused ``[K | V
 ``(B, C, Hkv, Dk + Dv)`` per direction (design §9), the next block's send issued before the
 current block's compute so that XLA can overlap them:
 
-- ``ring_softmax``: softmax attention, each block by the flash kernel (``kernels.attention``, the
+- ``ring_softmax``: softmax attention, each block by the flash kernel (``lasp_jax.kernels.attention``, the
   one LASP-2H uses, with its causal tile skipping), blocks merged by their log-sum-exps (causal or
   not, GQA, contiguous or zigzag layout: masks use true global positions). Its backward is a
   ``custom_vjp`` running the ring again: K/V travel with their float32 gradient accumulators
@@ -27,9 +27,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import flash
-from kernels.linear_attention import reference as ref
-from kernels.linear_attention.api import validate_inputs
+from lasp_jax.kernels.attention import flash
+from lasp_jax.kernels.linear_attention import reference as ref
+from lasp_jax.kernels.linear_attention.api import validate_inputs
 from lasp_jax.baselines import _common
 from lasp_jax.sequence_parallel import layout as layout_lib
 

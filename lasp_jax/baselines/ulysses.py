@@ -5,7 +5,7 @@ all-to-all per input), attends locally over the whole sequence, and trades back 
 4 all-to-alls of ``B C H D (W - 1) / W`` elements forward (design §9), mirrored backward.
 Needs ``H % W == 0``. Contiguous layout.
 
-- ``ulysses_softmax``: local attention is the flash kernel (``kernels.attention``) LASP-2H uses. With GQA,
+- ``ulysses_softmax``: local attention is the flash kernel (``lasp_jax.kernels.attention``) LASP-2H uses. With GQA,
   key/value heads are repeated up to ``H`` first when ``Hkv % W != 0`` (more traffic, as
   Ulysses needs whole heads per device).
 - ``ulysses_linear``: local attention is ``lasp_jax.linear_attention`` (the chunked kernels);
@@ -17,8 +17,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels.attention import flash
-from kernels.linear_attention.api import resolve_backend, validate_inputs
+from lasp_jax.kernels.attention import flash
+from lasp_jax.kernels.linear_attention.api import resolve_backend, validate_inputs
 from lasp_jax.baselines import _common
 from lasp_jax.sequence_parallel.lasp2 import linear_attention
 

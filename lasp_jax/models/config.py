@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-from kernels import dispatch
+from lasp_jax.kernels import dispatch
 from lasp_jax.models import variants
 # The diagonal-decay family (design §7), then the delta rule (design §11), one entry each.
 from lasp_jax.models.variants import DELTA_VARIANTS, DIAGONAL_VARIANTS, LINEAR_VARIANTS  # noqa: F401
@@ -15,7 +15,7 @@ DTYPES = ("float32", "bfloat16")
 LAYOUTS = ("contiguous", "zigzag")
 # How the linear layers' segment summaries meet under SP (lasp_jax.sequence_parallel.exchange).
 EXCHANGES = ("allgather", "scan", "auto")
-# Lowering of the linear layers' kernels (``kernels.chunk_linear_attention``, the delta rule):
+# Lowering of the linear layers' kernels (``lasp_jax.kernels.chunk_linear_attention``, the delta rule):
 # "auto" is the kernels' own per-device choice; the others force one path (benchmarks, A/B runs).
 KERNEL_BACKENDS = ("auto",) + dispatch.BACKENDS
 LAYER_KINDS = {"L": "linear", "N": "softmax"}

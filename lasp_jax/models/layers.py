@@ -97,7 +97,7 @@ def document_positions(segment_ids_BxN, ctx: Context, cfg):
 
 def _positions_in_documents(ids_BxN):
   """Positions within documents of a whole sequence in natural order: ``t - start(t)``."""
-  from kernels.linear_attention.api import document_starts
+  from lasp_jax.kernels.linear_attention.api import document_starts
   ar = jax.lax.broadcasted_iota(jnp.int32, ids_BxN.shape, 1)
   return ar - jax.lax.cummax(jnp.where(document_starts(ids_BxN), ar, 0), axis=1)
 
@@ -108,7 +108,7 @@ def _document_positions_shard(ids_BxC, *, axis_name, layout):
   ``B N`` ids. A token's document starts at the latest start at or before it in natural order:
   inside its segment, at the segment's first token (when its id differs from the predecessor's
   last), or in an earlier segment."""
-  from kernels.linear_attention.api import document_starts
+  from lasp_jax.kernels.linear_attention.api import document_starts
   from lasp_jax.sequence_parallel import layout as layout_lib
   w, c = jax.lax.axis_size(axis_name), ids_BxC.shape[1]
   nseg = layout_lib.segments_per_shard(layout)

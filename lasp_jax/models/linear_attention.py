@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.linear_attention.step import recurrent_step
+from lasp_jax.kernels.linear_attention.step import recurrent_step
 from lasp_jax.models.cache import LinearCache
 from lasp_jax.models.layers import param, rms_norm
 from lasp_jax.models.sharding_rules import Context

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels.attention.decode import decode_attention
+from lasp_jax.kernels.attention.decode import decode_attention
 from lasp_jax.models.cache import AttentionCache
 from lasp_jax.models.layers import apply_rope, param
 from lasp_jax.models.sharding_rules import Context
@@ -35,7 +35,7 @@ def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None, return_kv=Fals
   # The same flash kernel as LASP-2H, not jax.nn.dot_product_attention: on CPU the latter builds
   # the (B, H, N, N) scores (8192 tokens: 3.0 GiB of temporaries for the 1/4 hybrid's prefill,
   # 64K: 192 GiB), and with segment ids it would need a dense mask as well.
-  from kernels.attention import flash
+  from lasp_jax.kernels.attention import flash
   o = flash.flash_attention(q, k, v, causal=True, scale=scale, q_segment_ids=segment_ids,
                             kv_segment_ids=segment_ids)
   return (o, (k, v)) if return_kv else o

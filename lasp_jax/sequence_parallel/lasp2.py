@@ -40,12 +40,12 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-import kernels
-from kernels.delta_rule import api as delta_api
-from kernels.delta_rule import reference as delta_ref
-from kernels.linear_attention import reference as ref
-from kernels import dispatch
-from kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
+from lasp_jax import kernels
+from lasp_jax.kernels.delta_rule import api as delta_api
+from lasp_jax.kernels.delta_rule import reference as delta_ref
+from lasp_jax.kernels.linear_attention import reference as ref
+from lasp_jax.kernels import dispatch
+from lasp_jax.kernels.linear_attention.api import (check_chunk_size, reset_log_decay, resolve_backend,
                                           validate_inputs)
 from lasp_jax.sequence_parallel import exchange as exchange_lib
 from lasp_jax.sequence_parallel import layout as layout_lib
@@ -78,7 +78,7 @@ def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1
       without decay can reach: prefer bfloat16 for low precision).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset); causal only. A positive entry is a ValueError when concrete;
-      under jit see ``kernels.linear_attention.check_log_decay``.
+      under jit see ``lasp_jax.kernels.linear_attention.check_log_decay``.
     beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule (DeltaNet with no decay, Gated
       DeltaNet with ``(B, N, H)``, KDA with ``(B, N, H, Dk)``),
       ``S_i = (I - beta_i k_i^T k_i) diag(exp g_i) S_{i-1} + beta_i k_i^T v_i``; causal only.

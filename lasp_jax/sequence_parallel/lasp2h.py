@@ -5,7 +5,7 @@ Per device, forward:
    key/value heads: grouped-query attention keeps it small), and one of the segment ids when
    given. The gathered keys stay in storage order; their true global positions are known statically
    from the layout, so nothing is permuted.
-2. Flash attention of the local queries against the gathered keys (``kernels.attention``), masked by
+2. Flash attention of the local queries against the gathered keys (``lasp_jax.kernels.attention``), masked by
    true global positions (``layout.local_positions``) and segment ids. Tiles that causality masks
    out entirely are skipped, so in the zigzag layout every device does the same work.
 
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from kernels.attention import flash
+from lasp_jax.kernels.attention import flash
 from lasp_jax.sequence_parallel import layout as layout_lib
 from lasp_jax.sequence_parallel import sharding
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import lasp_jax
-from kernels.attention import flash
+from lasp_jax.kernels.attention import flash
 
 from lasp_jax import baselines as bl
 from lasp_jax.baselines import _common

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import decode_attention
-from kernels.linear_attention import recurrent_step
+from lasp_jax.kernels.attention import decode_attention
+from lasp_jax.kernels.linear_attention import recurrent_step
 from tests import references as refs
 from tests.references import rel_err
 

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
+from lasp_jax import kernels
 import lasp_jax
-from kernels import delta_rule
+from lasp_jax.kernels import delta_rule
 from tests.references import delta_recurrence, f64, rel_err
 
 B, N, H, DK, DV, CHUNK = 2, 64, 2, 16, 8, 16

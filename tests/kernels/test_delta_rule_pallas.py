@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.delta_rule import pallas_gpu, pallas_tpu
+from lasp_jax.kernels.delta_rule import pallas_gpu, pallas_tpu
 from tests.kernels.race import races_per_call
 from tests.references import f64, rel_err
 

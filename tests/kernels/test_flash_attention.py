@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels.attention import block_classes, flash_attention, pick_block
+from lasp_jax.kernels.attention import block_classes, flash_attention, pick_block
 from tests.references import f64, rel_err, softmax_attention
 
 TOL = 2e-4

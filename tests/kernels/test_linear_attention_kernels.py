@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import kernels
-from kernels.linear_attention import pallas_gpu, pallas_tpu
+from lasp_jax import kernels
+from lasp_jax.kernels.linear_attention import pallas_gpu, pallas_tpu
 from tests.kernels.race import races_per_call
 from tests.references import f64, linear_recurrence, rel_err
 
@@ -358,7 +358,7 @@ def test_positive_log_decay_is_a_value_error_and_checkify_catches_it_under_jit()
   with pytest.raises(ValueError, match=r"max 0\.5 at index \(1,\)"):
     kernels.chunk_linear_attention(q, k, v, jnp.asarray([-0.1, 0.5]), chunk_size=16)
 
-  from kernels.linear_attention import check_log_decay
+  from lasp_jax.kernels.linear_attention import check_log_decay
 
   def f(q, k, v, g):
     check_log_decay(g)

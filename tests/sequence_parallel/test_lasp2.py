@@ -309,7 +309,7 @@ def test_bad_inputs_raise_value_errors():
 
 
 def test_auto_backend_falls_back_to_xla_where_no_kernel_applies():
-  from kernels.linear_attention import resolve_backend
+  from lasp_jax.kernels.linear_attention import resolve_backend
   q, k, v, g, _ = make_inputs("token")
   assert resolve_backend("auto", q, v, g, CHUNK) == "xla"  # CPU: no Pallas lowering
   assert resolve_backend("gpu", q, v, g, CHUNK) == "gpu"   # explicit: kept (raises later if untileable)
@@ -421,7 +421,7 @@ def test_check_log_decay_under_checkify_with_the_readme_mesh(decay):
   # under both wrappings: the check flattened and indexed a sequence-sharded decay, and err.get()
   # indexes the per-device errors checkify returns after a shard_map (documented: device_get).
   from jax.experimental import checkify
-  from kernels.linear_attention import check_log_decay
+  from lasp_jax.kernels.linear_attention import check_log_decay
   mesh = jax.make_mesh((8,), ("sp",))
   q, k, v, g, _ = make_inputs(decay, n=128)
   index = (1, 77, 1) + ((3,) if decay == "channel" else ())

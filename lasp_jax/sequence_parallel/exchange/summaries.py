@@ -9,7 +9,7 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention import reference as ref
+from lasp_jax.kernels.linear_attention import reference as ref
 
 class Summary(Protocol):
   """What the exchange needs of a family's summary (a pytree whose leaves lead with the segment

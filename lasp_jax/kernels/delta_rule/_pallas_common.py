@@ -36,8 +36,8 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import check_float_array
-from kernels._pallas_util import matmul
+from lasp_jax.kernels._checks import check_float_array
+from lasp_jax.kernels._pallas_util import matmul
 
 F32 = jnp.float32
 

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.linear_attention import _pallas_common as common
-from kernels.linear_attention._pallas_common import F32, BlockSizes
+from lasp_jax.kernels.linear_attention import _pallas_common as common
+from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
 DEFAULT_BLOCK_SIZES = BlockSizes(chunk_size=128)
 LANES = 128

@@ -1,9 +1,9 @@
 """The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunked WY form in XLA, Pallas state-pass
 kernels, and the linear-attention kernels for the output (design §11)."""
 
-from kernels.delta_rule.api import (apply, check_beta, chunk_delta_rule, prepare,
+from lasp_jax.kernels.delta_rule.api import (apply, check_beta, chunk_delta_rule, prepare,
                                     validate_inputs)
-from kernels.delta_rule.reference import DeltaChunks, delta_state_pass_xla, segment_summary
+from lasp_jax.kernels.delta_rule.reference import DeltaChunks, delta_state_pass_xla, segment_summary
 
 __all__ = ["DeltaChunks", "apply", "check_beta", "chunk_delta_rule", "delta_state_pass_xla",
            "prepare", "segment_summary", "validate_inputs"]

@@ -14,14 +14,14 @@ incoming state ``S``, ``b_i`` the in-chunk inclusive log-decay sums and ``K_b = 
    ``pallas_gpu``): ``U_n = U0_n - W_n S``, ``S <- e^{gamma_n} S + K_end_n^T U_n`` with
    ``K_end = K * e^{sum_{l>j} g_l}`` and ``gamma_n`` the chunk's total log-decay.
 3. the output is diagonal-decay linear attention of ``(q, k, U, g)`` from the same initial state:
-   ``kernels.linear_attention`` (XLA or its Pallas kernels, forward and backward).
+   ``lasp_jax.kernels.linear_attention`` (XLA or its Pallas kernels, forward and backward).
 
 Stage 3 rebuilds the chunk states from ``U`` instead of reading them from stage 2: per-chunk states
 are never stored (design §3). A chunk also has an affine summary ``S_out = M S + E`` with
 ``M = diag(e^{gamma}) - K_end^T W`` (``Dk x Dk``) and ``E = K_end^T U0``: :func:`segment_summary`
 folds them into a segment's ``DeltaSummary`` for the sequence-parallel exchange (design §10).
 
-Numerics as ``kernels.linear_attention.reference``: log-decays clamped to ``LOG_DECAY_FLOOR`` (a
+Numerics as ``lasp_jax.kernels.linear_attention.reference``: log-decays clamped to ``LOG_DECAY_FLOOR`` (a
 reset, ``-inf``, is an exact zero transition), every decay factor ``exp`` of a direct sum
 (``pairwise_log_decay`` for ``b_i - b_j``), masks are selections; transitions composed in float32
 at HIGHEST precision (fla saw bf16 chains drift). A NaN reaches only later tokens: the triangular
@@ -35,7 +35,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from kernels.linear_attention import reference as la_ref
+from lasp_jax.kernels.linear_attention import reference as la_ref
 
 F32 = jnp.float32
 HIGHEST = jax.lax.Precision.HIGHEST

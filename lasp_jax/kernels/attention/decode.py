@@ -10,7 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import check_float_array
+from lasp_jax.kernels._checks import check_float_array
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

@@ -33,9 +33,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._pallas_util import is_pow2_at_least_16
-from kernels.linear_attention import _pallas_common as common
-from kernels.linear_attention._pallas_common import F32, BlockSizes
+from lasp_jax.kernels._pallas_util import is_pow2_at_least_16
+from lasp_jax.kernels.linear_attention import _pallas_common as common
+from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
 # split_backward: H200, 2026-12-04 (benchmarks/results/kernels_gpu_sweep.json), B8 N8192 H16 D128
 # bf16 fwd+bwd: no decay 1.54 ms split vs 2.53 ms fused, per-token decay 7.51 vs 7.87 ms.

@@ -28,8 +28,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from kernels.delta_rule import _pallas_common as common
-from kernels.delta_rule._pallas_common import F32
+from lasp_jax.kernels.delta_rule import _pallas_common as common
+from lasp_jax.kernels.delta_rule._pallas_common import F32
 
 LANES = 128
 SUBLANES = 8   # float32

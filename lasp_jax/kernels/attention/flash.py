@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels._checks import check_float_array
+from lasp_jax.kernels._checks import check_float_array
 
 DEFAULT_BLOCK = 512
 _NEG_INF = -jnp.inf

@@ -4,13 +4,13 @@ The delta rule runs in three stages (``reference`` module docstring): the WY sol
 (XLA: batched ``c x c`` triangular solves and matmuls, which XLA tiles well on every backend), the
 sequential state pass over chunks (XLA ``lax.scan`` or the Pallas kernels of ``pallas_tpu`` /
 ``pallas_gpu``, forward and backward) and the output, which is diagonal-decay linear attention with
-the corrected values ``U`` (``kernels.linear_attention``: XLA or its Pallas kernels).
+the corrected values ``U`` (``lasp_jax.kernels.linear_attention``: XLA or its Pallas kernels).
 
 Sequence-parallel callers use the phases separately: :func:`prepare` (stage 1), then
 ``reference.segment_summary`` for the exchange, then :func:`apply` (stages 2-3) from the incoming
 state. :func:`chunk_delta_rule` is all of it on one device.
 
-Input contract: that of the linear-attention ops (``kernels.linear_attention.api``) plus
+Input contract: that of the linear-attention ops (``lasp_jax.kernels.linear_attention.api``) plus
 ``beta (B, N, H)`` in ``[0, 2]`` (above 1 the transition has a negative eigenvalue: Grazzi et al.,
 2024); a concrete beta outside it is a ValueError naming the value and its index. The op does not
 normalise k: with ``||k_i|| = 1`` and ``beta <= 2`` every transition has norm <= 1, so the
@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels import dispatch
-from kernels._checks import check_float_array
-from kernels.delta_rule import reference
-from kernels.linear_attention import api as la_api
-from kernels.linear_attention import reference as la_ref
+from lasp_jax.kernels import dispatch
+from lasp_jax.kernels._checks import check_float_array
+from lasp_jax.kernels.delta_rule import reference
+from lasp_jax.kernels.linear_attention import api as la_api
+from lasp_jax.kernels.linear_attention import reference as la_ref
 
 BACKENDS = dispatch.BACKENDS
 BETA_MAX = 2.0
@@ -61,9 +61,9 @@ def _state_pass(backend):
   if backend == "xla":
     return reference.delta_state_pass_xla
   if backend == "tpu":
-    from kernels.delta_rule import pallas_tpu
+    from lasp_jax.kernels.delta_rule import pallas_tpu
     return pallas_tpu.delta_state_pass_tpu
-  from kernels.delta_rule import pallas_gpu
+  from lasp_jax.kernels.delta_rule import pallas_gpu
   return pallas_gpu.delta_state_pass_gpu
 
 
@@ -82,7 +82,7 @@ def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_
   """Stages 2-3 from ``initial_state``: returns ``(o (B, N, H, Dv) in q's dtype, final_state)``.
 
   ``chunks`` from :func:`prepare` of the same tokens; ``log_decay`` as given to it; ``backend``
-  ``"xla"``, ``"tpu"``, ``"gpu"`` or ``"auto"`` (each stage as ``kernels.dispatch`` says for the
+  ``"xla"``, ``"tpu"``, ``"gpu"`` or ``"auto"`` (each stage as ``lasp_jax.kernels.dispatch`` says for the
   default device). On the GPU the state pass's dots take q's dtype (bf16: tensor cores).
   """
   if backend in (None, "auto"):
@@ -133,7 +133,7 @@ def _pallas_tiles(backend, chunks) -> bool:
 
 def resolve_backend(backend) -> str:
   """``None``/``"auto"`` stay ``"auto"`` (:func:`apply` resolves each stage by
-  ``kernels.dispatch``); else as given."""
+  ``lasp_jax.kernels.dispatch``); else as given."""
   if backend in (None, "auto"):
     return "auto"
   if backend not in BACKENDS:

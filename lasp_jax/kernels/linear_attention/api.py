@@ -25,9 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
-from kernels import dispatch
-from kernels._checks import check_float_array
-from kernels.linear_attention import pallas_gpu, pallas_tpu, reference
+from lasp_jax.kernels import dispatch
+from lasp_jax.kernels._checks import check_float_array
+from lasp_jax.kernels.linear_attention import pallas_gpu, pallas_tpu, reference
 
 BACKENDS = dispatch.BACKENDS
 _PALLAS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
@@ -37,7 +37,7 @@ default_backend = dispatch.default_backend
 
 
 def resolve_backend(backend, q, v, log_decay=None, chunk_size=64) -> str:
-  """The lowering for these inputs. ``"auto"``/None: what ``kernels.dispatch`` measured fastest
+  """The lowering for these inputs. ``"auto"``/None: what ``lasp_jax.kernels.dispatch`` measured fastest
   on the default device, if that is a Pallas kernel that can tile them (head dims, chunk size,
   dtype, decay form), else the XLA path; an explicit backend is returned as is (and raises later
   if it cannot tile them)."""
@@ -220,7 +220,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
       raise ValueError(f"sequence length N={n} is not a multiple of chunk_size={chunk_size}")
 
 
-def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, initial_state=None,
+def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
                            segment_ids=None, chunk_size=64, backend=None, interpret=None):
   """Causal chunked linear attention (design §2-3) on one device.
 
@@ -229,8 +229,6 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, ini
       kernels take the first two; float16 runs on the XLA path).
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``; entries in ``[-inf, 0]``
       (``-inf``: an exact reset; module docstring for the checks).
-    beta: None, or ``(B, N, H)`` in ``[0, 2]``: the delta rule instead (design §11,
-      ``kernels.delta_rule.chunk_delta_rule``, which takes the same other arguments).
     scale: multiplies q; None means ``Dk ** -0.5`` (as in LASP-2H).
     initial_state: None (zeros) or ``(B, H, Dk, Dv)``; it feeds the first document of each row.
     segment_ids: None or ``(B, N)`` int: packed documents. A document starts wherever the id
@@ -259,11 +257,6 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, beta=None, scale=1.0, ini
   intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
   ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
-  if beta is not None:
-    from kernels.delta_rule import api as delta_api  # the delta rule builds on this module
-    return delta_api.chunk_delta_rule(
-        q, k, v, beta, log_decay, scale=scale, initial_state=initial_state,
-        segment_ids=segment_ids, chunk_size=chunk_size, backend=backend, interpret=interpret)
   validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
   scale = reference.resolve_scale(scale, q.shape[-1])
   if segment_ids is not None:

@@ -14,8 +14,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels._checks import check_float_array
-from kernels.linear_attention.api import check_scale
+from lasp_jax.kernels._checks import check_float_array
+from lasp_jax.kernels.linear_attention.api import check_scale
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

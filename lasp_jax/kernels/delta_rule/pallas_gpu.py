@@ -31,9 +31,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from kernels._pallas_util import is_pow2_at_least_16
-from kernels.delta_rule import _pallas_common as common
-from kernels.delta_rule._pallas_common import F32
+from lasp_jax.kernels._pallas_util import is_pow2_at_least_16
+from lasp_jax.kernels.delta_rule import _pallas_common as common
+from lasp_jax.kernels.delta_rule._pallas_common import F32
 
 NUM_WARPS = 4
 NUM_STAGES = 2

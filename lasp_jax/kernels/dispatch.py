@@ -7,8 +7,8 @@ on CUDA cores: 10x slower than XLA, measured). Update an entry only from a side-
 (``benchmarks/gpu_check.sh``, ``benchmarks/kernels.py``) and cite it.
 
 Families:
-- ``"linear_attention"``: ``kernels.linear_attention`` (and the delta rule's output stage);
-- ``"delta_state_pass"``: the delta rule's sequential state pass (``kernels.delta_rule``).
+- ``"linear_attention"``: ``lasp_jax.kernels.linear_attention`` (and the delta rule's output stage);
+- ``"delta_state_pass"``: the delta rule's sequential state pass (``lasp_jax.kernels.delta_rule``).
 """
 
 from __future__ import annotations

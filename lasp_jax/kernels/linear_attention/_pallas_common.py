@@ -55,8 +55,8 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels._pallas_util import matmul
-from kernels.linear_attention import reference as ref
+from lasp_jax.kernels._pallas_util import matmul
+from lasp_jax.kernels.linear_attention import reference as ref
 
 F32 = jnp.float32
 

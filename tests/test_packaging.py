@@ -1,0 +1,27 @@
+"""What the install puts on the import path: only ``lasp_jax`` (issue: a top-level ``kernels``
+package shadowed the Hugging Face ``kernels`` package that transformers probes for)."""
+
+import importlib.util
+import pathlib
+import tomllib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_only_the_project_namespace_is_installed():
+  cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
+  assert cfg["tool"]["setuptools"]["packages"]["find"]["include"] == ["lasp_jax*"]
+  assert not (ROOT / "kernels").exists(), "the kernels live in lasp_jax/kernels"
+  spec = importlib.util.find_spec("kernels")
+  if spec is not None and spec.origin:   # someone else's `kernels` (e.g. Hugging Face's) is fine
+    assert ROOT not in pathlib.Path(spec.origin).resolve().parents, spec.origin
+
+
+def test_transformers_imports_qwen3_5_beside_lasp_jax():
+  transformers = pytest.importorskip("transformers")
+  import lasp_jax  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  if not hasattr(transformers, "Qwen3_5ForCausalLM"):
+    pytest.skip(f"transformers {transformers.__version__} has no Qwen3.5")
+  from transformers import Qwen3_5ForCausalLM  # noqa: F401  pylint: disable=import-outside-toplevel
