@@ -43,15 +43,15 @@ def stages(shape, dtype, chunk, interpret):
   chunks = jax.jit(prep)(k, v, beta, g)
   bsz, _, h, dk = q.shape
   s0 = jnp.zeros((bsz, h, dk, v.shape[-1]), jnp.float32)
-  lg = jnp.broadcast_to(chunks.log_gamma, chunks.log_gamma.shape)
+  gamma = jnp.broadcast_to(chunks.gamma, chunks.gamma.shape)
   u = delta_ref.values_to_tokens(chunks.u0).astype(dtype)
 
   def state_pass(backend):
-    def fn(w, u0, k_end, lg):
+    def fn(w, u0, k_end, gamma):
       if backend == "xla":
-        return delta_ref.delta_state_pass_xla(w, u0, k_end, lg, s0)
+        return delta_ref.delta_state_pass_xla(w, u0, k_end, gamma, s0)
       from lasp_jax.kernels.delta_rule import pallas_gpu
-      return pallas_gpu.delta_state_pass_gpu(w, u0, k_end, lg, s0, interpret=interpret,
+      return pallas_gpu.delta_state_pass_gpu(w, u0, k_end, gamma, s0, interpret=interpret,
                                              operand_dtype=dtype)
     return fn
 
@@ -67,7 +67,7 @@ def stages(shape, dtype, chunk, interpret):
                                         interpret=interpret if backend == "gpu" else None)
     return fn
 
-  cw = (chunks.w, chunks.u0, chunks.k_end, lg)
+  cw = (chunks.w, chunks.u0, chunks.k_end, gamma)
   yield "1 prepare (XLA)", prep, (k, v, beta, g)
   yield "2 state pass (Pallas bf16)", state_pass("gpu"), cw
   yield "2 state pass (XLA scan)", state_pass("xla"), cw

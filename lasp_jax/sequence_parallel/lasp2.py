@@ -229,10 +229,10 @@ def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, bac
   b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
   with jax.named_scope("lasp2_state_exchange"):
     st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
-    log_m = jnp.zeros((nb, heads, 1), jnp.float32) if gamma is None else gamma
+    gamma = jnp.zeros((nb, heads, 1), jnp.float32) if gamma is None else gamma
     # A decay known in advance (none, or constant per head) is not sent: only the states are.
     constant = g_s is None or g_s.ndim == 1
-    s_in, s_final = prefix(exchange_lib.DiagonalSummary(split(log_m), split(st)),
+    s_in, s_final = prefix(exchange_lib.DiagonalSummary(split(gamma), split(st)),
                            send=exchange_lib.DiagonalSummary(not constant, True))
   with jax.named_scope("lasp2_local"):
     o_local, _ = kernels.chunk_linear_attention(q_s, k_s, v_s, g_s, scale=scale,

@@ -4,7 +4,7 @@ Stage 2 only (``kernels/delta_rule/_pallas_common``): ``u_n = u0_n - w_n S``,
 ``S <- exp(log_gamma_n) S + k_end_n^T u_n``. Forward ``u`` and ``s_final`` and the gradient of
 every input against ``jax.vjp`` of a plain jnp ``lax.scan`` in float64. Several chunks each, so the
 carried state, the rebuilt chunk states and the reversed walk of the backward all matter; one
-chunk is a reset (``log_gamma = -1e4``, ``exp`` exactly 0).
+chunk is a reset (``gamma = -1e4``, ``exp`` exactly 0).
 """
 
 import contextlib
@@ -21,7 +21,7 @@ from tests.references import f64, rel_err
 TOL = 1e-5
 
 
-def scan_reference(w, u0, k_end, log_gamma, s0):
+def scan_reference(w, u0, k_end, gamma, s0):
   """Stage 2 by ``lax.scan`` over chunks, written out here independently of the package."""
   def step(s, xs):
     w_n, u0_n, k_n, lg_n = xs                       # (B, H, C, Dk), ..., (B, H, Dg)
@@ -29,7 +29,7 @@ def scan_reference(w, u0, k_end, log_gamma, s0):
     s = jnp.exp(lg_n)[..., None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, u_n)
     return s, u_n
 
-  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u0, k_end, log_gamma))
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u0, k_end, gamma))
   s_final, u = jax.lax.scan(step, s0, xs)
   return jnp.moveaxis(u, 0, 2), s_final
 
@@ -39,12 +39,12 @@ def _data(seed, bsz, h, nc, c, dk, dv, dg):
   w = rng.normal(0, 0.2, (bsz, h, nc, c, dk))
   u0 = rng.normal(0, 1.0, (bsz, h, nc, c, dv))
   k_end = rng.normal(0, 0.2, (bsz, h, nc, c, dk))
-  log_gamma = -rng.uniform(0.0, 2.0, (bsz, h, nc, dg))
-  log_gamma[0, -1, 1] = -1e4                   # a reset chunk: exp is exactly 0 in float32
+  gamma = -rng.uniform(0.0, 2.0, (bsz, h, nc, dg))
+  gamma[0, -1, 1] = -1e4                   # a reset chunk: exp is exactly 0 in float32
   if dg > 1:
-    log_gamma[-1, 0, 2, ::3] = -1e4            # a per-channel reset of some rows
+    gamma[-1, 0, 2, ::3] = -1e4            # a per-channel reset of some rows
   s0 = rng.normal(0, 0.5, (bsz, h, dk, dv))
-  return tuple(jnp.asarray(x, jnp.float32) for x in (w, u0, k_end, log_gamma, s0))
+  return tuple(jnp.asarray(x, jnp.float32) for x in (w, u0, k_end, gamma, s0))
 
 
 def _check(fn, args, tol=TOL):
@@ -108,9 +108,9 @@ def test_tpu_kernels_under_tpu_semantics_interpreter(monkeypatch):
 
 
 def test_s0_none_is_zeros_and_non_float32_inputs_are_cast():
-  w, u0, k_end, lg, _ = _data(3, 1, 1, 3, 16, 32, 16, 1)
-  u, s = pallas_gpu.delta_state_pass_gpu(w.astype(jnp.bfloat16), u0, k_end, lg, interpret=True)
-  u_ref, s_ref = f64(scan_reference, w.astype(jnp.bfloat16), u0, k_end, lg,
+  w, u0, k_end, gamma, _ = _data(3, 1, 1, 3, 16, 32, 16, 1)
+  u, s = pallas_gpu.delta_state_pass_gpu(w.astype(jnp.bfloat16), u0, k_end, gamma, interpret=True)
+  u_ref, s_ref = f64(scan_reference, w.astype(jnp.bfloat16), u0, k_end, gamma,
                      jnp.zeros((1, 1, 32, 16)))
   assert u.dtype == s.dtype == jnp.float32
   assert rel_err(u, u_ref) < TOL and rel_err(s, s_ref) < TOL
@@ -144,7 +144,7 @@ def test_bad_shapes_raise_value_error(backend, shapes, kw, match):
 
 
 def test_check_shapes_without_s0():
-  """``api`` asks ``check_shapes(w, u0, k_end, log_gamma)`` whether a kernel tiles the chunks."""
+  """``api`` asks ``check_shapes(w, u0, k_end, gamma)`` whether a kernel tiles the chunks."""
   shapes = _shapes()[:4]
   pallas_tpu.check_shapes(*shapes)
   pallas_gpu.check_shapes(*shapes)

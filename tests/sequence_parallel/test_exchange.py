@@ -29,7 +29,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 # The log M of a segment with a document start inside it: the sum of clamped log-decays that the
 # kernels produce there, some -1e4. Its exp is exactly 0 in float32 and float64, which is all the
 # references below rely on (a local value, not the implementation's floor).
-INNER_RESET_LOG_M = -1e4
+INNER_RESET_GAMMA = -1e4
 
 
 # --- inputs: summaries in global segment order, then laid out per device -------------------------
@@ -67,9 +67,9 @@ def global_summaries(kind, p_total, packed, seed=0):
     summ = exchange.DeltaSummary(jnp.asarray(m), jnp.asarray(state))
   else:
     dg = 1 if kind == "diag_scalar" else DK
-    log_m = -rng.uniform(0.05, 1.5, (p_total, B, H, dg))
-    log_m = np.where(inner[:, :, None, None], INNER_RESET_LOG_M, log_m).astype(np.float32)
-    summ = exchange.DiagonalSummary(jnp.asarray(log_m), jnp.asarray(state))
+    gamma = -rng.uniform(0.05, 1.5, (p_total, B, H, dg))
+    gamma = np.where(inner[:, :, None, None], INNER_RESET_GAMMA, gamma).astype(np.float32)
+    summ = exchange.DiagonalSummary(jnp.asarray(gamma), jnp.asarray(state))
   ids = None
   if packed:   # a change of id is a start; ids reused (mod 3) so that only changes matter
     # first id of segment p: documents begun up to p's start; last: plus one inside p.
@@ -91,7 +91,7 @@ def numpy_fold(summ, start, initial=None):
     if isinstance(summ, exchange.DeltaSummary):
       s = np.einsum("bhij,bhjv->bhiv", np.asarray(summ.m[p], np.float64), s) + state[p]
     else:
-      s = np.exp(np.asarray(summ.log_m[p], np.float64))[..., None] * s + state[p]
+      s = np.exp(np.asarray(summ.gamma[p], np.float64))[..., None] * s + state[p]
   return np.stack(s_in), s
 
 
@@ -113,7 +113,7 @@ def fold_grads(summ, start, initial, ct_in, ct_fin):
   """Float64 gradients of ``sum(s_in * ct_in) + sum(final * ct_fin)`` through ``jnp_fold``
   w.r.t. the summary's two leaves (global order) and the initial state (if any)."""
   delta = isinstance(summ, exchange.DeltaSummary)
-  leaves = (summ.m, summ.state) if delta else (summ.log_m, summ.state)
+  leaves = (summ.m, summ.state) if delta else (summ.gamma, summ.state)
   start = np.asarray(start)
 
   def loss(a, b, ct_in, ct_fin, initial=None):
@@ -266,7 +266,7 @@ def test_nan_later_does_not_reach_earlier_segments():
   summ, _, _ = global_summaries("diag_channel", 2 * w, False)
   state = np.asarray(summ.state).copy()
   state[-1] = np.nan
-  summ = exchange.DiagonalSummary(summ.log_m, jnp.asarray(state))
+  summ = exchange.DiagonalSummary(summ.gamma, jnp.asarray(state))
   mesh = mesh_of(w)
   local = jax.tree.map(lambda x: device_local(to_local(np.asarray(x), layout, w), mesh), summ)
   with jax.set_mesh(mesh):

@@ -21,8 +21,8 @@ the backward first rebuilds them with a ``states`` kernel, ``S <- a S + k_end^T 
 ``u`` (no ``w`` matmul; the same expression as the forward, so the same states), written to HBM as
 ``(B, H, NC, Dk, Dv)``, then runs the ``reverse`` kernel. Residuals are the inputs and ``u``.
 
-A reset chunk (``log_gamma = -1e4`` after the caller's clamp) has ``a = 0`` exactly: the state
-restarts and ``d log_gamma = 0 * ... = 0``, both exact. The kernels always see a per-channel
+A reset chunk (``gamma = -1e4`` after the caller's clamp) has ``a = 0`` exactly: the state
+restarts and ``d gamma = 0 * ... = 0``, both exact. The kernels always see a per-channel
 ``(B, H, NC, Dk)`` log-decay: a ``Dg = 1`` one is broadcast before the custom_vjp (a few floats
 per chunk), so autodiff sums its gradient over Dk.
 """
@@ -59,7 +59,7 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
 
   Args: ``w, k_end (C, Dk)``; ``u, du (C, Dv')``; ``a_col (Dk, 1)``; ``s`` the state before the
   chunk and ``ds`` the cotangent of the state after it, ``(Dk, Dv')``. With a Dv slice ``Dv'``,
-  ``d k_end``, ``d w`` and ``d log_gamma`` are that slice's partial sums (summed over slices by
+  ``d k_end``, ``d w`` and ``d gamma`` are that slice's partial sums (summed over slices by
   the caller); ``du_tot`` and ``dS`` are exact per slice (columns of ``dS`` do not mix).
 
   Returns ``(dw (C, Dk), du0 (C, Dv'), dk_end (C, Dk), dlg_col (Dk, 1), dS before the chunk)``.
@@ -76,7 +76,7 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
 # ---------------------------------------------------------------- XLA-side glue around the kernels
 
 
-def check_inputs(backend, w, u0, k_end, log_gamma, s0=None):
+def check_inputs(backend, w, u0, k_end, gamma, s0=None):
   """Ranks, dtypes and matching dims of the state-pass inputs; returns ``(B, H, NC, C, Dk, Dv)``.
 
   ValueError (TypeError for a non-float) naming the offending input and value.
@@ -84,7 +84,7 @@ def check_inputs(backend, w, u0, k_end, log_gamma, s0=None):
   check_float_array("w", w, "(B, H, NC, C, Dk)")
   check_float_array("u0", u0, "(B, H, NC, C, Dv)")
   check_float_array("k_end", k_end, "(B, H, NC, C, Dk)")
-  check_float_array("log_gamma", log_gamma, "(B, H, NC, Dg)")
+  check_float_array("gamma", gamma, "(B, H, NC, Dg)")
   bsz, h, nc, c, dk = w.shape
   dv = u0.shape[-1]
   if k_end.shape != w.shape:
@@ -93,10 +93,10 @@ def check_inputs(backend, w, u0, k_end, log_gamma, s0=None):
   if u0.shape[:4] != w.shape[:4]:
     raise ValueError(f"backend {backend!r}: u0 must have shape (B, H, NC, C, Dv) = "
                      f"{(bsz, h, nc, c, 'Dv')}, got {tuple(u0.shape)}")
-  if log_gamma.shape[:3] != (bsz, h, nc) or log_gamma.shape[-1] not in (1, dk):
-    raise ValueError(f"backend {backend!r}: log_gamma must have shape (B, H, NC, Dg) with Dg in "
+  if gamma.shape[:3] != (bsz, h, nc) or gamma.shape[-1] not in (1, dk):
+    raise ValueError(f"backend {backend!r}: gamma must have shape (B, H, NC, Dg) with Dg in "
                      f"{{1, Dk={dk}}}, i.e. {(bsz, h, nc)} + (1,) or ({dk},), got "
-                     f"{tuple(log_gamma.shape)}")
+                     f"{tuple(gamma.shape)}")
   if s0 is not None:
     check_float_array("s0", s0, "(B, H, Dk, Dv)")
     if s0.shape != (bsz, h, dk, dv):
@@ -113,10 +113,10 @@ def check_inputs(backend, w, u0, k_end, log_gamma, s0=None):
 class Config:
   """A backend's three pallas_call builders and their static parameters (hashable).
 
-  ``forward(w, u0, k_end, lg, s0, cfg) -> (u, s_final)``;
-  ``states(k_end, u, lg, s0, cfg) -> (B, H, NC, Dk, Dv)``, the state before each chunk;
-  ``reverse(w, k_end, u, du, lg, states, ds_final, cfg) -> (dw, du0, dk_end, dlg, ds0)``.
-  ``lg`` is the per-channel ``(B, H, NC, Dk)`` float32 log-decay; everything is float32.
+  ``forward(w, u0, k_end, gamma, s0, cfg) -> (u, s_final)``;
+  ``states(k_end, u, gamma, s0, cfg) -> (B, H, NC, Dk, Dv)``, the state before each chunk;
+  ``reverse(w, k_end, u, du, gamma, states, ds_final, cfg) -> (dw, du0, dk_end, dgamma, ds0)``.
+  ``gamma`` is the per-channel ``(B, H, NC, Dk)`` float32 log-decay; everything is float32.
   """
   forward: Callable
   states: Callable
@@ -131,27 +131,27 @@ class Config:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def state_pass_vjp(w, u0, k_end, lg, s0, cfg: Config):
-  """``(u, s_final)`` through ``cfg``'s kernels; float32 inputs, ``lg (B, H, NC, Dk)``."""
-  return cfg.forward(w, u0, k_end, lg, s0, cfg)
+def state_pass_vjp(w, u0, k_end, gamma, s0, cfg: Config):
+  """``(u, s_final)`` through ``cfg``'s kernels; float32 inputs, ``gamma (B, H, NC, Dk)``."""
+  return cfg.forward(w, u0, k_end, gamma, s0, cfg)
 
 
-def _fwd(w, u0, k_end, lg, s0, cfg):
-  u, s_final = cfg.forward(w, u0, k_end, lg, s0, cfg)
-  return (u, s_final), (w, k_end, lg, s0, u)     # u0 is not needed by the backward
+def _fwd(w, u0, k_end, gamma, s0, cfg):
+  u, s_final = cfg.forward(w, u0, k_end, gamma, s0, cfg)
+  return (u, s_final), (w, k_end, gamma, s0, u)     # u0 is not needed by the backward
 
 
 def _bwd(cfg, res, cotangents):
-  w, k_end, lg, s0, u = res
+  w, k_end, gamma, s0, u = res
   du, ds_final = (x.astype(F32) for x in cotangents)
-  states = cfg.states(k_end, u, lg, s0, cfg)
-  return cfg.reverse(w, k_end, u, du, lg, states, ds_final, cfg)
+  states = cfg.states(k_end, u, gamma, s0, cfg)
+  return cfg.reverse(w, k_end, u, du, gamma, states, ds_final, cfg)
 
 
 state_pass_vjp.defvjp(_fwd, _bwd)
 
 
-def run(w, u0, k_end, log_gamma, s0, cfg: Config, pad_to=None):
+def run(w, u0, k_end, gamma, s0, cfg: Config, pad_to=None):
   """Shared entry of both backends: float32, the per-channel log-decay, optional zero padding.
 
   ``pad_to``: None, or a multiple that Dk and Dv are zero-padded up to around the kernels (exact:
@@ -161,7 +161,7 @@ def run(w, u0, k_end, log_gamma, s0, cfg: Config, pad_to=None):
   """
   dk, dv = w.shape[-1], u0.shape[-1]
   w, u0, k_end, s0 = (x.astype(F32) for x in (w, u0, k_end, s0))
-  lg = jnp.broadcast_to(log_gamma.astype(F32), log_gamma.shape[:-1] + (dk,))
+  gamma = jnp.broadcast_to(gamma.astype(F32), gamma.shape[:-1] + (dk,))
   if pad_to is not None:
     pk, pv = -dk % pad_to, -dv % pad_to
     if pk or pv:
@@ -169,8 +169,8 @@ def run(w, u0, k_end, log_gamma, s0, cfg: Config, pad_to=None):
         widths = [(0, 0)] * x.ndim
         widths[axis] = (0, p)
         return jnp.pad(x, widths)
-      w, k_end, lg = pad(w, pk), pad(k_end, pk), pad(lg, pk)
+      w, k_end, gamma = pad(w, pk), pad(k_end, pk), pad(gamma, pk)
       u0 = pad(u0, pv)
       s0 = pad(pad(s0, pk, -2), pv)
-  u, s_final = state_pass_vjp(w, u0, k_end, lg, s0, cfg)
+  u, s_final = state_pass_vjp(w, u0, k_end, gamma, s0, cfg)
   return u[..., :dv], s_final[..., :dk, :dv]

@@ -98,14 +98,14 @@ def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_
     pass_backend = "xla"
   if pass_backend == "xla":
     u, s_final = reference.delta_state_pass_xla(chunks.w, chunks.u0, chunks.k_end,
-                                                chunks.log_gamma, s0)
+                                                chunks.gamma, s0)
   else:
     kwargs = {} if interpret is None else {"interpret": interpret}
     if interpret is None:
       kwargs["interpret"] = la_api.default_backend() != pass_backend
     if pass_backend == "gpu":
       kwargs["operand_dtype"] = q.dtype if q.dtype == jnp.bfloat16 else jnp.float32
-    u, s_final = _state_pass(pass_backend)(chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma,
+    u, s_final = _state_pass(pass_backend)(chunks.w, chunks.u0, chunks.k_end, chunks.gamma,
                                            s0, **kwargs)
   u = reference.values_to_tokens(u).astype(q.dtype)
   if la_backend != "xla":
@@ -125,7 +125,7 @@ def _pallas_tiles(backend, chunks) -> bool:
   module = _state_pass(backend).__module__
   check = getattr(__import__(module, fromlist=["check_shapes"]), "check_shapes")
   try:
-    check(chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma)
+    check(chunks.w, chunks.u0, chunks.k_end, chunks.gamma)
   except (ValueError, TypeError):
     return False
   return True

@@ -6,7 +6,7 @@ in registers: Triton programs cannot share a grid axis sequentially the way Mosa
 columns of ``S`` never mix (``u = u0 - w S`` and ``S <- a S + k_end^T u`` act on each column), nor
 do those of ``dS``, so the grid is ``(B, H, Dv / block_v)`` for all three kernels (math in
 ``_pallas_common``): forward; ``states`` (the state before every chunk, rebuilt from the saved
-``u``); ``reverse``. In the reverse kernel ``d w``, ``d k_end`` and ``d log_gamma`` sum over value
+``u``); ``reverse``. In the reverse kernel ``d w``, ``d k_end`` and ``d gamma`` sum over value
 channels: each Dv block writes its partial sums and XLA adds them (no cross-program atomics).
 
 Layout: ``(B, H, NC, C, D)`` is viewed as ``(B, H, NC * C, D)`` (a free reshape) and a chunk is
@@ -53,9 +53,9 @@ def default_block_v(c: int, dk: int, dv: int) -> int:
   return min(64 if c * dk <= 64 * 128 else 32, dv)
 
 
-def check_shapes(w, u0, k_end, log_gamma, s0=None, block_v=None):
+def check_shapes(w, u0, k_end, gamma, s0=None, block_v=None):
   """Raises ValueError for inputs the Triton kernels cannot tile, naming the offending value."""
-  bsz, h, nc, c, dk, dv = common.check_inputs("gpu", w, u0, k_end, log_gamma, s0)
+  bsz, h, nc, c, dk, dv = common.check_inputs("gpu", w, u0, k_end, gamma, s0)
   for name, val in (("the chunk size C", c), ("head dim Dk", dk), ("head dim Dv", dv)):
     if not is_pow2_at_least_16(val):
       raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 (Triton tiles), "
@@ -75,7 +75,7 @@ def check_shapes(w, u0, k_end, log_gamma, s0=None, block_v=None):
 
 
 def _decay_col(lg_ref, n, dk):
-  """``exp(log_gamma)`` of chunk ``n`` as a ``(Dk, 1)`` column."""
+  """``exp(gamma)`` of chunk ``n`` as a ``(Dk, 1)`` column."""
   return jnp.exp(lg_ref[pl.ds(pl.multiple_of(n * dk, dk), dk)])[:, None]
 
 
@@ -166,7 +166,7 @@ def _static(cfg, **kw):
   return dict(kw, dtype=cfg.dtype)
 
 
-def forward(w, u0, k_end, lg, s0, cfg):
+def forward(w, u0, k_end, gamma, s0, cfg):
   """``(u (B, H, NC, C, Dv), s_final (B, H, Dk, Dv))``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u0.shape[-1]
@@ -174,7 +174,7 @@ def forward(w, u0, k_end, lg, s0, cfg):
   n = nc * c
   u, s_final = _call(
       _forward_kernel, "delta_state_pass_fwd", cfg, (bsz, h, dv // bv),
-      (_flat(w), _flat(u0), _flat(k_end), _flat(lg), s0),
+      (_flat(w), _flat(u0), _flat(k_end), _flat(gamma), s0),
       [_whole(n, dk), _vblock(n, bv), _whole(n, dk),
        _decay(nc, dk), _vblock(dk, bv)],
       [_vblock(n, bv), _vblock(dk, bv)],
@@ -183,14 +183,14 @@ def forward(w, u0, k_end, lg, s0, cfg):
   return u.reshape(u0.shape), s_final
 
 
-def states(k_end, u, lg, s0, cfg):
+def states(k_end, u, gamma, s0, cfg):
   """The state before each chunk, ``(B, H, NC, Dk, Dv)`` float32."""
   bsz, h, nc, c, dk = k_end.shape
   dv = u.shape[-1]
   bv = _bv(cfg, c, dk, dv)
   st = _call(
       _states_kernel, "delta_state_pass_states", cfg, (bsz, h, dv // bv),
-      (_flat(k_end), _flat(u), _flat(lg), s0),
+      (_flat(k_end), _flat(u), _flat(gamma), s0),
       [_whole(nc * c, dk), _vblock(nc * c, bv),
        _decay(nc, dk), _vblock(dk, bv)],
       _vblock(nc * dk, bv),
@@ -199,16 +199,16 @@ def states(k_end, u, lg, s0, cfg):
   return st.reshape(bsz, h, nc, dk, dv)
 
 
-def reverse(w, k_end, u, du, lg, st, ds_final, cfg):
+def reverse(w, k_end, u, du, gamma, st, ds_final, cfg):
   """``(dw, du0, dk_end, dlog_gamma (B, H, NC, Dk), ds0)``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u.shape[-1]
   bv = _bv(cfg, c, dk, dv)
   nvb = dv // bv
   n = nc * c
-  dw, du0, dk_end, dlg, ds0 = _call(
+  dw, du0, dk_end, dgamma, ds0 = _call(
       _reverse_kernel, "delta_state_pass_bwd", cfg, (bsz, h, nvb),
-      (_flat(w), _flat(k_end), _flat(u), _flat(du), _flat(lg), _flat(st), ds_final),
+      (_flat(w), _flat(k_end), _flat(u), _flat(du), _flat(gamma), _flat(st), ds_final),
       [_whole(n, dk), _whole(n, dk), _vblock(n, bv), _vblock(n, bv),
        _decay(nc, dk), _vblock(nc * dk, bv),
        _vblock(dk, bv)],
@@ -222,10 +222,10 @@ def reverse(w, k_end, u, du, lg, st, ds_final, cfg):
       **_static(cfg, nc=nc, c=c, dk=dk))
   # Partial sums over Dv blocks (a size-1 axis, i.e. a free reshape, when block_v = Dv).
   return (jnp.sum(dw, axis=2).reshape(w.shape), du0.reshape(u.shape),
-          jnp.sum(dk_end, axis=2).reshape(w.shape), jnp.sum(dlg, axis=2).reshape(lg.shape), ds0)
+          jnp.sum(dk_end, axis=2).reshape(w.shape), jnp.sum(dgamma, axis=2).reshape(gamma.shape), ds0)
 
 
-def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = False,
+def delta_state_pass_gpu(w, u0, k_end, gamma, s0=None, *, interpret: bool = False,
                          block_v: int | None = None, operand_dtype=F32):
   """The delta rule's sequential state pass over chunks through the Triton kernels.
 
@@ -234,7 +234,7 @@ def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = 
   recomputes the chunk states).
 
   Args:
-    w, k_end: ``(B, H, NC, C, Dk)``; u0: ``(B, H, NC, C, Dv)``; log_gamma: ``(B, H, NC, Dg)``,
+    w, k_end: ``(B, H, NC, C, Dk)``; u0: ``(B, H, NC, C, Dv)``; gamma: ``(B, H, NC, Dg)``,
       ``Dg`` in {1, Dk}, each chunk's total log-decay, finite and ``<= 0`` (clamped by the caller;
       ``exp`` may be exactly 0, a reset); s0: ``(B, H, Dk, Dv)`` or None (zeros). Any float
       dtype, computed in float32; ``C``, ``Dk``, ``Dv`` powers of two >= 16.
@@ -249,9 +249,9 @@ def delta_state_pass_gpu(w, u0, k_end, log_gamma, s0=None, *, interpret: bool = 
   """
   if s0 is None:
     s0 = jnp.zeros(w.shape[:2] + (w.shape[-1], u0.shape[-1]), F32)
-  check_shapes(w, u0, k_end, log_gamma, s0, block_v=block_v)
+  check_shapes(w, u0, k_end, gamma, s0, block_v=block_v)
   bv = block_v or default_block_v(w.shape[-2], w.shape[-1], u0.shape[-1])
   cfg = common.Config(forward=forward, states=states, reverse=reverse, interpret=bool(interpret),
                       block_v=bv, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                       dtype=jnp.dtype(operand_dtype))
-  return common.run(w, u0, k_end, log_gamma, s0, cfg)
+  return common.run(w, u0, k_end, gamma, s0, cfg)

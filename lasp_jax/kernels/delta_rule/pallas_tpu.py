@@ -11,7 +11,7 @@ The inputs' layout ``(B, H, NC, C, D)`` gives ``(C, D)`` blocks, last two dims e
 array's. The per-channel log-decay comes in as one ``(1, Dk)`` row per chunk (lanes, padded to 8
 sublanes in HBM; a ``(Dk, 1)`` column would be padded to 128 lanes); the kernels turn it into the
 ``(Dk, 1)`` column that scales the state's rows with a diagonal select and a lane sum (exact: one
-nonzero per row), and ``d log_gamma`` back into a row with a sublane sum, instead of a transpose.
+nonzero per row), and ``d gamma`` back into a row with a sublane sum, instead of a transpose.
 Checked tiling rules (:func:`check_shapes`): the chunk size ``C`` a multiple of 8 (float32
 sublanes). Head dims off the 128-lane tiling are zero-padded to it around the kernels (exact; costs
 the padded traffic), as the linear-attention kernels do. Only the plain and the TPU-semantics
@@ -35,9 +35,9 @@ LANES = 128
 SUBLANES = 8   # float32
 
 
-def check_shapes(w, u0, k_end, log_gamma, s0=None):
+def check_shapes(w, u0, k_end, gamma, s0=None):
   """Raises ValueError for inputs the Mosaic kernels cannot tile, naming the offending value."""
-  _, _, _, c, _, _ = common.check_inputs("tpu", w, u0, k_end, log_gamma, s0)
+  _, _, _, c, _, _ = common.check_inputs("tpu", w, u0, k_end, gamma, s0)
   if c % SUBLANES:
     raise ValueError(f"backend 'tpu' needs the chunk size C to be a multiple of {SUBLANES} "
                      f"(float32 sublane tiling), got C={c}")
@@ -125,9 +125,9 @@ def _state_spec(dk, dv):
   return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))
 
 
-def _rows(lg):
+def _rows(gamma):
   """``(B, H, NC, Dk) -> (B, H, NC, 1, Dk)``: one lane row per chunk."""
-  return lg[:, :, :, None, :]
+  return gamma[:, :, :, None, :]
 
 
 def _call(kernel, cfg, grid, args, in_specs, out_specs, out_shape, scratch):
@@ -144,7 +144,7 @@ def _call(kernel, cfg, grid, args, in_specs, out_specs, out_shape, scratch):
   )(*args)
 
 
-def forward(w, u0, k_end, lg, s0, cfg):
+def forward(w, u0, k_end, gamma, s0, cfg):
   """``(u (B, H, NC, C, Dv), s_final (B, H, Dk, Dv))``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u0.shape[-1]
@@ -152,20 +152,20 @@ def forward(w, u0, k_end, lg, s0, cfg):
                  _chunk_spec(1, dk, nc, False))
   return _call(
       functools.partial(_forward_kernel, nc=nc), cfg, (bsz, h, nc),
-      (w, u0, k_end, _rows(lg), s0),
+      (w, u0, k_end, _rows(gamma), s0),
       [ck, cv, ck, row, _state_spec(dk, dv)],
       [cv, _state_spec(dk, dv)],
       [jax.ShapeDtypeStruct(u0.shape, F32), jax.ShapeDtypeStruct(s0.shape, F32)],
       [pltpu.VMEM((dk, dv), F32)])
 
 
-def states(k_end, u, lg, s0, cfg):
+def states(k_end, u, gamma, s0, cfg):
   """The state before each chunk, ``(B, H, NC, Dk, Dv)`` float32."""
   bsz, h, nc, c, dk = k_end.shape
   dv = u.shape[-1]
   return _call(
       _states_kernel, cfg, (bsz, h, nc),
-      (k_end, u, _rows(lg), s0),
+      (k_end, u, _rows(gamma), s0),
       [_chunk_spec(c, dk, nc, False), _chunk_spec(c, dv, nc, False),
        _chunk_spec(1, dk, nc, False), _state_spec(dk, dv)],
       _chunk_spec(dk, dv, nc, False),
@@ -173,25 +173,25 @@ def states(k_end, u, lg, s0, cfg):
       [pltpu.VMEM((dk, dv), F32)])
 
 
-def reverse(w, k_end, u, du, lg, st, ds_final, cfg):
+def reverse(w, k_end, u, du, gamma, st, ds_final, cfg):
   """``(dw, du0, dk_end, dlog_gamma (B, H, NC, Dk), ds0)``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u.shape[-1]
   ck, cv, row = (_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True),
                  _chunk_spec(1, dk, nc, True))
-  dw, du0, dk_end, dlg, ds0 = _call(
+  dw, du0, dk_end, dgamma, ds0 = _call(
       functools.partial(_reverse_kernel, nc=nc), cfg, (bsz, h, nc),
-      (w, k_end, u, du, _rows(lg), st, ds_final),
+      (w, k_end, u, du, _rows(gamma), st, ds_final),
       [ck, ck, cv, cv, row, _chunk_spec(dk, dv, nc, True), _state_spec(dk, dv)],
       [ck, cv, ck, row, _state_spec(dk, dv)],
       [jax.ShapeDtypeStruct(w.shape, F32), jax.ShapeDtypeStruct(u.shape, F32),
        jax.ShapeDtypeStruct(w.shape, F32), jax.ShapeDtypeStruct((bsz, h, nc, 1, dk), F32),
        jax.ShapeDtypeStruct(ds_final.shape, F32)],
       [pltpu.VMEM((dk, dv), F32)])
-  return dw, du0, dk_end, dlg[:, :, :, 0, :], ds0
+  return dw, du0, dk_end, dgamma[:, :, :, 0, :], ds0
 
 
-def delta_state_pass_tpu(w, u0, k_end, log_gamma, s0=None, *,
+def delta_state_pass_tpu(w, u0, k_end, gamma, s0=None, *,
                          interpret: bool | pltpu.InterpretParams = False):
   """The delta rule's sequential state pass over chunks through the Mosaic kernels.
 
@@ -200,7 +200,7 @@ def delta_state_pass_tpu(w, u0, k_end, log_gamma, s0=None, *,
   recomputes the chunk states).
 
   Args:
-    w, k_end: ``(B, H, NC, C, Dk)``; u0: ``(B, H, NC, C, Dv)``; log_gamma: ``(B, H, NC, Dg)``,
+    w, k_end: ``(B, H, NC, C, Dk)``; u0: ``(B, H, NC, C, Dv)``; gamma: ``(B, H, NC, Dg)``,
       ``Dg`` in {1, Dk}, each chunk's total log-decay, finite and ``<= 0`` (clamped by the caller;
       ``exp`` may be exactly 0, a reset); s0: ``(B, H, Dk, Dv)`` or None (zeros). Any float
       dtype, computed in float32; ``C`` a multiple of 8; head dims off 128 are zero-padded.
@@ -212,8 +212,8 @@ def delta_state_pass_tpu(w, u0, k_end, log_gamma, s0=None, *,
   """
   if s0 is None:
     s0 = jnp.zeros(w.shape[:2] + (w.shape[-1], u0.shape[-1]), F32)
-  check_shapes(w, u0, k_end, log_gamma, s0)
+  check_shapes(w, u0, k_end, gamma, s0)
   if not isinstance(interpret, pltpu.InterpretParams):
     interpret = bool(interpret)
   cfg = common.Config(forward=forward, states=states, reverse=reverse, interpret=interpret)
-  return common.run(w, u0, k_end, log_gamma, s0, cfg, pad_to=LANES)
+  return common.run(w, u0, k_end, gamma, s0, cfg, pad_to=LANES)

@@ -48,13 +48,13 @@ PER_CHANNEL_SUBCHUNK = la_ref.PER_CHANNEL_SUBCHUNK
 class DeltaChunks:
   """Stage 1's per-chunk operands, float32, in the layout ``x_BxHxNCxCxD``.
 
-  ``w``, ``k_end``: ``(B, H, NC, C, Dk)``; ``u0``: ``(B, H, NC, C, Dv)``; ``log_gamma``:
+  ``w``, ``k_end``: ``(B, H, NC, C, Dk)``; ``u0``: ``(B, H, NC, C, Dv)``; ``gamma``:
   ``(B, H, NC, Dg)``, each chunk's total (clamped) log-decay, ``Dg`` in {1, Dk}.
   """
   w: jax.Array
   u0: jax.Array
   k_end: jax.Array
-  log_gamma: jax.Array
+  gamma: jax.Array
 
 
 def chunk_len(chunk_size: int, log_decay) -> int:
@@ -81,7 +81,7 @@ def prepare_chunks(k, v, beta, g, chunk) -> DeltaChunks:
   if g is None:
     kk = jnp.einsum("bhnid,bhnjd->bhnij", k_c, k_c)
     k_in, k_end = k_c, k_c
-    log_gamma = jnp.zeros((bsz, h, n // chunk, 1), F32)
+    gamma = jnp.zeros((bsz, h, n // chunk, 1), F32)
   else:
     g_c = la_ref._to_chunks(g, chunk)                                 # (B, H, NC, C, Dg)
     log_w = la_ref.pairwise_log_decay(g_c, axis=3)                    # sum_{j<l<=i} g_l
@@ -92,11 +92,11 @@ def prepare_chunks(k, v, beta, g, chunk) -> DeltaChunks:
                       la_ref.masked_exp(log_w, strict[..., None]))
     k_in = k_c * jnp.exp(la_ref.cumsum_inclusive(g_c, axis=3))
     k_end = k_c * jnp.exp(la_ref.cumsum_reverse_exclusive(g_c, axis=3))
-    log_gamma = jnp.sum(g_c, axis=3)
+    gamma = jnp.sum(g_c, axis=3)
   a = jnp.where(strict, beta_c * kk, 0.0)                             # A_ij, i > j
   rhs = beta_c * jnp.concatenate([k_in, v_c], axis=-1)                # diag(beta) [K_b | V]
   sol = solve_unit_lower(a, rhs)
-  return DeltaChunks(w=sol[..., :dk], u0=sol[..., dk:], k_end=k_end, log_gamma=log_gamma)
+  return DeltaChunks(w=sol[..., :dk], u0=sol[..., dk:], k_end=k_end, gamma=gamma)
 
 
 def unit_lower_inverse(a):
@@ -146,7 +146,7 @@ def solve_unit_lower(a, rhs):
   return jnp.where((rows >= first_bad)[..., None], jnp.nan, sol)
 
 
-def delta_state_pass_xla(w, u0, k_end, log_gamma, s0):
+def delta_state_pass_xla(w, u0, k_end, gamma, s0):
   """Stage 2 (module docstring) by ``lax.scan``: returns ``(u (B, H, NC, C, Dv), s_final)``.
 
   Shapes as :class:`DeltaChunks`; ``s0 (B, H, Dk, Dv)``; all float32.
@@ -157,7 +157,7 @@ def delta_state_pass_xla(w, u0, k_end, log_gamma, s0):
     s = jnp.exp(lg_n)[..., None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, u_n, precision=HIGHEST)
     return s, u_n
 
-  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u0, k_end, log_gamma))
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (w, u0, k_end, gamma))
   s_final, u = jax.lax.scan(step, la_ref.match_vma(s0.astype(F32), w), xs)
   return jnp.moveaxis(u, 0, 2), s_final
 
@@ -181,7 +181,7 @@ def segment_summary(chunks: DeltaChunks):
   bsz, h, _, _, dv = chunks.u0.shape
   init = (jnp.broadcast_to(eye, (bsz, h, dk, dk)), jnp.zeros((bsz, h, dk, dv), F32))
   init = jax.tree.map(lambda x: la_ref.match_vma(x, chunks.w), init)
-  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (chunks.w, chunks.u0, chunks.k_end, chunks.log_gamma))
+  xs = tuple(jnp.moveaxis(x, 2, 0) for x in (chunks.w, chunks.u0, chunks.k_end, chunks.gamma))
   (m, e), _ = jax.lax.scan(step, init, xs)
   return m, e
 

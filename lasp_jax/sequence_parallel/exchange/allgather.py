@@ -23,7 +23,7 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
       document there (design §13).
     initial: None or ``(B, H, Dk, Dv)``: the state before the first token of the sequence.
     send: a pytree of bools like ``local`` (None: all True); a False leaf is the same on every
-      segment (e.g. a constant decay's ``log_m``) and is not sent.
+      segment (e.g. a constant decay's ``gamma``) and is not sent.
 
   Returns:
     ``(s_in, final)``: ``s_in (S, B, H, Dk, Dv)`` the incoming state of each local segment (zero

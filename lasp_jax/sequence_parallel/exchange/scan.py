@@ -208,7 +208,7 @@ def scan_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, send=N
   """Incoming states of this shard's segments and the final state, by a log-depth scan.
 
   The same arguments and results as :func:`allgather_prefix`; ``send`` is accepted and ignored:
-  a leaf that is the same on every segment (a constant decay's ``log_m``) is not the same on a
+  a leaf that is the same on every segment (a constant decay's ``gamma``) is not the same on a
   composite of several segments, and it is ``1 / (Dk Dv)`` of a message.
 
   Hillis-Steele over ``jax.lax.ppermute`` on the ``P = W S`` global segment positions (``S``

@@ -27,23 +27,23 @@ class Summary(Protocol):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DiagonalSummary:
-  """``S_out = diag(exp(log_m)) S_in + state`` for a batch of segments.
+  """``S_out = diag(exp(gamma)) S_in + state`` for a batch of segments.
 
-  ``log_m (B, H, Dg)``: the direct sum of the segment's log-decays, clamped (``Dg`` 1 or Dk; a
+  ``gamma (B, H, Dg)``: the direct sum of the segment's log-decays, clamped (``Dg`` 1 or Dk; a
   reset is ``ref.LOG_DECAY_FLOOR``, whose exp is exactly 0); ``state (B, H, Dk, Dv)`` float32: the
   segment's state from zero.
   """
-  log_m: jax.Array
+  gamma: jax.Array
   state: jax.Array
 
   def compose(self, earlier: "DiagonalSummary") -> "DiagonalSummary":
     """``self o earlier``: first ``earlier``, then ``self``."""
-    return DiagonalSummary(jnp.maximum(self.log_m + earlier.log_m, ref.LOG_DECAY_FLOOR),
-                           jnp.exp(self.log_m)[..., None] * earlier.state + self.state)
+    return DiagonalSummary(jnp.maximum(self.gamma + earlier.gamma, ref.LOG_DECAY_FLOOR),
+                           jnp.exp(self.gamma)[..., None] * earlier.state + self.state)
 
   def reset(self, starts_B) -> "DiagonalSummary":
     """The summary with its incoming state dropped (``M = 0``) where ``starts_B`` (B,) is True."""
-    return DiagonalSummary(jnp.where(starts_B[:, None, None], ref.LOG_DECAY_FLOOR, self.log_m),
+    return DiagonalSummary(jnp.where(starts_B[:, None, None], ref.LOG_DECAY_FLOOR, self.gamma),
                            self.state)
 
   def transpose(self) -> "DiagonalSummary":
