@@ -4,13 +4,13 @@
 
 A linear RNN's transition ``I - beta k^T k`` has eigenvalues in ``[1 - beta, 1]``: with ``beta`` in
 ``[0, 1]`` none is negative and the state cannot flip its sign, which running parity needs; with
-``beta`` in ``[0, 2]`` (``model.allow_neg_eigval=true``) the eigenvalue -1 is reachable (a
+``beta`` in ``[0, 2]`` (``model.linear.allow_neg_eigval=true``) the eigenvalue -1 is reachable (a
 Householder reflection per 1 bit; Grazzi et al., 2024, "Unlocking State-Tracking in Linear RNNs
 Through Negative Eigenvalues"; design §11).
 
 Trains a small all-DeltaNet model (``STATE_TRACKING``: 2 layers, d_model 64, the kernel-4 short
 conv, a 2-token vocabulary) on ``data.source=parity`` (random bits, the target at each position
-the XOR of the bits so far; chance 1/2) once with ``model.allow_neg_eigval=false`` and once with
+the XOR of the bits so far; chance 1/2) once with ``model.linear.allow_neg_eigval=false`` and once with
 ``true``: same seed, data, steps and optimiser, sequence split over the config's devices (8
 simulated CPUs by default: LASP-2 on the delta rule). Every run starts in a fresh temporary run
 directory. Prints the eval accuracy of both at every eval step and writes ``--out`` (JSON) and the
@@ -33,15 +33,15 @@ import time
 # seed): beta in [0, 2] reached eval accuracy 0.91 at step 60 and 1.00 at step 100; beta in [0, 1]
 # 0.60 at step 120 (what the short conv's 4-token window and the first positions give).
 STATE_TRACKING = [
-    "model.preset=tiny", "model.linear_variant=deltanet", "model.layer_pattern=L",
-    "model.num_layers=2", "model.d_model=64", "model.vocab_size=2", "model.layout=contiguous",
-    "model.chunk_size=8",
+    "model.preset=tiny", "model.linear.variant=deltanet", "model.layer_pattern=L",
+    "model.num_layers=2", "model.d_model=64", "model.vocab_size=2", "model.runtime.layout=contiguous",
+    "model.runtime.chunk_size=8",
     "data.source=parity", "data.seq_len=64", "data.batch_size=32",
     "steps=200", "optim.lr=3e-3", "optim.warmup_steps=20", "optim.end_lr_ratio=0.1",
     "log.eval_every=20", "log.eval_batches=4", "checkpoint.every=0",
 ]
-RUNS = {"beta in [0, 1]": "model.allow_neg_eigval=false",
-        "beta in [0, 2]": "model.allow_neg_eigval=true"}
+RUNS = {"beta in [0, 1]": "model.linear.allow_neg_eigval=false",
+        "beta in [0, 2]": "model.linear.allow_neg_eigval=true"}
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ The step is train.py's (``lasp_jax.train.loop.make_train_step`` with one micro-b
 cross-entropy over the float32 logits, backward, the config's optax optimiser, one ``jax.jit`` with
 the parameters and optimiser state donated, the model's own compute dtype (bf16 for the 1B
 presets). The model is the config's preset and model overrides, cut to ``--layers`` layers, with
-``ModelConfig.kernel_backend`` set to each of ``--backends``; tokens and targets are random ids
+``ModelConfig.runtime.kernel_backend`` set to each of ``--backends``; tokens and targets are random ids
 (no data loader), one sequence of ``--seq`` tokens per row, ``--batch`` rows, no mesh (so the
 one-device ops, not LASP-2). The YAML's ``grad_accum`` is not used: one micro-batch per step.
 
@@ -99,7 +99,7 @@ def load(path, args, backend):
   """``(TrainConfig, ModelConfig)``: the YAML with this benchmark's overrides, validated by the
   library's own config code; the model as train.py resolves it, without mesh axes."""
   config, _ = _train_modules()
-  over = {"model.num_layers": args.layers, "model.kernel_backend": backend,
+  over = {"model.num_layers": args.layers, "model.runtime.kernel_backend": backend,
           "data.seq_len": args.seq, "data.batch_size": args.batch}
   if args.small:
     over.update({f"model.{k}": v for k, v in SMALL_MODEL.items()})
@@ -133,7 +133,7 @@ def bench(path, backend, args):
   b, n = args.batch, args.seq
   row = {"config": cfg.name, "config_path": path, "preset": cfg.model.preset, "backend": backend,
          "layers": mcfg.num_layers, "layer_pattern": mcfg.layer_pattern,
-         "linear_variant": mcfg.linear_variant, "compute_dtype": mcfg.compute_dtype,
+         "linear_variant": mcfg.linear.variant, "compute_dtype": mcfg.runtime.compute_dtype,
          "seq": n, "batch": b, "params": models.count_params(mcfg),
          "flops_per_token": float(models.flops_per_token(mcfg, n))}
   model = models.create_model(mcfg, seed=args.seed)

@@ -5,8 +5,8 @@
     tokens = generate(model, prompt_BxP, T)                      # both, jitted once
 
 Prefill is the model's chunked forward over the prompt, sequence parallel when called inside
-``jax.set_mesh`` with a mesh that has ``cfg.seq_axis`` (LASP-2 for linear layers, LASP-2H for
-softmax ones, in ``cfg.layout`` order): the linear layers' final states come out of the exchange,
+``jax.set_mesh`` with a mesh that has ``cfg.runtime.seq_axis`` (LASP-2 for linear layers, LASP-2H for
+softmax ones, in ``cfg.runtime.layout`` order): the linear layers' final states come out of the exchange,
 replicated, and the softmax layers' K and V are put in natural order into caches of ``max_len``
 slots. A prompt of any length works: it is padded on the left to the multiple of the chunk
 (times the sequence shards) that the ops need, and the padding is a separate document
@@ -64,9 +64,9 @@ def check_prompt(prompt_BxP, vocab_size: int):
 def prompt_padding(cfg, prompt_len: int, seq_shards: int = 1) -> int:
   """How many tokens ``prefill`` puts before a prompt of ``prompt_len``: up to the multiple of
   ``chunk_size`` (times ``seq_shards``, twice that zigzag) that the chunked ops need."""
-  unit = cfg.chunk_size
+  unit = cfg.runtime.chunk_size
   if seq_shards > 1:
-    unit *= seq_shards * layout_lib.segments_per_shard(cfg.layout)
+    unit *= seq_shards * layout_lib.segments_per_shard(cfg.runtime.layout)
   return -prompt_len % unit
 
 
@@ -74,7 +74,7 @@ def prefill(model: LinearLlama, prompt_BxP, *, max_len: int):
   """Runs the prompt through the model and builds the decode cache.
 
   Args:
-    model: the decoder; inside ``jax.set_mesh`` with ``cfg.seq_axis``, sequence parallel.
+    model: the decoder; inside ``jax.set_mesh`` with ``cfg.runtime.seq_axis``, sequence parallel.
     prompt_BxP: int ``(B, P)``, natural order, ids in ``[0, vocab_size)``.
     max_len: the softmax layers' cache size: the prompt plus every token to be generated.
 
@@ -98,19 +98,19 @@ def prefill(model: LinearLlama, prompt_BxP, *, max_len: int):
     tokens = jnp.concatenate([jnp.zeros((bsz, pad), jnp.int32), tokens], axis=1)
     # The padding is document 0 and the prompt document 1: the states restart at the prompt.
     segment_ids = jnp.broadcast_to((jnp.arange(n) >= pad).astype(jnp.int32), (bsz, n))
-  zig = cfg.layout == "zigzag" and w > 1
+  zig = cfg.runtime.layout == "zigzag" and w > 1
   if zig:
     tokens = layout_lib.zigzag(tokens, w)
     segment_ids = None if segment_ids is None else layout_lib.zigzag(segment_ids, w)
   x, parts = model.hidden(tokens, segment_ids, return_cache=True)
-  last = layout_lib.natural_rows(x, n - 1, n, cfg.layout, w)
+  last = layout_lib.natural_rows(x, n - 1, n, cfg.runtime.layout, w)
   logits = model.logits(last)[:, 0]
   layers = []
   for part in parts:
     if isinstance(part, LinearCache):
       layers.append(part)
       continue
-    layers.append(AttentionCache(*(_kv_cache(x, ctx, cfg.layout, w, pad, max_len) for x in part)))
+    layers.append(AttentionCache(*(_kv_cache(x, ctx, cfg.runtime.layout, w, pad, max_len) for x in part)))
   return logits, Cache(tuple(layers), jnp.asarray(p, jnp.int32), max_len)
 
 

@@ -27,23 +27,26 @@ def param(rngs: nnx.Rngs, shape, logical_axes, dtype, *, std=None, value=None,
   return nnx.Param(x, logical_axes=tuple(logical_axes))
 
 
-def rms_norm(x, weight, eps):
-  """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, computed in float32."""
+def rms_norm(x, weight, eps, zero_centered=False):
+  """``x / sqrt(mean(x^2) + eps) * weight`` over the last axis, computed in float32;
+  ``zero_centered``: ``* (1 + weight)`` (the weight stored as an offset from one)."""
   x32 = x.astype(jnp.float32)
   y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return (y * weight.astype(jnp.float32)).astype(x.dtype)
+  w = weight.astype(jnp.float32)
+  return (y * (1.0 + w if zero_centered else w)).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):
-  """RMSNorm over the last axis with a learnable gain (ones at init)."""
+  """RMSNorm over the last axis with a learnable gain: ones at init, or (``zero_centered``, as
+  Qwen3.5's) an offset from one, zeros at init."""
 
-  def __init__(self, dim: int, *, eps: float, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, *, eps: float, dtype, rngs: nnx.Rngs, zero_centered=False):
     del rngs
-    self.eps = eps
-    self.weight = param(None, (dim,), ("norm",), dtype, value=1.0)
+    self.eps, self.zero_centered = eps, zero_centered
+    self.weight = param(None, (dim,), ("norm",), dtype, value=0.0 if zero_centered else 1.0)
 
   def __call__(self, x, ctx: Context):
-    return rms_norm(x, self.weight[...], self.eps)
+    return rms_norm(x, self.weight[...], self.eps, self.zero_centered)
 
 
 class SwiGLU(nnx.Module):
@@ -90,8 +93,8 @@ def document_positions(segment_ids_BxN, ctx: Context, cfg):
   # Not unzigzag + cummax on the global array: the SPMD partitioner turns a cummax over the sharded
   # sequence into an all-gather of all of it plus all-to-alls. Per shard, only each segment's
   # edges need to travel (``_document_positions_shard``).
-  spec = jax.sharding.PartitionSpec(ctx.batch_axis, cfg.seq_axis)
-  fn = functools.partial(_document_positions_shard, axis_name=cfg.seq_axis, layout=cfg.layout)
+  spec = jax.sharding.PartitionSpec(ctx.batch_axis, cfg.runtime.seq_axis)
+  fn = functools.partial(_document_positions_shard, axis_name=cfg.runtime.seq_axis, layout=cfg.runtime.layout)
   return sharding.shard_map(fn, ctx.mesh, (spec,), spec, (segment_ids_BxN,))
 
 

@@ -4,7 +4,7 @@ rule of design §11).
 Block (as in the reference models), for ``x (B, N, d_model)``:
 
     q, k, v = x W_q, x W_k, x W_v                       (B, N, H, Dk) / (B, N, H, Dv)
-    q, k, v = SiLU(conv(q)), SiLU(conv(k)), SiLU(conv(v))  short causal conv, when cfg.short_conv
+    q, k, v = SiLU(conv(q)), SiLU(conv(k)), SiLU(conv(v))  short causal conv, when cfg.linear.short_conv
     q, k    = phi(q), phi(k)                             feature map of the variant
     o       = core(q, k, v, g[, beta])                   LASP-2 over the mesh, or one device
     o       = RMSNorm_head(o) * swish(x W_og)            per-head norm, output gate
@@ -131,8 +131,8 @@ def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
   import lasp_jax
   bsz, n, h, d = x_BxNxHxD.shape
   y = lasp_jax.causal_conv1d(x_BxNxHxD.reshape(bsz, n, h * d), weight_KxHxD.reshape(-1, h * d),
-                             activation="silu", segment_ids=segment_ids, seq_axis=cfg.seq_axis,
-                             batch_axis=ctx.batch_axis, layout=cfg.layout)
+                             activation="silu", segment_ids=segment_ids, seq_axis=cfg.runtime.seq_axis,
+                             batch_axis=ctx.batch_axis, layout=cfg.runtime.layout)
   return y.reshape(bsz, n, h, d)
 
 
@@ -147,26 +147,26 @@ def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=
   delta["return_final_state"] = return_final_state
   if ctx.sequence_parallel:
     return lasp_jax.lasp2_attention(
-        q, k, v, log_decay, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis, causal=True,
-        scale=scale, segment_ids=segment_ids, chunk_size=cfg.chunk_size, layout=cfg.layout,
-        exchange=cfg.exchange, backend=cfg.kernel_backend, **delta)
+        q, k, v, log_decay, seq_axis=cfg.runtime.seq_axis, batch_axis=ctx.batch_axis, causal=True,
+        scale=scale, segment_ids=segment_ids, chunk_size=cfg.runtime.chunk_size, layout=cfg.runtime.layout,
+        exchange=cfg.runtime.exchange, backend=cfg.runtime.kernel_backend, **delta)
   return lasp_jax.linear_attention(q, k, v, log_decay, causal=True, scale=scale,
-                                   segment_ids=segment_ids, chunk_size=cfg.chunk_size,
-                                   backend=cfg.kernel_backend, **delta)
+                                   segment_ids=segment_ids, chunk_size=cfg.runtime.chunk_size,
+                                   backend=cfg.runtime.kernel_backend, **delta)
 
 
 class LinearAttention(nnx.Module):
-  """One linear-attention layer of variant ``cfg.linear_variant`` (see the module docstring).
+  """One linear-attention layer of variant ``cfg.linear.variant`` (see the module docstring).
 
   Diagonal-decay variants (``g`` is the log-decay, all <= 0):
-  - ``basic``: ``g = 0``; ``phi = cfg.feature_map``.
+  - ``basic``: ``g = 0``; ``phi = cfg.linear.feature_map``.
   - ``lightning``: ``g_h = -s_h (1 - l/(L-1) + 1e-5)``, ALiBi slopes ``s_h``
     (``lightning_log_decay``).
   - ``retention``: ``g_h = log(1 - 2**(-5-h))``.
   - ``gla``: ``g = logsigmoid(x W_g1 W_g2 + b_g) / 16`` per token, head and key channel, with
-    low-rank ``W_g1 (d, r)``, ``W_g2 (r, H Dk)`` (``r = cfg.gate_rank``, 16 in the paper).
+    low-rank ``W_g1 (d, r)``, ``W_g2 (r, H Dk)`` (``r = cfg.linear.gate_rank``, 16 in the paper).
   - ``simple_gla``: ``g_h = logsigmoid(x w_h + b_h) / 16`` per token and head.
-  - ``based``: q, k projected to ``F = cfg.feature_dim`` per head, ``q <- q F**-0.5``, then
+  - ``based``: q, k projected to ``F = cfg.linear.feature_dim`` per head, ``q <- q F**-0.5``, then
     ``o = phi(q) S / (phi(q) z + eps)`` with the Taylor map (``taylor_features``) and
     ``z_i = sum_{j<=i} phi(k_j)``.
   - ``rebased``: as Based with the ReBased map (``rebased_features``), kernel ``(q~ . k~)^2``.
@@ -174,15 +174,15 @@ class LinearAttention(nnx.Module):
   ``phi(q_i) z_i`` and LASP-2 carries ``z`` with the state.
 
   Delta-rule variants (design §11; as Gated DeltaNet / Qwen3-Next and Kimi Linear):
-  ``q, k, v = SiLU(conv(.))`` (``SiLU(.)`` without ``cfg.short_conv``), ``q, k = q / |q|, k / |k|``
+  ``q, k, v = SiLU(conv(.))`` (``SiLU(.)`` without ``cfg.linear.short_conv``), ``q, k = q / |q|, k / |k|``
   per head over Dk (``l2_normalize``, float32), ``beta_h = sigmoid(x w_b,h)`` per token and head,
-  times 2 with ``cfg.allow_neg_eigval`` (``beta`` in ``[0, 2]``: eigenvalues of the transition down
+  times 2 with ``cfg.linear.allow_neg_eigval`` (``beta`` in ``[0, 2]``: eigenvalues of the transition down
   to -1), and
   - ``deltanet``: no decay (``g = 0``).
   - ``gated_deltanet``: ``g_h = -exp(A_log_h) * softplus(x w_h + b_h)`` per token and head.
   - ``kda`` (Kimi Delta Attention): ``g = -exp(A_log_h) * softplus(x W_g1 W_g2 + b_g)`` per token,
     head and key channel, with the low-rank ``W_g1 (d, r)``, ``W_g2 (r, H Dk)`` of GLA (``r =
-    cfg.gate_rank``; Kimi Linear uses ``r = Dk``); ``A_log`` per head.
+    cfg.linear.gate_rank``; Kimi Linear uses ``r = Dk``); ``A_log`` per head.
   Mamba2 init of these gates: ``A ~ U[1, 16]``, ``A_log = log A``; the bias ``b`` (Mamba's
   ``dt_bias``) is ``softplus^{-1}(dt)``, ``dt`` log-uniform in ``[1e-3, 1e-1]``.
   """
@@ -200,18 +200,18 @@ class LinearAttention(nnx.Module):
     self.w_og = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
     self.o_norm = param(None, (dh,), ("norm",), dt, value=1.0)
-    if cfg.short_conv:
+    if cfg.linear.short_conv:
       # PyTorch's default conv init (uniform, bound K**-0.5) in its normal form: unlike the
       # projections' 0.02 it keeps q, k, v at the scale of the projections at init.
-      conv_std = (3 * cfg.short_conv) ** -0.5
+      conv_std = (3 * cfg.linear.short_conv) ** -0.5
       conv_axes = ("conv", "q_heads", "head_dim")
-      self.conv_q = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
-      self.conv_k = param(rngs, (cfg.short_conv, h, dqk), conv_axes, dt, std=conv_std)
-      self.conv_v = param(rngs, (cfg.short_conv, h, dh), conv_axes, dt, std=conv_std)
+      self.conv_q = param(rngs, (cfg.linear.short_conv, h, dqk), conv_axes, dt, std=conv_std)
+      self.conv_k = param(rngs, (cfg.linear.short_conv, h, dqk), conv_axes, dt, std=conv_std)
+      self.conv_v = param(rngs, (cfg.linear.short_conv, h, dh), conv_axes, dt, std=conv_std)
     # The gate's bias is 0 for GLA-style gates, Mamba's dt_bias for Mamba-style ones.
     bias = dict(init=mamba_dt_bias_init) if variant.mamba_gate else dict(value=0.0)
     if variant.gate == "per_channel":
-      r = cfg.gate_rank
+      r = cfg.linear.gate_rank
       self.w_g1 = param(rngs, (d, r), ("embed", "rank"), dt, std=std)
       self.w_g2 = param(rngs, (r, h, dh), ("rank", "q_heads", "head_dim"), dt, std=std)
       self.b_g = param(rngs, (h, dh), ("q_heads", "head_dim"), dt, **bias)
@@ -252,17 +252,17 @@ class LinearAttention(nnx.Module):
       a = jnp.exp(_replicated(self.a_log, c32))               # (H,)
       a = a[:, None] if logit.ndim == 4 else a
       return -a * jax.nn.softplus(logit)
-    return jax.nn.log_sigmoid(logit) / cfg.gate_normalizer
+    return jax.nn.log_sigmoid(logit) / cfg.linear.gate_normalizer
 
   def _beta(self, x_BxNxD, ctx: Context):
     """The delta rule's ``beta (B, N, H)`` float32: ``sigmoid(x w_b)``, in ``[0, 2]`` (twice
-    that) with ``cfg.allow_neg_eigval``."""
+    that) with ``cfg.linear.allow_neg_eigval``."""
     c32 = dataclasses.replace(ctx, compute_dtype=jnp.float32)
     logit = c32.einsum("bnd,dh->bnh", x_BxNxD.astype(jnp.float32),
                        c32.weight(self.w_b, ("embed", "q_heads")),
                        ("act_batch", "act_seq", "act_heads"))
     beta = jax.nn.sigmoid(logit)
-    return 2.0 * beta if self.cfg.allow_neg_eigval else beta
+    return 2.0 * beta if self.cfg.linear.allow_neg_eigval else beta
 
   def _project(self, x_BxNxD, ctx: Context):
     """q, k, v ``(B, N, H, D)`` before the conv and the feature maps."""
@@ -290,7 +290,7 @@ class LinearAttention(nnx.Module):
     if variant.delta:
       q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
     else:
-      q, k, beta = feature_map(q, cfg.feature_map), feature_map(k, cfg.feature_map), None
+      q, k, beta = feature_map(q, cfg.linear.feature_map), feature_map(k, cfg.linear.feature_map), None
     return q, k, v, self._log_decay(x_BxNxD, ctx), beta, q.shape[-1] ** -0.5
 
   def _output(self, o, x_BxNxD, ctx: Context):
@@ -299,7 +299,7 @@ class LinearAttention(nnx.Module):
       o32 = o.astype(jnp.float32)
       o = (o32[..., :-1] / (o32[..., -1:] + NORMALISER_EPS)).astype(o.dtype)
     o = ctx.constrain(o, _HEADS)
-    o = rms_norm(o, self.o_norm[...], self.cfg.norm_eps)
+    o = rms_norm(o, self.o_norm[...], self.cfg.norm.eps)
     wspec = ("embed", "q_heads", "head_dim")
     gate = ctx.einsum("bnd,dhk->bnhk", x_BxNxD, ctx.weight(self.w_og, wspec), _HEADS)
     o = o * jax.nn.silu(gate)
@@ -309,16 +309,16 @@ class LinearAttention(nnx.Module):
   def __call__(self, x_BxNxD, ctx: Context, segment_ids_BxN=None, *, return_cache=False):
     """``y (B, N, D)``; with ``return_cache`` also the ``LinearCache`` after the last token (in
     natural order) of the last document of each row: the prefill of decoding."""
-    cfg, variant = self.cfg, self.cfg.linear_variant
+    cfg, variant = self.cfg, self.cfg.linear.variant
     with jax.named_scope(f"linear_attention_{variant}"):
       q, k, v = raw = self._project(x_BxNxD, ctx)
       conv = ()
-      if cfg.short_conv:
+      if cfg.linear.short_conv:
         q, k, v = (ctx.constrain(short_conv(x, w, cfg=cfg, ctx=ctx, segment_ids=segment_ids_BxN),
                                  _HEADS) for x, w in zip(raw, self._conv_weights(ctx)))
         if return_cache:
-          conv = tuple(conv_state(x.reshape(*x.shape[:2], -1), cfg.short_conv,
-                                  segment_ids=segment_ids_BxN, layout=cfg.layout,
+          conv = tuple(conv_state(x.reshape(*x.shape[:2], -1), cfg.linear.short_conv,
+                                  segment_ids=segment_ids_BxN, layout=cfg.runtime.layout,
                                   num_shards=ctx.seq_shards) for x in raw)
       elif cfg.variant.delta:  # Gated DeltaNet's SiLU on q, k, v is part of the conv
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
@@ -333,11 +333,11 @@ class LinearAttention(nnx.Module):
   def decode(self, x_Bx1xD, cache: LinearCache, ctx: Context):
     """One token: ``(y (B, 1, D), the cache after it)``, one step of the recurrence (and of the
     conv), the same arithmetic as ``__call__`` at that position."""
-    cfg, variant = self.cfg, self.cfg.linear_variant
+    cfg, variant = self.cfg, self.cfg.linear.variant
     with jax.named_scope(f"linear_attention_{variant}_decode"):
       q, k, v = raw = self._project(x_Bx1xD, ctx)
       conv = ()
-      if cfg.short_conv:
+      if cfg.linear.short_conv:
         outs = []
         for x, w, st in zip(raw, self._conv_weights(ctx), cache.conv):
           b, _, h, d = x.shape

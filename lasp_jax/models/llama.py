@@ -6,9 +6,9 @@
       x = x + SwiGLU(RMSNorm(x))
     logits = RMSNorm(x) W_out        (W_out = Embed^T when ``tie_embeddings``), float32
 
-Sequence parallelism comes from the ``jax.set_mesh`` context: when its mesh has ``cfg.seq_axis``,
+Sequence parallelism comes from the ``jax.set_mesh`` context: when its mesh has ``cfg.runtime.seq_axis``,
 linear layers run LASP-2 and softmax layers LASP-2H over it, with tokens (and logits) in
-``cfg.layout`` order; without it the one-device ops run. The model itself never calls a collective.
+``cfg.runtime.layout`` order; without it the one-device ops run. The model itself never calls a collective.
 """
 
 from __future__ import annotations
@@ -31,10 +31,12 @@ class DecoderLayer(nnx.Module):
   def __init__(self, cfg: ModelConfig, layer_idx: int, *, rngs: nnx.Rngs):
     self.kind = cfg.layer_kinds[layer_idx]
     dt = jnp.dtype(cfg.param_dtype)
-    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dt, rngs=rngs,
+                             zero_centered=cfg.norm.zero_centered)
     block = LinearAttention if self.kind == "linear" else SoftmaxAttention
     self.attn = block(cfg, layer_idx, rngs=rngs)
-    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dt, rngs=rngs,
+                             zero_centered=cfg.norm.zero_centered)
     self.mlp = SwiGLU(cfg.d_model, cfg.ffn_dim, std=cfg.init_std, dtype=dt, rngs=rngs)
 
   def __call__(self, x_BxNxD, ctx, positions, segment_ids_BxN=None, *, return_cache=False):
@@ -63,7 +65,7 @@ class DecoderLayer(nnx.Module):
 
 class LinearLlama(nnx.Module):
   """The decoder. ``model(tokens_BxN, segment_ids=None) -> logits_BxNxV`` (float32), tokens in
-  ``cfg.layout`` order.
+  ``cfg.runtime.layout`` order.
 
   ``segment_ids (B, N)`` int, in the layout of the tokens, packs documents (design §13): a
   document starts wherever the id differs from the previous token's in natural order; every layer
@@ -79,7 +81,8 @@ class LinearLlama(nnx.Module):
     self.embed = param(rngs, (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), dt,
                        std=cfg.init_std)
     self.layers = nnx.List([DecoderLayer(cfg, i, rngs=rngs) for i in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, dtype=dt, rngs=rngs)
+    self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dt, rngs=rngs,
+                             zero_centered=cfg.norm.zero_centered)
     if not cfg.tie_embeddings:
       self.lm_head = param(rngs, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), dt,
                            std=cfg.init_std)
@@ -104,13 +107,13 @@ class LinearLlama(nnx.Module):
         raise TypeError(f"segment_ids must be an integer array, got dtype {segment_ids.dtype}")
     ctx = make_context(cfg)
     n = tokens_BxN.shape[1]
-    if cfg.layout == "zigzag" and ctx.seq_shards > 1 and n % (2 * ctx.seq_shards):
+    if cfg.runtime.layout == "zigzag" and ctx.seq_shards > 1 and n % (2 * ctx.seq_shards):
       raise ValueError(f"zigzag layout: sequence length {n} is not a multiple of "
                        f"2 * {ctx.seq_shards} sequence shards")
     tokens_BxN = ctx.constrain(tokens_BxN, ("act_batch", "act_seq"))
     x = self._embed(tokens_BxN, ctx)
     if segment_ids is None:
-      positions = rope_positions(n, ctx, cfg.layout)  # (N,)
+      positions = rope_positions(n, ctx, cfg.runtime.layout)  # (N,)
     else:
       segment_ids = ctx.constrain(jnp.asarray(segment_ids), ("act_batch", "act_seq"))
       positions = document_positions(segment_ids, ctx, cfg)  # (B, N)
@@ -119,7 +122,7 @@ class LinearLlama(nnx.Module):
       if return_cache:  # a prefill: no gradient, so nothing to rematerialise
         x, cache = layer(x, ctx, positions, segment_ids, return_cache=True)
         caches.append(cache)
-      elif cfg.remat:
+      elif cfg.runtime.remat:
         x = nnx.remat(lambda lyr, y, p, s: lyr(y, ctx, p, s))(layer, x, positions, segment_ids)
       else:
         x = layer(x, ctx, positions, segment_ids)
@@ -239,7 +242,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
   mlp = 3 * d * f
   head = d * cfg.vocab_size
   total = 2.0 * head
-  c = min(cfg.chunk_size, seq_len)
+  c = min(cfg.runtime.chunk_size, seq_len)
   for kind in cfg.layer_kinds:
     if kind == "softmax":
       mm = d * h * dh * 2 + d * hkv * dh * 2
@@ -249,7 +252,7 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
       dqk = variant.qk_dim(cfg)
       dk, dv = variant.state_dims(cfg)
       mm = d * h * dqk * 2 + d * h * dh * 3 + variant.gate_weights(cfg)
-      mm += cfg.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
+      mm += cfg.linear.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
       if variant.delta:
         core = h * (6.0 * dk * dv + c * (3.0 * dk + 2.0 * dv) + c * c / 3.0)
       else:

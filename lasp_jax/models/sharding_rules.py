@@ -51,8 +51,8 @@ class ShardingRules:
 
   @classmethod
   def from_config(cls, cfg) -> "ShardingRules":
-    t, f = cfg.tensor_axis, cfg.fsdp_axis
-    return cls(act_batch=tuple(cfg.batch_axes), act_seq=cfg.seq_axis, act_ffn=t, act_vocab=t,
+    t, f = cfg.runtime.tensor_axis, cfg.runtime.fsdp_axis
+    return cls(act_batch=tuple(cfg.runtime.batch_axes), act_seq=cfg.runtime.seq_axis, act_ffn=t, act_vocab=t,
                vocab=t, embed=f, q_heads=t, kv_heads=t, ffn=t)
 
   def spec(self, logical: Sequence[str | None], mesh, shape=None, drop=()) -> P:
@@ -151,12 +151,12 @@ def make_context(cfg, mesh=None) -> Context:
     if mesh is None or not mesh.axis_names:
       mesh = None
   rules = ShardingRules.from_config(cfg)
-  dtype = jnp.dtype(cfg.compute_dtype)
+  dtype = jnp.dtype(cfg.runtime.compute_dtype)
   if mesh is None:
     return Context(rules=rules, compute_dtype=dtype)
   sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
-  present = [a for a in cfg.batch_axes if a in sizes]
+  present = [a for a in cfg.runtime.batch_axes if a in sizes]
   # The ops split B over one mesh axis; with several batch axes the others are gathered there.
   batch_axis = present[0] if present else None
-  return Context(rules=rules, mesh=mesh, seq_shards=sizes.get(cfg.seq_axis, 1),
+  return Context(rules=rules, mesh=mesh, seq_shards=sizes.get(cfg.runtime.seq_axis, 1),
                  batch_axis=batch_axis, compute_dtype=dtype)

@@ -27,8 +27,8 @@ def core_softmax(q, k, v, *, cfg, ctx: Context, segment_ids=None, return_kv=Fals
   scale = q.shape[-1] ** -0.5
   if ctx.sequence_parallel:
     from lasp_jax.sequence_parallel.lasp2h import lasp2h_attention
-    out = lasp2h_attention(q, k, v, seq_axis=cfg.seq_axis, batch_axis=ctx.batch_axis,
-                           causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.layout,
+    out = lasp2h_attention(q, k, v, seq_axis=cfg.runtime.seq_axis, batch_axis=ctx.batch_axis,
+                           causal=True, scale=scale, segment_ids=segment_ids, layout=cfg.runtime.layout,
                            return_kv=return_kv)
     return (out[0], (out[1][0], out[1][1])) if return_kv else out
   # One device: positions are 0..N-1 in storage order (zigzag over one shard is the identity).
@@ -63,8 +63,8 @@ class SoftmaxAttention(nnx.Module):
                    ctx.weight(self.w_k, ("embed", "kv_heads", "head_dim")), heads)
     v = ctx.einsum("bnd,dhk->bnhk", x_BxNxD,
                    ctx.weight(self.w_v, ("embed", "kv_heads", "head_dim")), heads)
-    return apply_rope(q, positions, self.cfg.rope_base), apply_rope(k, positions,
-                                                                    self.cfg.rope_base), v
+    return apply_rope(q, positions, self.cfg.softmax.rope_base), apply_rope(k, positions,
+                                                                    self.cfg.softmax.rope_base), v
 
   def _output(self, o, ctx: Context):
     o = ctx.constrain(o, ("act_batch", "act_seq", "act_heads", None))

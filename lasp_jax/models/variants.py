@@ -15,13 +15,13 @@ class LinearVariant:
   """What a linear variant is.
 
   Attributes:
-    name: ``ModelConfig.linear_variant``.
+    name: ``ModelConfig.linear.variant``.
     gate: the log-decay: None; ``"lightning"`` or ``"retention"`` (constant per head, ``(H,)``);
       ``"per_head"`` (a projection per token and head, ``(B, N, H)``) or ``"per_channel"`` (a
       low-rank projection per token and key channel, ``(B, N, H, Dk)``).
     mamba_gate: a data-dependent gate is Mamba2's ``-exp(A_log) softplus(logit + dt_bias)``
       (else GLA's ``logsigmoid(logit) / gate_normalizer``).
-    features: q, k feature maps: ``"map"`` (``ModelConfig.feature_map``), ``"taylor"`` (Based's
+    features: q, k feature maps: ``"map"`` (``ModelConfig.linear.feature_map``), ``"taylor"`` (Based's
       second-order Taylor map on ``feature_dim``) or ``"rebased"`` (ReBased's learnable affine and
       squared kernel on ``feature_dim``); the last two are normalised.
     delta: the delta rule (SiLU then L2-normalised q and k, a ``beta`` per token and head).
@@ -43,7 +43,7 @@ class LinearVariant:
 
   def qk_dim(self, cfg) -> int:
     """Width of the q, k projections per head."""
-    return cfg.feature_dim if self.normalised else cfg.dim_per_head
+    return cfg.linear.feature_dim if self.normalised else cfg.dim_per_head
 
   def state_dims(self, cfg) -> tuple[int, int]:
     """``(Dk, Dv)`` of the recurrence's state after the feature maps."""
@@ -54,7 +54,7 @@ class LinearVariant:
   def gate_weights(self, cfg) -> int:
     """Matmul weights of the gate's and beta's projections (for FLOPs)."""
     d, h = cfg.d_model, cfg.num_heads
-    n = {"per_channel": d * cfg.gate_rank + cfg.gate_rank * h * cfg.dim_per_head,
+    n = {"per_channel": d * cfg.linear.gate_rank + cfg.linear.gate_rank * h * cfg.dim_per_head,
          "per_head": d * h}.get(self.gate, 0)
     return n + (d * h if self.delta else 0)
 
@@ -80,5 +80,5 @@ DELTA_VARIANTS = tuple(n for n, v in VARIANTS.items() if v.delta)
 def get(name: str) -> LinearVariant:
   """The entry for ``name``; ValueError naming the valid ones otherwise."""
   if name not in VARIANTS:
-    raise ValueError(f"linear_variant must be one of {LINEAR_VARIANTS}, got {name!r}")
+    raise ValueError(f"linear.variant must be one of {LINEAR_VARIANTS}, got {name!r}")
   return VARIANTS[name]

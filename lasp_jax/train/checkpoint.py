@@ -21,12 +21,14 @@ import orbax.checkpoint as ocp
 
 from lasp_jax.train.mesh import any_process
 
-# ModelConfig fields that change how the model runs, not its parameters: they may differ on resume.
-# Every other model field (d_model, vocab_size, layer_pattern, param_dtype, rope_base, ...) must
-# match: it changes the parameter shapes or tree, or what the saved weights mean.
-RESUMABLE_MODEL_FIELDS = frozenset({
-    "compute_dtype", "chunk_size", "remat", "layout", "exchange", "kernel_backend", "init_std",
-    "seq_axis", "batch_axes", "fsdp_axis", "tensor_axis"})
+
+
+def resumable_model_key(key: str) -> bool:
+  """Whether a model field (dotted key) may differ on resume: the ``runtime`` group changes how
+  the model runs, ``init_std`` only step 0. Every other field (d_model, vocab_size, layer_pattern,
+  param_dtype, softmax.rope_base, ...) must match: it changes the parameter shapes or tree, or
+  what the saved weights mean."""
+  return key.startswith("runtime.") or key == "init_std"
 
 
 def resume_conflicts(saved: dict, new: dict) -> list[str]:
@@ -34,16 +36,18 @@ def resume_conflicts(saved: dict, new: dict) -> list[str]:
 
   Both are ``config.yaml`` mappings (``TrainConfig.to_dict()`` plus ``resolved_model``). The model
   is compared field by field on the resolved config (so a preset renamed with the same fields is
-  fine), except ``RESUMABLE_MODEL_FIELDS``; fields only one side knows (a newer ModelConfig) are
-  not compared. The optimiser's state tree depends only on whether clipping is on
+  fine; a run saved with the flat keys of earlier versions compares by their new names), except
+  ``resumable_model_key`` ones; fields only one side knows (a newer ModelConfig) are not compared. The optimiser's state tree depends only on whether clipping is on
   (``optim.clip_norm > 0``). Free to change: ``steps``, the lr schedule and AdamW constants,
   ``optim.grad_accum``, ``data.*`` (a different source or seed is warned about at restore),
   ``mesh.*`` (the state is resharded), ``checkpoint.*``, ``log.*``, ``name``, ``seed``.
   """
   out = []
-  old_m, new_m = saved.get("resolved_model") or {}, new.get("resolved_model") or {}
+  from lasp_jax.models.config import canonical_items  # pylint: disable=import-outside-toplevel
+  old_m = canonical_items(saved.get("resolved_model") or {})
+  new_m = canonical_items(new.get("resolved_model") or {})
   for k in new_m:
-    if k in old_m and k not in RESUMABLE_MODEL_FIELDS and _norm(old_m[k]) != _norm(new_m[k]):
+    if k in old_m and not resumable_model_key(k) and _norm(old_m[k]) != _norm(new_m[k]):
       out.append(f"model.{k}: {old_m[k]!r} -> {new_m[k]!r}")
   old_clip = (saved.get("optim") or {}).get("clip_norm")
   new_clip = new["optim"]["clip_norm"]

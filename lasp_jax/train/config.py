@@ -143,7 +143,13 @@ class TrainConfig:
 
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d["model"] = {"preset": self.model.preset, **dict(self.model.overrides)}
+    d["model"] = {"preset": self.model.preset}
+    for key, val in self.model.overrides.items():   # dotted keys written as nested groups
+      head, _, tail = key.partition(".")
+      if tail:
+        d["model"].setdefault(head, {})[tail] = val
+      else:
+        d["model"][key] = val
     return d
 
 
@@ -336,13 +342,24 @@ def _build(cls, d: Mapping[str, Any], prefix: str):
   return cls(**kwargs)
 
 
-def _model_field_types() -> dict | None:
-  """Types of ``ModelConfig`` fields, or None while the models package is unavailable."""
+def _model_config_class():
+  """``ModelConfig``, or None while the models package is unavailable."""
   try:
     from lasp_jax.models import ModelConfig  # pylint: disable=import-outside-toplevel
   except ImportError:
     return None
-  return _hints(ModelConfig)
+  return ModelConfig
+
+
+def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  """``{"linear": {"variant": x}}`` -> ``{"linear.variant": x}`` (only the model's groups nest)."""
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, Mapping) and not prefix:
+      out.update(_flatten(v, f"{k}."))
+    else:
+      out[prefix + k] = v
+  return out
 
 
 def _model_section(d: Mapping[str, Any] | None) -> ModelSection:
@@ -351,19 +368,24 @@ def _model_section(d: Mapping[str, Any] | None) -> ModelSection:
   overrides = d.pop("overrides", None) or {}
   if not isinstance(overrides, Mapping):
     raise ValueError(f"model.overrides: expected a mapping, got {overrides!r}")
-  overrides = {**overrides, **d}     # `model: {preset: tiny, d_model: 64}` and nested both work
-  hints = _model_field_types()
-  if hints is not None:
-    unknown = [k for k in overrides if k not in hints]
-    if unknown:
-      raise ValueError(f"unknown config key(s) {['model.' + k for k in unknown]}; "
-                       f"valid model keys: "
-                       f"['preset', {', '.join(repr(k) for k in hints)}]")
-    overrides = {k: _coerce(f"model.{k}", v, hints[k]) for k, v in overrides.items()}
+  # `model: {preset: tiny, d_model: 64}`, `model: {linear: {variant: gla}}`, dotted keys and the
+  # flat names of earlier versions (`linear_variant`) all work; kept under their dotted names.
+  overrides = _flatten({**overrides, **d})
+  model_config = _model_config_class()
+  if model_config is not None:
+    hints, canonical = model_config.field_types(), {}
+    for k, v in overrides.items():
+      try:
+        key = model_config.canonical_key(k)
+      except ValueError:
+        raise ValueError(f"unknown config key(s) {['model.' + k]}; valid model keys: "
+                         f"['preset', {', '.join(repr(k) for k in hints)}]") from None
+      canonical[key] = _coerce(f"model.{key}", v, hints[key])
+    overrides = canonical
     from lasp_jax import models  # pylint: disable=import-outside-toplevel
     try:                              # the model's own checks, now rather than at run time
       base = models.get_config(str(preset))
-      models.ModelConfig.from_dict({**base.to_dict(), **overrides})
+      models.ModelConfig.from_dict({**base.flat_dict(), **overrides})
     except (ValueError, TypeError) as e:
       raise ValueError(f"model (preset {preset!r}): {e}") from None
   return ModelSection(preset=str(preset), overrides=overrides)

@@ -32,7 +32,7 @@ from lasp_jax.models import linear_attention as la
 ])
 def test_bad_config_names_the_value(changes, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
-    models.ModelConfig(**changes)
+    models.ModelConfig.from_dict(changes)
 
 
 def test_head_dim_set_explicitly_lifts_divisibility():
@@ -43,12 +43,38 @@ def test_head_dim_set_explicitly_lifts_divisibility():
 def test_dict_round_trip_and_unknown_keys():
   cfg = models.get_config("tiny_hybrid", layout="zigzag", batch_axes=("data", "fsdp"))
   d = cfg.to_dict()
-  assert d["batch_axes"] == ["data", "fsdp"]  # YAML-friendly
+  assert d["runtime"]["batch_axes"] == ["data", "fsdp"]  # YAML-friendly
   assert models.ModelConfig.from_dict(d) == cfg
+  assert models.ModelConfig.from_dict(cfg.flat_dict()) == cfg
   with pytest.raises(ValueError, match="'d_modle'"):
     models.ModelConfig.from_dict({"d_modle": 64})
+  with pytest.raises(ValueError, match="'linear.varaint'"):
+    models.ModelConfig.from_dict({"linear": {"varaint": "gla"}})
   with pytest.raises(ValueError, match="'bogus'"):
     models.get_config("bogus")
+
+
+def test_groups_and_the_flat_keys_of_earlier_versions():
+  """Every key lives in one group; the flat names still work everywhere a config is built, and
+  a saved ``resolved_model`` of an earlier version (flat) resumes as the same config."""
+  cfg = models.get_config("tiny_gdn_hybrid")
+  assert (cfg.linear.variant, cfg.linear.short_conv, cfg.softmax.num_kv_heads,
+          cfg.runtime.chunk_size, cfg.norm.eps) == ("gated_deltanet", 4, 2, 16, 1e-5)
+  flat_old = {"vocab_size": 256, "d_model": 32, "num_layers": 4, "num_heads": 4,
+              "num_kv_heads": 2, "head_dim": None, "ffn_dim": 64, "layer_pattern": "LLLN",
+              "linear_variant": "gated_deltanet", "feature_map": "swish", "feature_dim": 4,
+              "gate_rank": 4, "gate_normalizer": 16.0, "allow_neg_eigval": False,
+              "short_conv": 4, "tie_embeddings": False, "param_dtype": "float32",
+              "compute_dtype": "float32", "chunk_size": 16, "rope_base": 500000.0,
+              "norm_eps": 1e-5, "init_std": 0.02, "remat": False, "seq_axis": "sp",
+              "batch_axes": ["data"], "fsdp_axis": "fsdp", "tensor_axis": "tensor",
+              "layout": "contiguous", "exchange": "allgather", "kernel_backend": "auto"}
+  assert models.ModelConfig.from_dict(flat_old) == cfg
+  assert set(models.config.FLAT_ALIASES) | set(cfg.to_dict()) >= set(flat_old)
+  assert (cfg.replace(linear_variant="gla") == cfg.replace(linear={"variant": "gla"})
+          == cfg.replace(**{"linear.variant": "gla"}) == cfg.replace(linear__variant="gla"))
+  assert cfg.replace(layout="zigzag").runtime.layout == "zigzag"
+  assert set(cfg.flat_dict()) == set(models.ModelConfig.field_types())
 
 
 def test_layer_pattern_repeats_to_depth():
@@ -60,7 +86,7 @@ def _closed_form_count(cfg):
   v, d, h, hkv, dh, f = (cfg.vocab_size, cfg.d_model, cfg.num_heads, cfg.kv_heads,
                          cfg.dim_per_head, cfg.ffn_dim)
   linear = 5 * d * h * dh + dh        # q, k, v, output gate, output; per-head output norm
-  linear += cfg.short_conv * 3 * h * dh  # the depthwise taps on q, k, v
+  linear += cfg.linear.short_conv * 3 * h * dh  # the depthwise taps on q, k, v
   softmax = 2 * d * h * dh + 2 * d * hkv * dh
   common = 2 * d + 3 * d * f          # two RMSNorms, SwiGLU
   layers = sum((linear if k == "linear" else softmax) + common for k in cfg.layer_kinds)
@@ -79,7 +105,7 @@ def test_1b_preset_shapes_and_parameter_count():
   assert hybrid.layer_kinds.count("softmax") == 4
   assert models.count_params(hybrid) == _closed_form_count(hybrid)
   gdn = models.get_config("gated_deltanet_1b_hybrid")
-  assert gdn.short_conv == 4 and gdn.layer_kinds.count("linear") == 12
+  assert gdn.linear.short_conv == 4 and gdn.layer_kinds.count("linear") == 12
   # + per linear layer: beta's and the decay gate's projections (d H each), dt_bias and A_log (H)
   n_gdn = models.count_params(gdn)
   assert n_gdn == _closed_form_count(gdn) + 12 * (2 * 2048 * 16 + 2 * 16)
@@ -99,14 +125,14 @@ def test_count_params_matches_the_built_model(variant):
            "gated_deltanet": 3 * (32 * 4 + 4 + 4 + 32 * 4),
            "kda": 3 * (32 * 4 + 4 * 32 + 32 + 4 + 32 * 4)}[variant]
   # q and k (and their conv taps) are feature_dim 4 wide per head, not head_dim 8
-  dqk_delta = {v: 3 * 2 * (32 + cfg.short_conv) * 4 * (4 - 8) for v in ("based", "rebased")}
+  dqk_delta = {v: 3 * 2 * (32 + cfg.linear.short_conv) * 4 * (4 - 8) for v in ("based", "rebased")}
   base = _closed_form_count(cfg) + extra + dqk_delta.get(variant, 0)
   assert models.count_params(cfg) == sum(sizes) == base
 
 
 def test_flops_per_token():
   cfg = models.get_config("linear_llama3_1b")
-  d, h, dh, f, v, c = 2048, 16, 128, 8192, 128256, cfg.chunk_size
+  d, h, dh, f, v, c = 2048, 16, 128, 8192, 128256, cfg.runtime.chunk_size
   per_layer = 2 * (5 * d * h * dh + 3 * d * f) + h * (4 * dh * dh + c * 2 * dh)
   want = 3 * (2 * d * v + 16 * per_layer)
   assert models.flops_per_token(cfg, 8192) == pytest.approx(want)
@@ -123,10 +149,10 @@ def test_flops_per_token():
 
 
 def test_presets_short_conv():
-  assert models.get_config("tiny").short_conv == models.get_config("tiny_hybrid").short_conv == 4
-  assert models.get_config("tiny_gdn_hybrid").short_conv == 4
-  assert models.get_config("gated_deltanet_1b_hybrid").short_conv == 4
-  assert models.get_config("linear_llama3_1b").short_conv == 0
+  assert models.get_config("tiny").linear.short_conv == models.get_config("tiny_hybrid").linear.short_conv == 4
+  assert models.get_config("tiny_gdn_hybrid").linear.short_conv == 4
+  assert models.get_config("gated_deltanet_1b_hybrid").linear.short_conv == 4
+  assert models.get_config("linear_llama3_1b").linear.short_conv == 0
 
 
 def test_decay_constants():
@@ -159,7 +185,7 @@ def test_feature_map_kernels():
 
 
 def test_kernel_backend_reaches_the_linear_ops(monkeypatch):
-  """``ModelConfig.kernel_backend`` is the ``backend=`` of every linear layer's op, one device and
+  """``ModelConfig.runtime.kernel_backend`` is the ``backend=`` of every linear layer's op, one device and
   sequence parallel; on CPU "xla" is what "auto" picks, so the logits are the same bits."""
   import lasp_jax
   from lasp_jax.sequence_parallel import lasp2
@@ -175,7 +201,7 @@ def test_kernel_backend_reaches_the_linear_ops(monkeypatch):
   monkeypatch.setattr(lasp_jax, "linear_attention", recording(lasp_jax.linear_attention))
   monkeypatch.setattr(lasp_jax, "lasp2_attention", recording(lasp_jax.lasp2_attention))
   cfg = models.get_config("tiny_gdn_hybrid", num_layers=2)   # two delta-rule layers
-  assert cfg.kernel_backend == "auto"
+  assert cfg.runtime.kernel_backend == "auto"
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 64), 0, cfg.vocab_size)
   logits = {}
   for backend in ("auto", "xla"):

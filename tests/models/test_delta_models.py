@@ -45,16 +45,16 @@ def _reference_layer(p, x, cfg):
   q = q / jnp.sqrt(jnp.sum(q * q, -1, keepdims=True) + 1e-6)
   k = k / jnp.sqrt(jnp.sum(k * k, -1, keepdims=True) + 1e-6)
   beta = jax.nn.sigmoid(jnp.einsum("bnd,dh->bnh", x, p["w_b"]))
-  beta = 2 * beta if cfg.allow_neg_eigval else beta
+  beta = 2 * beta if cfg.linear.allow_neg_eigval else beta
   g = None
-  if cfg.linear_variant == "gated_deltanet":
+  if cfg.linear.variant == "gated_deltanet":
     logit = jnp.einsum("bnd,dh->bnh", x, p["w_g"]) + p["b_g"]
     g = -jnp.exp(p["a_log"]) * jax.nn.softplus(logit)
-  elif cfg.linear_variant == "kda":
+  elif cfg.linear.variant == "kda":
     logit = jnp.einsum("bnd,dr,rhk->bnhk", x, p["w_g1"], p["w_g2"]) + p["b_g"]
     g = -jnp.exp(p["a_log"])[:, None] * jax.nn.softplus(logit)
   o, _ = refs.delta_recurrence(q, k, v, beta, g, scale=dh ** -0.5)
-  o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + cfg.norm_eps) * p["o_norm"]
+  o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + cfg.norm.eps) * p["o_norm"]
   o = o * jax.nn.silu(jnp.einsum("bnd,dhk->bnhk", x, p["w_og"]))
   return jnp.einsum("bnhk,hkd->bnd", o, p["w_o"])
 
@@ -196,20 +196,20 @@ def test_new_parameters_shard_by_the_rules():
 
 @pytest.mark.parametrize("changes, needle", [
     (dict(allow_neg_eigval=True), "allow_neg_eigval=True widens the delta rule's beta to [0, 2]: "
-                                  "it needs a linear_variant in"),
+                                  "it needs a linear.variant in"),
     (dict(allow_neg_eigval=True, linear_variant="gla"), "got 'gla'"),
     (dict(allow_neg_eigval=1, linear_variant="deltanet"), "allow_neg_eigval must be a bool, got 1"),
     (dict(linear_variant="delta_net"), "'delta_net'"),
 ])
 def test_bad_config_names_the_value(changes, needle):
   with pytest.raises(ValueError, match=re.escape(needle)):
-    models.ModelConfig(**changes)
+    models.ModelConfig.from_dict(changes)
 
 
 def test_presets():
   tiny = models.get_config("tiny_gdn_hybrid")
   assert tiny == models.get_config("tiny_hybrid", linear_variant="gated_deltanet")
-  assert tiny.short_conv == 4 and tiny.layer_kinds.count("softmax") == 1
+  assert tiny.linear.short_conv == 4 and tiny.layer_kinds.count("softmax") == 1
   big = models.get_config("gated_deltanet_1b_hybrid")
   assert big == models.get_config("linear_llama3_1b_hybrid", linear_variant="gated_deltanet",
                                   short_conv=4)
@@ -221,7 +221,7 @@ def test_presets():
 
 def test_flops_per_token_of_the_delta_rule():
   cfg = models.get_config("gated_deltanet_1b_hybrid")
-  d, h, dh, c, s = 2048, 16, 128, cfg.chunk_size, 8192
+  d, h, dh, c, s = 2048, 16, 128, cfg.runtime.chunk_size, 8192
   base = cfg.replace(linear_variant="basic")
   # Per linear layer: the gate's and beta's projections (d H each), and the core's
   # 6 Dk Dv + c (3 Dk + 2 Dv) + c^2 / 3 per head instead of 4 Dk Dv + c (Dk + Dv).
@@ -232,15 +232,15 @@ def test_flops_per_token_of_the_delta_rule():
   dn = models.flops_per_token(cfg.replace(linear_variant="deltanet"), s)
   assert models.flops_per_token(cfg, s) - dn == pytest.approx(3 * 12 * 2 * d * h)  # the gate
   kda = models.flops_per_token(cfg.replace(linear_variant="kda"), s)
-  assert kda - dn == pytest.approx(3 * 12 * 2 * (d * cfg.gate_rank + cfg.gate_rank * h * dh))
+  assert kda - dn == pytest.approx(3 * 12 * 2 * (d * cfg.linear.gate_rank + cfg.linear.gate_rank * h * dh))
   assert math.isfinite(kda)
 
 
 @pytest.mark.slow   # the exchanges are compared directly in test_exchange.py
 def test_scan_exchange_model_equals_allgather_model():
-  """``ModelConfig.exchange="scan"`` changes how LASP-2 combines summaries, not the logits."""
+  """``ModelConfig.runtime.exchange="scan"`` changes how LASP-2 combines summaries, not the logits."""
   import dataclasses
-  cfg = dataclasses.replace(models.get_config("tiny_gdn_hybrid"), layout="zigzag")
+  cfg = models.get_config("tiny_gdn_hybrid").replace(layout="zigzag")
   mesh = jax.make_mesh((8,), ("sp",))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 256), 0, cfg.vocab_size)
   out = {}

@@ -70,6 +70,16 @@ def test_rms_norm_matches_float64():
   assert rel_err(norm(small, make_context(cfg)), want) < 1e-6
 
 
+def test_zero_centered_rms_norm_matches_float64():
+  """Qwen3.5's norm: the weight is an offset from one (zeros at init: the identity gain)."""
+  norm = layers.RMSNorm(16, eps=1e-6, dtype=jnp.float32, rngs=nnx.Rngs(0), zero_centered=True)
+  assert not np.any(_np(norm.weight[...]))
+  _randomize(norm, ["weight"], jax.random.key(1), loc=0.0)
+  x = 3.0 * jax.random.normal(jax.random.key(2), (2, 5, 16)) + 0.5
+  got = norm(x, make_context(models.get_config("tiny")))
+  assert rel_err(got, _rms_norm_ref(_np(x), 1.0 + _np(norm.weight[...]), 1e-6)) < 1e-6
+
+
 def test_swiglu_matches_float64_forward_and_grads():
   mlp = layers.SwiGLU(16, 24, std=0.3, dtype=jnp.float32, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(3), (2, 5, 16))
@@ -193,7 +203,7 @@ def test_softmax_layer_matches_float64(packed):
   ws = (p["w_q"], p["w_k"], p["w_v"], p["w_o"])
 
   def ref(x, w_q, w_k, w_v, w_o, pos, seg):
-    return _softmax_layer_ref(x, w_q, w_k, w_v, w_o, positions=pos, base=cfg.rope_base,
+    return _softmax_layer_ref(x, w_q, w_k, w_v, w_o, positions=pos, base=cfg.softmax.rope_base,
                               segment_ids=seg)
 
   want = refs.f64(ref, x, *ws, pos, seg)
@@ -230,7 +240,7 @@ def _alibi_slopes_ref(h):
 
 def _log_decay_ref(p, x, cfg, layer_idx):
   """``g`` of the variant in float64 (``LinearAttention``'s docstring), from the parameters."""
-  v, h = cfg.linear_variant, cfg.num_heads
+  v, h = cfg.linear.variant, cfg.num_heads
   if v == "lightning":
     depth = 1.0 - layer_idx / (cfg.num_layers - 1) + 1e-5
     return jnp.asarray(-_alibi_slopes_ref(h) * depth)
@@ -238,10 +248,10 @@ def _log_decay_ref(p, x, cfg, layer_idx):
     return jnp.asarray(np.log(1.0 - 2.0 ** (-5.0 - np.arange(h))))
   if v == "gla":
     logit = jnp.einsum("bnd,dr,rhk->bnhk", x, p["w_g1"], p["w_g2"]) + p["b_g"]
-    return -jax.nn.softplus(-logit) / cfg.gate_normalizer     # logsigmoid = -softplus(-x)
+    return -jax.nn.softplus(-logit) / cfg.linear.gate_normalizer     # logsigmoid = -softplus(-x)
   if v == "simple_gla":
     logit = jnp.einsum("bnd,dh->bnh", x, p["w_g"]) + p["b_g"]
-    return -jax.nn.softplus(-logit) / cfg.gate_normalizer
+    return -jax.nn.softplus(-logit) / cfg.linear.gate_normalizer
   return None
 
 
@@ -271,7 +281,7 @@ def _dense_normalised(q, k, v, kernel):
 def _linear_layer_ref(p, x, cfg, layer_idx):
   """The diagonal-decay ``LinearAttention`` block in float64 from its parameters ``p``."""
   bsz, n, _ = x.shape
-  h, dh, v = cfg.num_heads, cfg.dim_per_head, cfg.linear_variant
+  h, dh, v = cfg.num_heads, cfg.dim_per_head, cfg.linear.variant
 
   def proj(w):
     return jnp.einsum("bnd,dhk->bnhk", x, w)
@@ -281,7 +291,7 @@ def _linear_layer_ref(p, x, cfg, layer_idx):
     return out.reshape(bsz, n, h, -1)
 
   q, k, val = (proj(p[f"w_{c}"]) for c in "qkv")
-  if cfg.short_conv:
+  if cfg.linear.short_conv:
     q, k, val = (conv(y, p[f"conv_{c}"]) for y, c in zip((q, k, val), "qkv"))
   if v in ("based", "rebased"):
     q = q / jnp.sqrt(q.shape[-1])
@@ -294,10 +304,10 @@ def _linear_layer_ref(p, x, cfg, layer_idx):
         return (y - mu) / jnp.sqrt(var + 1e-5) * p["fm_gamma"] + p["fm_beta"]
       o = _dense_normalised(ln(q), ln(k), val, lambda s: s * s)
   else:
-    q, k = _phi_ref(q, cfg.feature_map), _phi_ref(k, cfg.feature_map)
+    q, k = _phi_ref(q, cfg.linear.feature_map), _phi_ref(k, cfg.linear.feature_map)
     g = _log_decay_ref(p, x, cfg, layer_idx)
     o, _ = refs.linear_recurrence(q, k, val, g, scale=dh ** -0.5)
-  o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + cfg.norm_eps) * p["o_norm"]
+  o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + cfg.norm.eps) * p["o_norm"]
   gate = jnp.einsum("bnd,dhk->bnhk", x, p["w_og"])
   o = o * gate * jax.nn.sigmoid(gate)
   return jnp.einsum("bnhk,hkd->bnd", o, p["w_o"])

@@ -33,7 +33,7 @@ def _config(variant, pattern):
   # chunk 8: each device's zigzag segment (N / 2W = 8 tokens) is one chunk; one device has 16.
   cfg = models.get_config("tiny", linear_variant=variant, layer_pattern=pattern, num_kv_heads=2,
                           chunk_size=8)
-  assert cfg.short_conv == 4  # every case runs the short conv (and its halo on 8 devices)
+  assert cfg.linear.short_conv == 4  # every case runs the short conv (and its halo on 8 devices)
   return cfg
 
 

@@ -3,9 +3,11 @@
 import glob
 import json
 import os
+import re
 
 import pytest
 
+from lasp_jax import models
 from lasp_jax.train import config as C
 from lasp_jax.train.mesh import axis_sizes
 
@@ -113,7 +115,7 @@ def test_run_rejects_shapes_that_do_not_fit_the_mesh(tmp_path):
     loop.run(C.load_config(None, base + ["mesh.data=2", "mesh.sp=4", "data.batch_size=3"]))
   with pytest.raises(ValueError, match="needs 16 devices"):
     loop.run(C.load_config(None, base + ["mesh.data=2", "mesh.sp=8"]))
-  with pytest.raises(ValueError, match="model.seq_axis"):
+  with pytest.raises(ValueError, match="model.runtime.seq_axis"):
     loop.run(C.load_config(None, base + ["model.seq_axis=seq"]))
 
 
@@ -174,3 +176,30 @@ def test_speed_honours_steps(monkeypatch, capsys):
   assert [c.steps for c in runs] == [30, 30]
   assert train.main(["speed", "steps=1"]) == 2
   assert "steps=1 must be >= 2" in capsys.readouterr().err
+
+
+def test_grouped_model_keys_and_the_flat_ones_of_earlier_versions():
+  """``model.linear.variant=gla`` (the grouped key), ``model.linear_variant=gla`` (the flat name
+  of earlier versions) and nested YAML are one config; written back nested; and a run saved with
+  the flat names resumes under the grouped ones (no conflict) but not with another variant."""
+  from lasp_jax.train.checkpoint import resume_conflicts  # pylint: disable=import-outside-toplevel
+  a = C.load_config(None, ["model.linear.variant=gla", "model.runtime.chunk_size=32"])
+  b = C.load_config(None, ["model.linear_variant=gla", "model.chunk_size=32"])
+  assert a == b and a.model.overrides["linear.variant"] == "gla"
+  assert a.to_dict()["model"]["linear"]["variant"] == "gla"
+  assert C.from_dict(a.to_dict()) == a
+  with pytest.raises(ValueError, match="linear.variant must be one of .* got 'fancy'"):
+    C.load_config(None, ["model.linear.variant=fancy"])
+  with pytest.raises(ValueError, match=re.escape("['model.linear.varaint']")):
+    C.load_config(None, ["model.linear.varaint=gla"])
+  mcfg = models.get_config("tiny_hybrid", linear_variant="gla", chunk_size=32)
+  new = {**a.to_dict(), "resolved_model": mcfg.to_dict()}
+  flat_name = {v: k for k, v in models.config.FLAT_ALIASES.items()}
+  old_flat = {flat_name.get(k, k): v for k, v in mcfg.flat_dict().items()
+              if k != "norm.zero_centered"}                 # not a field then
+  assert not any("." in k for k in old_flat)
+  assert resume_conflicts({**new, "resolved_model": old_flat}, new) == []
+  old_flat["linear_variant"] = "basic"
+  old_flat["chunk_size"] = 16                       # runtime: may change on resume
+  assert resume_conflicts({**new, "resolved_model": old_flat}, new) == [
+      "model.linear.variant: 'basic' -> 'gla'"]

@@ -39,7 +39,7 @@ def _sample(capsys, *argv):
 def _argmax_continuation(model, ids, n):
   """``n`` greedy ids after ``ids`` from full forward passes (no cache): the prompt so far padded
   on the right to one fixed length (causal: the padding does not change earlier logits)."""
-  chunk = model.config.chunk_size
+  chunk = model.config.runtime.chunk_size
   length = -(-(len(ids) + n) // chunk) * chunk
   graphdef, state = nnx.split(model)
   forward = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t))
