@@ -220,3 +220,85 @@ def test_pallas_state_pass_and_output_kernels_match_xla(backend):
     return jax.jit(functools.partial(grads_and_outputs, fn))(q, k, v, beta, g, s0, ct,
                                                              jnp.ones_like(s0))
   assert_matches(run(backend), run("xla"), tol=1e-5, what=backend)
+
+
+# --- non-finite inputs in the backward pass, across resets (issue 23, item 7) --------------------
+
+@functools.lru_cache(maxsize=None)
+def _op_and_ref(backend, starts=()):
+  """``chunk_delta_rule`` and the float64 recurrence, documents starting at ``starts`` (one
+  function object per case, so that the jitted ``_outputs_and_vjp`` compiles once)."""
+  ids = jnp.asarray(np.searchsorted(starts, np.arange(N), side="right")[None]) if starts else None
+
+  def op(q, k, v, b, g, s0):
+    return delta_rule.chunk_delta_rule(q, k, v, b, g, scale=0.5, initial_state=s0,
+                                       segment_ids=ids, chunk_size=CHUNK, backend=backend,
+                                       interpret=True)
+
+  def ref(q, k, v, b, g, s0):
+    return delta_recurrence(q, k, v, b, g, scale=0.5, initial_state=s0, segment_ids=ids)
+  return op, ref
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _outputs_and_vjp(fn, *a):
+  out, pullback = jax.vjp(fn, *a[:6])
+  return out, pullback(tuple(a[6:]))
+
+
+def _vjp_both(backend, args, cts, starts=()):
+  """``((o, s_final), grads)`` of ``chunk_delta_rule`` and of the float64 recurrence on the same
+  inputs with every NaN (inputs and cotangents ``(do, ds_final)``) replaced by 0."""
+  op, ref = _op_and_ref(backend, starts)
+  clean = lambda xs: [jnp.where(jnp.isnan(x), 0.0, x) for x in xs]  # noqa: E731
+  return _outputs_and_vjp(op, *args, *cts), f64(_outputs_and_vjp, ref, *clean(args), *clean(cts))
+
+
+def _assert_exact(name, got, want, rows=slice(None)):
+  got, want = np.asarray(got, np.float64)[:, rows], np.asarray(want)[:, rows]
+  assert np.all(np.isfinite(got)), f"{name}: a NaN reached it"
+  assert rel_err(got, want) < TOL, (name, rel_err(got, want))
+
+
+GRAD_NAMES = ("dq", "dk", "dv", "dbeta", "dg")
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu"])
+def test_nan_in_a_document_stays_in_it_forward_and_backward(backend):
+  """Documents [0, 20), [20, 44), [44, 64); a NaN in the middle one's q (24), k (28), v (33),
+  beta (36) and gate (38), and NaN cotangents on its non-finite outputs: the other documents'
+  outputs, final state and gradients (and d initial_state) are finite and equal the float64
+  recurrence's without the NaN. Was: NaN everywhere after the NaN (the WY solve's 0 * NaN across
+  the in-chunk reset, e^{-inf} * NaN in the state pass) and in every earlier gradient."""
+  q, k, v, beta, g, s0, ct = make_inputs("token", b=1)
+  args = [q, k, v, beta, g]
+  for i, t in enumerate((24, 28, 33, 36, 38)):
+    args[i] = args[i].at[:, t].set(jnp.nan)
+  ct = ct.at[:, 24:44].set(jnp.nan)
+  ct_s = jax.random.normal(jax.random.PRNGKey(3), s0.shape)
+  ((o, s), grads), ((o_ref, s_ref), grads_ref) = _vjp_both(backend, (*args, s0), (ct, ct_s),
+                                                           (20, 44))
+  for rows in (slice(0, 20), slice(44, None)):
+    for name, got, want in zip(("o",) + GRAD_NAMES, (o, *grads[:5]), (o_ref, *grads_ref[:5])):
+      _assert_exact(f"{name} rows {rows}", got, want, rows)
+  _assert_exact("final state", s, s_ref)
+  _assert_exact("d initial_state", grads[5], grads_ref[5])
+  _assert_exact("o (NaN document, before the NaN)", o, o_ref, slice(20, 24))
+  assert not np.any(np.isfinite(np.asarray(o)[:, 28:44]))
+
+
+def test_nan_with_a_zero_cotangent_leaves_the_other_gradients_exact():
+  """A NaN q at token t whose output's cotangent is 0, and (second case) a NaN k, v and beta at t
+  with zero cotangents on every output they reach (a masked padding tail): no gradient depends on
+  them, so every other token's gradients, dg and d initial_state are finite and exact."""
+  q, k, v, beta, g, s0, ct = make_inputs("token", b=1)
+  t, others = 30, np.arange(N) != 30
+  ct_s = jax.random.normal(jax.random.PRNGKey(4), s0.shape)
+  cases = (((q.at[:, t].set(jnp.nan), k, v, beta), ct.at[:, t].set(0.0), ct_s),
+           ((q, k.at[:, t].set(jnp.nan), v.at[:, t].set(jnp.nan), beta.at[:, t].set(jnp.nan)),
+            ct.at[:, t:].set(0.0), 0 * ct_s))
+  for case, (inputs, do, ds) in enumerate(cases):
+    (_, grads), (_, want) = _vjp_both("xla", (*inputs, g, s0), (do, ds))
+    for name, got, ref in zip(GRAD_NAMES, grads, want):
+      _assert_exact(f"{name} (case {case})", got, ref, others)
+    _assert_exact(f"d initial_state (case {case})", grads[5], want[5])

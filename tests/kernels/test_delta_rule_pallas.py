@@ -1,7 +1,7 @@
 """The delta rule's state-pass Pallas kernels (TPU-style, GPU-style; interpret mode) vs a lax.scan.
 
 Stage 2 only (``kernels/delta_rule/_pallas_common``): ``u_n = u0_n - w_n S``,
-``S <- exp(log_gamma_n) S + k_end_n^T u_n``. Forward ``u`` and ``s_final`` and the gradient of
+``S <- exp(gamma_n) S + k_end_n^T u_n``. Forward ``u`` and ``s_final`` and the gradient of
 every input against ``jax.vjp`` of a plain jnp ``lax.scan`` in float64. Several chunks each, so the
 carried state, the rebuilt chunk states and the reversed walk of the backward all matter; one
 chunk is a reset (``gamma = -1e4``, ``exp`` exactly 0).
@@ -62,7 +62,7 @@ def _check(fn, args, tol=TOL):
 
   got = jax.jit(fwd_bwd(fn))(*args)
   want = f64(fwd_bwd(scan_reference), *args)
-  names = ["u", "s_final", "dw", "du0", "dk_end", "dlog_gamma", "ds0"]
+  names = ["u", "s_final", "dw", "du0", "dk_end", "dgamma", "ds0"]
   assert jnp.exp(args[3]).min() == 0.0                  # the reset really is an exact zero
   for name, a, b in zip(names, got, want):
     assert a.shape == b.shape and a.dtype == jnp.float32, name
@@ -80,7 +80,7 @@ def _gpu(**kw):
 
 
 # (NC, C, Dv, Dg, block_v): Dk = 32 throughout; block_v 16 of Dv 32 puts two programs on the value
-# channels, whose partial dw / dk_end / dlog_gamma are summed in XLA.
+# channels, whose partial dw / dk_end / dgamma are summed in XLA.
 CASES = [(3, 16, 16, 1, None), (4, 32, 32, 32, None), (3, 16, 32, 32, 16), (3, 32, 16, 1, None)]
 
 

@@ -393,3 +393,115 @@ def test_float64_and_bad_chunk_size_are_refused():
   for chunk in (0, -16, 16.0, True):
     with pytest.raises(ValueError, match="chunk_size"):
       kernels.chunk_linear_attention(q, k, v, chunk_size=chunk, backend="xla")
+
+
+# --- non-finite inputs in the backward pass, across resets (issue 23, item 7) --------------------
+
+# Documents [0, 20), [20, 44), [44, 64) (chunk 16: both starts inside a chunk); the middle one
+# holds a NaN in q (token 24), k (28), v (33) and the gate (38).
+NAN_DOC, NAN_AT = (20, 44), {"q": 24, "k": 28, "v": 33, "g": 38}
+
+
+@functools.lru_cache(maxsize=None)
+def _op_and_ref(backend, starts=()):
+  """The kernel and the float64 recurrence, documents starting at ``starts`` (one function object
+  per case, so that the jitted ``_outputs_and_vjp`` compiles once per case)."""
+  ids = jnp.asarray(np.searchsorted(starts, np.arange(64), side="right")[None]) if starts else None
+
+  def kernel(q, k, v, g, s0):
+    return kernels.chunk_linear_attention(q, k, v, g, scale=0.8, initial_state=s0,
+                                          segment_ids=ids, chunk_size=16, backend=backend,
+                                          interpret=True)
+
+  def ref(q, k, v, g, s0):
+    return linear_recurrence(q, k, v, g, scale=0.8, initial_state=s0, segment_ids=ids)
+  return kernel, ref
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _outputs_and_vjp(fn, *a):
+  """``fn(*a[:5])`` and its pullback of the cotangents ``a[5:]``."""
+  out, pullback = jax.vjp(fn, *a[:5])
+  return out, pullback(tuple(a[5:]))
+
+
+def _vjp_both(backend, args, cts, starts=()):
+  """``((o, s_final), (dq, dk, dv, dg, ds0))`` of the kernel and of the float64 recurrence on the
+  same inputs with every NaN replaced by 0, for cotangents ``cts = (do, ds_final)`` (NaN
+  cotangents also 0 for the reference)."""
+  kernel, ref = _op_and_ref(backend, starts)
+  clean = lambda xs: [jnp.where(jnp.isnan(x), 0.0, x) for x in xs]  # noqa: E731
+  return (_outputs_and_vjp(kernel, *args, *cts),
+          f64(_outputs_and_vjp, ref, *clean(args), *clean(cts)))
+
+
+def _assert_exact(name, got, want, rows=slice(None)):
+  got = np.asarray(got, np.float64)[:, rows]
+  want = np.asarray(want)[:, rows]
+  assert np.all(np.isfinite(got)), f"{name}: a NaN reached it"
+  assert rel_err(got, want) < 2e-4, (name, rel_err(got, want))
+
+
+@pytest.mark.parametrize("reset", ["segment_ids", "-inf gate"])
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_nan_in_a_document_stays_in_it_forward_and_backward(backend, reset):
+  """A NaN in one document's q, k, v and gate, and NaN cotangents on its non-finite outputs (what
+  a masked loss behind a norm hands back): the other documents' outputs, final state and every
+  gradient (dq, dk, dv, dg, d initial_state) stay finite and equal the float64 recurrence's
+  without the NaN (a reset is an exact zero: nothing crosses it, in either direction). Was: NaN
+  in every later document's outputs and every earlier one's gradients (0 * NaN at the reset)."""
+  d = HEAD_DIM.get(backend, 16)
+  q, k, v, g, s0 = _data(14, 1, 64, 1, d, d, "token")
+  starts = NAN_DOC if reset == "segment_ids" else ()
+  if not starts:
+    g = g.at[:, list(NAN_DOC)].set(-jnp.inf)
+  args = dict(q=q, k=k, v=v, g=g)
+  for name, t in NAN_AT.items():
+    args[name] = args[name].at[:, t].set(jnp.nan)
+  rng = np.random.default_rng(15)
+  do = jnp.asarray(rng.standard_normal(v.shape), jnp.float32).at[:, NAN_AT["q"]:NAN_DOC[1]].set(
+      jnp.nan)
+  ds = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+  ((o, s), grads), ((o_ref, s_ref), grads_ref) = _vjp_both(
+      backend, (args["q"], args["k"], args["v"], args["g"], s0), (do, ds), starts)
+  before, after = slice(0, NAN_DOC[0]), slice(NAN_DOC[1], None)
+  for name, got, want in zip(("o", "dq", "dk", "dv", "dg"), (o, *grads[:4]),
+                             (o_ref, *grads_ref[:4])):
+    _assert_exact(f"{name} (earlier document)", got, want, before)
+    _assert_exact(f"{name} (later document)", got, want, after)
+  _assert_exact("final state", s, s_ref)
+  _assert_exact("d initial_state", grads[4], grads_ref[4])
+  # Inside the NaN's document: exact before the first NaN, non-finite from each NaN on.
+  _assert_exact("o (NaN document, before the NaN)", o, o_ref, slice(NAN_DOC[0], NAN_AT["q"]))
+  o = np.asarray(o)
+  assert not np.any(np.isfinite(o[:, NAN_AT["q"]]))
+  assert not np.any(np.isfinite(o[:, NAN_AT["k"]:NAN_DOC[1]]))
+
+
+@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+def test_nan_with_a_zero_cotangent_leaves_the_other_gradients_exact(backend):
+  """A NaN q at token t whose output's cotangent is 0 (a masked loss): no gradient depends on it,
+  so every gradient of the other tokens (and d initial_state, dg) is finite and exact (was NaN:
+  0 * NaN in the backward carry dS += q^T dO). A NaN k and v at t with a zero cotangent at t:
+  dq before t, dk and dv of every other token, dg up to t and d initial_state do not depend on it
+  either (was: dq before t NaN, 0 * NaN in [(dO v^T) * W] k)."""
+  d = HEAD_DIM.get(backend, 16)
+  q, k, v, g, s0 = _data(16, 1, 64, 1, d, d, "token")
+  rng = np.random.default_rng(17)
+  ds = jnp.asarray(rng.standard_normal(s0.shape), jnp.float32)
+  t = 30
+  do = jnp.asarray(rng.standard_normal(v.shape), jnp.float32).at[:, t].set(0.0)
+  others = np.arange(64) != t
+
+  (_, grads), (_, want) = _vjp_both(backend, (q.at[:, t].set(jnp.nan), k, v, g, s0), (do, ds))
+  for name, got, ref in zip(("dq", "dk", "dv", "dg"), grads, want):
+    _assert_exact(f"{name} (NaN q)", got, ref, others)
+  _assert_exact("d initial_state (NaN q)", grads[4], want[4])
+
+  (_, grads), (_, want) = _vjp_both(
+      backend, (q, k.at[:, t].set(jnp.nan), v.at[:, t].set(jnp.nan), g, s0), (do, 0 * ds))
+  _assert_exact("dq (NaN k, v)", grads[0], want[0], slice(0, t))
+  _assert_exact("dk (NaN k, v)", grads[1], want[1], others)
+  _assert_exact("dv (NaN k, v)", grads[2], want[2], others)
+  _assert_exact("dg (NaN k, v)", grads[3], want[3], slice(0, t + 1))
+  _assert_exact("d initial_state (NaN k, v)", grads[4], want[4])

@@ -1,7 +1,7 @@
 """What the TPU and GPU Pallas state-pass kernels share: per-chunk math, input checks, custom_vjp.
 
 Stage 2 of the chunked delta rule (``reference.delta_state_pass_xla``), per (batch, head), all
-float32, with ``S`` the state before chunk ``n`` and ``a_n = exp(log_gamma_n)`` (``(Dk,)``):
+float32, with ``S`` the state before chunk ``n`` and ``a_n = exp(gamma_n)`` (``(Dk,)``):
 
     u_n = u0_n - w_n S                    (C, Dv)
     S  <- a_n[:, None] * S + k_end_n^T u_n

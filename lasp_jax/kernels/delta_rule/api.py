@@ -15,6 +15,12 @@ Input contract: that of the linear-attention ops (``lasp_jax.kernels.linear_atte
 2024); a concrete beta outside it is a ValueError naming the value and its index. The op does not
 normalise k: with ``||k_i|| = 1`` and ``beta <= 2`` every transition has norm <= 1, so the
 recurrence cannot grow; the models L2-normalise q and k.
+
+Non-finite inputs (:func:`chunk_delta_rule`): as the linear-attention ops (``linear_attention
+.reference`` module docstring), the stages run on the finite part of the inputs and the outputs a
+non-finite entry reaches are marked NaN: from token ``j`` to the end of its document for a
+non-finite ``k_j``, ``beta_j`` or ``g_j`` (every channel: the transition mixes the state's rows),
+channel ``d`` for ``v_j[d]``; a NaN never crosses a reset, and the gradients are finite.
 """
 
 from __future__ import annotations
@@ -170,6 +176,15 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=
   backend = resolve_backend(backend)
   if segment_ids is not None:
     log_decay = la_api.reset_log_decay(log_decay, segment_ids, q.shape[2])
+  # Non-finite inputs (module docstring): the stages on the finite inputs, then the marks.
+  bsz, n, h, _ = q.shape
+  raw = (q, k, v, la_ref.per_token_log_decay(log_decay, bsz, n, h), initial_state)
+  beta_bad = ~jnp.isfinite(beta)
+  q, k, v, beta = (la_ref.finite_values(x) for x in (q, k, v, beta))
+  log_decay = la_ref.finite_log_decay(log_decay)
+  initial_state = None if initial_state is None else la_ref.finite_values(initial_state)
   chunks = prepare(k, v, beta, log_decay, chunk_size=chunk_size)
-  return apply(q, k, chunks, log_decay, scale=scale, initial_state=initial_state,
-               chunk_size=chunk_size, backend=backend, interpret=interpret)
+  o, s_final = apply(q, k, chunks, log_decay, scale=scale, initial_state=initial_state,
+                     chunk_size=chunk_size, backend=backend, interpret=interpret)
+  return la_ref.mark_nonfinite_outputs(o, s_final, *raw, token_bad=beta_bad,
+                                      state_mixes_rows=True)

@@ -200,7 +200,7 @@ def states(k_end, u, gamma, s0, cfg):
 
 
 def reverse(w, k_end, u, du, gamma, st, ds_final, cfg):
-  """``(dw, du0, dk_end, dlog_gamma (B, H, NC, Dk), ds0)``, float32."""
+  """``(dw, du0, dk_end, dgamma (B, H, NC, Dk), ds0)``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u.shape[-1]
   bv = _bv(cfg, c, dk, dv)
@@ -229,7 +229,7 @@ def delta_state_pass_gpu(w, u0, k_end, gamma, s0=None, *, interpret: bool = Fals
                          block_v: int | None = None, operand_dtype=F32):
   """The delta rule's sequential state pass over chunks through the Triton kernels.
 
-  ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(log_gamma_n)[:, None] S +
+  ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(gamma_n)[:, None] S +
   k_end_n^T u_n`` (``_pallas_common``). Differentiable in every input (custom_vjp; the backward
   recomputes the chunk states).
 

@@ -174,7 +174,7 @@ def states(k_end, u, gamma, s0, cfg):
 
 
 def reverse(w, k_end, u, du, gamma, st, ds_final, cfg):
-  """``(dw, du0, dk_end, dlog_gamma (B, H, NC, Dk), ds0)``, float32."""
+  """``(dw, du0, dk_end, dgamma (B, H, NC, Dk), ds0)``, float32."""
   bsz, h, nc, c, dk = w.shape
   dv = u.shape[-1]
   ck, cv, row = (_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True),
@@ -195,7 +195,7 @@ def delta_state_pass_tpu(w, u0, k_end, gamma, s0=None, *,
                          interpret: bool | pltpu.InterpretParams = False):
   """The delta rule's sequential state pass over chunks through the Mosaic kernels.
 
-  ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(log_gamma_n)[:, None] S +
+  ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(gamma_n)[:, None] S +
   k_end_n^T u_n`` (``_pallas_common``). Differentiable in every input (custom_vjp; the backward
   recomputes the chunk states).
 

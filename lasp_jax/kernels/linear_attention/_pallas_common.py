@@ -27,6 +27,14 @@ The triangular mask is a selection inside every tile (a non-finite later key or 
 an earlier row through a zero weight; a non-finite ``v`` is kept out of the ``[...] v`` matmul and
 marked NaN from its position on, ``reference.mask_nonfinite_values``).
 
+Non-finite inputs (the semantics of ``reference``'s module docstring: nothing crosses a reset, in
+either direction; gradients of the op on the finite inputs). The hot loops stay as they are: the
+forward kernel also reports whether any output it wrote is non-finite (every non-finite ``q, k,
+v`` or gate shows in its own token's output), and only then (``lax.cond``, so at no cost
+otherwise) the forward runs again on the inputs with non-finite entries replaced by 0 and marks
+the outputs they reach (``reference.nonfinite_marks``), and the backward runs on those inputs. A
+non-finite cotangent counts as 0.
+
 Backward (two kernels, both recompute rather than store per-chunk states):
 - ``dq`` runs forward over chunks re-building ``S``:  dq = scale ([(dO v^T) * W] k + qd (dO S^T)).
 - ``dk, dv`` run backward over chunks carrying ``dS`` (the cotangent of the state after a chunk):
@@ -82,9 +90,8 @@ class BlockSizes:
   split_backward: bool = False
 
 
-# A gate at or below this is a reset: e^{-88} is under float32's smallest normal (1.18e-38), so
-# every factor containing it is 0 in float32 (GPUs flush such subnormals anyway).
-RESET_LOG_DECAY = -88.0
+# A gate at or below this is a reset (``reference.RESET_LOG_DECAY``: its exp underflows float32).
+RESET_LOG_DECAY = ref.RESET_LOG_DECAY
 
 
 class Decay(NamedTuple):
@@ -186,6 +193,13 @@ def _decay_state(s, decay):
 def _state_step(s, k, v, decay, dtype):
   """``S_new = a S + (k * kd)^T v``."""
   return matmul(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
+
+
+def nonfinite_flag(o):
+  """``(1, 1)`` float32: 1 where the tile ``o`` holds a non-finite entry, else 0 (lane then
+  sublane reductions, which Mosaic and Triton both lower)."""
+  bad = jnp.where(ref._is_finite(o), 0.0, 1.0)
+  return jnp.max(jnp.max(bad, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
 def forward_chunk(q, k, v, s, decay, *, scale, dtype):
@@ -336,7 +350,8 @@ class Config:
 
   ``decay`` below is None or ``(b, seg)`` of :func:`chunk_prefix`, float32 ``(B, N, H)`` each.
 
-  ``forward(q, k, v, decay, s0, cfg) -> (o, s_final)``;
+  ``forward(q, k, v, decay, s0, cfg) -> (o, s_final, flag)``, ``flag`` float32 of any shape,
+  > 0 somewhere iff an entry of ``o`` is non-finite (:func:`nonfinite_flag`);
   ``dq(q, k, v, do, decay, s0, cfg) -> (dq, aux)``;
   ``dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg) -> (dk, dv, ds0, dg)``.
   ``aux`` is whatever the backend's dq pass hands its dkv pass for the decay gradient ``dg``
@@ -357,17 +372,38 @@ def linear_attention_vjp(q, k, v, g, s0, cfg: Config):
   return _fwd(q, k, v, g, s0, cfg)[0]
 
 
-def _fwd(q, k, v, g, s0, cfg):
+def _forward(q, k, v, g, s0, cfg):
   decay = None if g is None else chunk_prefix(g, cfg.block_sizes.chunk_size)
-  o, s_final = cfg.forward(q, k, v, decay, s0, cfg)
-  return (o, s_final), (q, k, v, decay, s0, s_final)
+  return cfg.forward(q, k, v, decay, s0, cfg)
+
+
+def _finite_inputs(q, k, v, g, s0):
+  """The inputs with every non-finite entry (of the decay: NaN) replaced by 0."""
+  return (*(ref.finite_values(x) for x in (q, k, v)), ref.finite_log_decay(g),
+          ref.finite_values(s0))
+
+
+def _fwd(q, k, v, g, s0, cfg):
+  o, s_final, flag = _forward(q, k, v, g, s0, cfg)
+  bad = jnp.any(flag > 0) | jnp.any(~ref._is_finite(s_final))
+
+  def marked():   # some input is non-finite (module docstring); never runs otherwise
+    o_mask, s_mask = ref.nonfinite_marks(q, k, v, None if g is None else g[..., None], s0)
+    o_fin, s_fin, _ = _forward(*_finite_inputs(q, k, v, g, s0), cfg)
+    return (ref.add_nan(o_fin.astype(F32), o_mask).astype(o.dtype), ref.add_nan(s_fin, s_mask),
+            s_fin)
+
+  o, s_final, s_res = jax.lax.cond(bad, marked, lambda: (o, s_final, s_final))
+  return (o, s_final), (q, k, v, g, s0, s_res, bad)
 
 
 def _bwd(cfg, res, cotangents):
-  q, k, v, decay, s0, s_final = res
+  q, k, v, g, s0, s_final, bad = res    # s_final: that of the finite inputs
   do, ds_final = cotangents
-  do = do.astype(q.dtype)
-  ds_final = ds_final.astype(F32)
+  do = ref.finite_values(do.astype(q.dtype))
+  ds_final = ref.finite_values(ds_final.astype(F32))
+  q, k, v, g, s0 = jax.lax.cond(bad, _finite_inputs, lambda *a: a, q, k, v, g, s0)
+  decay = None if g is None else chunk_prefix(g, cfg.block_sizes.chunk_size)
   dq, aux = cfg.dq(q, k, v, do, decay, s0, cfg)
   dk, dv, ds0, dg = cfg.dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0)

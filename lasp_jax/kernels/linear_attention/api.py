@@ -7,7 +7,10 @@ Input contract shared by every linear op (``chunk_linear_attention``, ``lasp_jax
   positive entry (e.g. ``0.9`` passed instead of ``log(0.9)``) is a ValueError when the decay is
   concrete; under ``jit`` nothing can be checked for free, so the contract is the caller's, and
   :func:`check_log_decay` inside ``jax.experimental.checkify.checkify`` checks it at run time.
-- NaN and inf propagate forward only: outputs at positions before a non-finite input are unaffected.
+- NaN and inf propagate forward only, and never past a reset: outputs at positions before a
+  non-finite input, and in other documents, are unaffected; gradients are those of the op on the
+  finite inputs (finite; exact wherever the loss does not depend on the non-finite entries), a
+  non-finite cotangent counting as 0 (``reference`` module docstring).
 - ``scale``: a real number or None; None means ``Dk ** -0.5``, as in LASP-2H (the default stays
   1.0, the paper's unnormalised linear attention).
 - float32, bfloat16 or float16 inputs; float64 (only possible with ``jax_enable_x64``) is a

@@ -86,18 +86,21 @@ def _split(refs, n_in, has_decay):
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref, flag_ref) = _split(refs, 4,
+                                                                                 has_decay)
 
-  def body(i, s):
+  def body(i, carry):
+    s, flag = carry
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
     decay = _chunk_decay(decay_refs, start, c)
     o, s = common.forward_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], s, decay,
                                 scale=scale, dtype=dtype)
     o_ref[rows, :] = o.astype(o_ref.dtype)
-    return s
+    return s, jnp.maximum(flag, common.nonfinite_flag(o))
 
-  sf_ref[...] = jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
+  sf_ref[...], flag_ref[...] = jax.lax.fori_loop(
+      0, nc, body, (s0_ref[...].astype(F32), jnp.zeros((1, 1), F32)))
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
@@ -247,7 +250,8 @@ def _call(kernel, name, like, decay, cfg, *, grid, in_specs, args, out_specs, ou
 
 
 def forward(q, k, v, decay, s0, cfg):
-  """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
+  """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32, flag)``; ``flag``
+  ``(B, H, Dv / block_v, 1, 1)`` float32, > 0 where the program wrote a non-finite output."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   bv = cfg.block_sizes.block_v or dv
@@ -255,9 +259,11 @@ def forward(q, k, v, decay, s0, cfg):
       _forward_kernel, "linear_attention_fwd", q, decay, cfg, grid=(bsz, h, dv // bv),
       in_specs=[_seq(n, dk), _seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
       args=[q, k, v, s0],
-      out_specs=[_seq(n, bv, True), _state(dk, bv, 1)],
+      out_specs=[_seq(n, bv, True), _state(dk, bv, 1),
+                 pl.BlockSpec((None, None, None, 1, 1), lambda b, h, j: (b, h, j, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
-                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
+                 jax.ShapeDtypeStruct((bsz, h, dk, dv), F32),
+                 jax.ShapeDtypeStruct((bsz, h, dv // bv, 1, 1), F32)])
 
 
 def _states(dk, nc, dv, channel_block=False):

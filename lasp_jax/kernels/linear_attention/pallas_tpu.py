@@ -63,18 +63,22 @@ def _split(refs, n_in, has_decay):
 
 
 def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref, s_scr) = _split(refs, 4, has_decay)
+  (q_ref, k_ref, v_ref, s0_ref), decay_refs, (o_ref, sf_ref, flag_ref, s_scr) = _split(
+      refs, 4, has_decay)
   i = pl.program_id(2)
 
   @pl.when(i == 0)
   def _():
     s_scr[...] = s0_ref[...]
+    flag_ref[...] = jnp.zeros(flag_ref.shape, F32)
 
   decay = _chunk_decay(decay_refs)
   o, s = common.forward_chunk(q_ref[...], k_ref[...], v_ref[...], s_scr[...], decay,
                               scale=scale, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
   s_scr[...] = s
+  # The block's index is the same at every chunk: it stays in VMEM, written back at the end.
+  flag_ref[...] = jnp.maximum(flag_ref[...], common.nonfinite_flag(o))
 
   @pl.when(i == nc - 1)
   def _():
@@ -166,20 +170,22 @@ def _call(kernel, cfg, x_bhnd, g, ins, in_specs, out_specs, out_shape, scratch, 
 
 
 def forward(q, k, v, g, s0, cfg):
-  """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32)``."""
+  """``(o (B, N, H, Dv) in q's dtype, s_final (B, H, Dk, Dv) float32, flag (B, H, 1, 1)
+  float32)``: ``flag`` > 0 where a non-finite output was written."""
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   c = cfg.block_sizes.chunk_size
   nc = n // c
   q_t, k_t, v_t = _bhnd(q), _bhnd(k), _bhnd(v)
-  o_t, s_final = _call(
+  o_t, s_final, flag = _call(
       _forward_kernel, cfg, q_t, g, (q_t, k_t, v_t, s0),
       [_chunk_spec(c, dk, nc, False)] * 2 + [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
-      [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
+      [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv), _state_spec(1, 1)],
       [jax.ShapeDtypeStruct((bsz, h, n, dv), q.dtype),
-       jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
+       jax.ShapeDtypeStruct((bsz, h, dk, dv), F32),
+       jax.ShapeDtypeStruct((bsz, h, 1, 1), F32)],
       [pltpu.VMEM((dk, dv), F32)])
-  return _bhnd(o_t), s_final
+  return _bhnd(o_t), s_final, flag
 
 
 def dq(q, k, v, do, g, s0, cfg):

@@ -18,13 +18,24 @@ direct sums are exact to float32 for every log-decay in ``[-inf, 0]``:
 - the in-chunk ``c x c`` log-weights ``sum_{j<l<=i} g_l`` come from a cumulative sum over ``i``
   of ``where(l > j, g_l, 0)`` (:func:`pairwise_log_decay`); prefix and suffix sums from the chunk's
   ends (``cumsum``, a reversed ``cumsum``) are direct sums too.
-- masks are selections (``jnp.where``), never multiplications by zero, so that a NaN or inf in an
-  input never reaches outputs at earlier positions; a non-finite ``v`` (which a matmul with a
-  masked score matrix would spread over the whole chunk) is kept out of that matmul and made
-  visible again, as NaN, from its own position on (:func:`mask_nonfinite_values`).
+- masks are selections (``jnp.where``), never multiplications by zero.
+
+Non-finite inputs (NaN, inf; design §13: a NaN must not cross a reset, in either direction). The
+op runs on the inputs with every non-finite entry replaced by 0 (:func:`finite_values`), and the
+outputs that the non-finite entries reach are set to NaN afterwards (:func:`nonfinite_marks`,
+added, so that autodiff sees the finite computation), exactly those of the recurrence: ``o_i`` if
+``q_i`` is non-finite; ``o_i`` for ``i >= j`` in ``j``'s document if ``k_j`` or ``g_j`` is
+(``o_i[d]`` only for ``v_j[d]``); the first document's ``o_i[d]`` for a non-finite column ``d`` of
+the initial state. So nothing reaches earlier positions or other documents, and the gradients are
+those of the op on the finite inputs: finite, exact wherever the loss does not depend on the
+non-finite entries (e.g. when their outputs' cotangents are 0, or for every other document), with
+0 at the non-finite entries themselves; a non-finite cotangent counts as 0
+(:func:`zero_nonfinite_cotangent`). The Pallas kernels do the same (``_pallas_common``).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +46,11 @@ PER_CHANNEL_SUBCHUNK = 16
 # Log-decays below this are clamped to it: exp of any sum that contains it is exactly 0 in float32
 # and float64 (both underflow below about -745), so nothing changes but that sums stay finite.
 LOG_DECAY_FLOOR = -1e4
+
+# A gate at or below this is a reset: e^{-88} is under float32's smallest normal (1.18e-38), so
+# every factor containing it is 0 in float32 (GPUs flush such subnormals anyway). A non-finite input
+# never reaches past a reset (:func:`nonfinite_marks`; the Pallas kernels select on it).
+RESET_LOG_DECAY = -88.0
 
 
 def clamp_log_decay(g):
@@ -106,6 +122,116 @@ def _is_finite(x):
   return jnp.abs(x.astype(jnp.float32)) <= jnp.finfo(jnp.float32).max
 
 
+def _last_index(flags, axis=1):
+  """Per position, the largest index ``<=`` it along ``axis`` where ``flags`` holds, else -1."""
+  idx = jax.lax.broadcasted_iota(jnp.int32, flags.shape, axis)
+  return jax.lax.cummax(jnp.where(flags, idx, -1), axis=axis)
+
+
+def nonfinite_marks(q, k, v, g, initial_state, *, token_bad=None, state_mixes_rows=False):
+  """Where a causal linear recurrence's outputs are non-finite because some input is.
+
+  Args:
+    q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; any float dtype, non-finite entries allowed.
+    g: None or the clamped per-token log-decay ``(B, N, H, Dg)`` (:func:`per_token_log_decay`),
+      document starts folded in; a token whose gates are all ``<= RESET_LOG_DECAY`` is a reset.
+    initial_state: None or ``(B, H, Dk, Dv)``.
+    token_bad: None or ``(B, N, H)`` bool, more tokens whose every state entry goes non-finite
+      (the delta rule's ``beta``).
+    state_mixes_rows: the transition mixes the state's rows (the delta rule): a non-finite key
+      or initial-state column then reaches every row.
+
+  Returns:
+    ``(o_mask (B, N, H, Dv), state_mask (B, H, Dk, Dv))`` bool: ``o_i`` where ``q_i`` is
+    non-finite; from token ``j`` to the end of its document where ``k_j``, ``g_j`` or
+    ``token_bad_j`` is (column ``d`` only for ``v_j[d]``); the first document's column ``d``
+    where the initial state's column ``d`` is; the final state likewise (row ``c`` for
+    ``k_j[c]`` unless ``state_mixes_rows``).
+  """
+  bad_q = jnp.any(~_is_finite(q), axis=-1)
+  bad_k = ~_is_finite(k)
+  bad_v = ~_is_finite(v)
+  bad_tok = jnp.zeros(q.shape[:3], bool) if token_bad is None else token_bad
+  reset = jnp.zeros(q.shape[:3], bool)
+  if g is not None:
+    bad_tok = bad_tok | jnp.any(jnp.isnan(g), axis=-1)
+    reset = jnp.all(g <= RESET_LOG_DECAY, axis=-1)
+  last_reset = _last_index(reset)                                    # (B, N, H)
+
+  def since(flags):  # a flagged token at or after the last reset, at or before this one
+    lr = last_reset.reshape(last_reset.shape + (1,) * (flags.ndim - 3))
+    last = _last_index(flags)
+    return (last >= 0) & (last >= lr)
+
+  tok, col = since(bad_tok | jnp.any(bad_k, axis=-1)), since(bad_v)
+  o_mask = bad_q[..., None] | tok[..., None] | col
+  alive0 = last_reset[:, -1] < 0                                    # (B, H): no reset at all
+  if state_mixes_rows:
+    s_mask = tok[:, -1][..., None, None] | col[:, -1][..., None, :]
+  else:
+    s_mask = (since(bad_k)[:, -1][..., :, None] | since(bad_tok)[:, -1][..., None, None]
+              | col[:, -1][..., None, :])
+  if initial_state is not None:
+    bad_s0 = ~_is_finite(initial_state)                            # (B, H, Dk, Dv)
+    bad_col = jnp.any(bad_s0, axis=-2)                              # (B, H, Dv)
+    o_mask = o_mask | ((last_reset < 0)[..., None] & bad_col[:, None])
+    s0_reach = bad_col[..., None, :] if state_mixes_rows else bad_s0
+    s_mask = s_mask | (alive0[..., None, None] & s0_reach)
+  s_mask = jnp.broadcast_to(s_mask, k.shape[:1] + k.shape[2:3] + (k.shape[-1], v.shape[-1]))
+  return o_mask, s_mask
+
+
+def add_nan(x, mask):
+  """``x`` (float32) plus NaN where ``mask``: the marks of :func:`nonfinite_marks`. An addition, not
+  a select, so that autodiff hands the cotangent to the finite computation unchanged."""
+  return x + jnp.where(mask, jnp.nan, 0.0).astype(x.dtype)
+
+
+def mark_nonfinite_outputs(o, s_final, q, k, v, g, initial_state, *, token_bad=None,
+                           state_mixes_rows=False):
+  """``(o, s_final)`` of the op on the finite inputs, with NaN added where the non-finite entries of
+  the inputs (arguments as :func:`nonfinite_marks`) reach, and non-finite cotangents counted as 0.
+
+  The marks (cumulative scans over the sequence) run under ``lax.cond``, only when some input is
+  non-finite; otherwise this costs the finiteness check of the inputs.
+  """
+  def marked():
+    o_mask, s_mask = nonfinite_marks(q, k, v, g, initial_state, token_bad=token_bad,
+                                     state_mixes_rows=state_mixes_rows)
+    return add_nan(o.astype(jnp.float32), o_mask).astype(o.dtype), add_nan(s_final, s_mask)
+
+  flags = [jnp.any(~_is_finite(x)) for x in (q, k, v, initial_state) if x is not None]
+  flags += [jnp.any(x) for x in (token_bad, None if g is None else jnp.isnan(g)) if x is not None]
+  bad = functools.reduce(jnp.logical_or, flags)
+  return zero_nonfinite_cotangent(jax.lax.cond(bad, marked, lambda: (o, s_final)))
+
+
+@jax.custom_vjp
+def zero_nonfinite_cotangent(x):
+  """The identity on a pytree of arrays whose backward replaces non-finite cotangents by 0: a
+  cotangent of a NaN output (what a masked loss behind a normalisation hands back) must not reach
+  the other positions' gradients through a 0 weight."""
+  return x
+
+
+def _zero_nonfinite_fwd(x):
+  return x, None
+
+
+def _zero_nonfinite_bwd(_, ct):
+  return (jax.tree.map(lambda c: jnp.where(_is_finite(c), c, jnp.zeros_like(c)), ct),)
+
+
+zero_nonfinite_cotangent.defvjp(_zero_nonfinite_fwd, _zero_nonfinite_bwd)
+
+
+def finite_log_decay(log_decay):
+  """``log_decay`` with NaN replaced by 0 (None stays None): the finite computation's decay."""
+  if log_decay is None:
+    return None
+  return jnp.where(jnp.isnan(log_decay), jnp.zeros_like(log_decay), log_decay)
+
+
 def resolve_scale(scale, dk):
   """``scale`` as the ops use it: None means ``Dk ** -0.5`` (as in LASP-2H), else the number."""
   return dk ** -0.5 if scale is None else scale
@@ -163,11 +289,17 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
 
   Returns:
     ``o: (B, N, H, Dv)`` in q's dtype and the final state ``(B, H, Dk, Dv)`` in float32.
+
+  Non-finite inputs: module docstring (the op runs on their finite part, then marks).
   """
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   scale = resolve_scale(scale, dk)
   g = per_token_log_decay(log_decay, bsz, n, h)
+  raw = (q, k, v, g, initial_state)     # for the marks of non-finite entries (module docstring)
+  q, k, v = finite_values(q), finite_values(k), finite_values(v)
+  g = finite_log_decay(g)
+  initial_state = None if initial_state is None else finite_values(initial_state)
   c = chunk_size
   if g is not None and g.shape[-1] > 1:
     c = max(d for d in range(1, min(chunk_size, PER_CHANNEL_SUBCHUNK) + 1) if chunk_size % d == 0)
@@ -194,10 +326,8 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
                           masked_exp(log_w, causal[..., None]))
     q_in = q_c * jnp.exp(b_in)
     k_in = k_c * jnp.exp(to_end)
-  # Select, not multiply: a non-finite later key must not reach earlier rows through a zero weight.
   scores = jnp.where(causal, scores, 0.0)
-  o_intra = mask_nonfinite_values(
-      jnp.einsum("bhnij,bhnjd->bhnid", scores, finite_values(v_c)), v_c, axis=3)
+  o_intra = jnp.einsum("bhnij,bhnjd->bhnid", scores, v_c)
 
   # Each chunk's own contribution to the state at its end, then a scan carries states across chunks.
   chunk_states = jnp.einsum("bhnjk,bhnjv->nbhkv", k_in, v_c)
@@ -219,4 +349,4 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
 
   o_inter = jnp.einsum("bhnik,nbhkv->bhniv", q_in, s_starts)
   o = _from_chunks(o_intra + o_inter).astype(q.dtype)
-  return o, s_final
+  return mark_nonfinite_outputs(o, s_final, *raw)
