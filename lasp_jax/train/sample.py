@@ -106,13 +106,9 @@ def restore_run(run_dir: str, *, step: int | None = None):
 
   from lasp_jax import models  # pylint: disable=import-outside-toplevel
   from lasp_jax.train import optim  # pylint: disable=import-outside-toplevel
-  from lasp_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
 
   train_cfg, model_cfg = read_run_config(run_dir)
-  directory = checkpoint_dir(run_dir, train_cfg)
-  if "://" not in directory and not os.path.isdir(directory):
-    raise ValueError(f"no checkpoints in {run_dir!r}: {directory!r} does not exist (a run saves "
-                     f"one every checkpoint.every steps and at its end)")
+  check_checkpoint_dir(run_dir, train_cfg)
   abstract = nnx.eval_shape(lambda: models.LinearLlama(model_cfg, rngs=nnx.Rngs(params=0)))
   graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
   if jax.tree.leaves(rest):          # non-parameter state is not checkpointed: take it fresh
@@ -121,6 +117,25 @@ def restore_run(run_dir: str, *, step: int | None = None):
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                       {"params": params, "opt_state": jax.eval_shape(tx.init, params)})
+  restored_step, state = restore_checkpoint(run_dir, train_cfg, like, step)
+  return nnx.merge(graphdef, state["params"], rest), train_cfg, restored_step
+
+
+def check_checkpoint_dir(run_dir: str, train_cfg: TrainConfig) -> str:
+  """The run's checkpoint directory; ValueError when it does not exist."""
+  directory = checkpoint_dir(run_dir, train_cfg)
+  if "://" not in directory and not os.path.isdir(directory):
+    raise ValueError(f"no checkpoints in {run_dir!r}: {directory!r} does not exist (a run saves "
+                     f"one every checkpoint.every steps and at its end)")
+  return directory
+
+
+def restore_checkpoint(run_dir: str, train_cfg: TrainConfig, like, step: int | None = None):
+  """``(restored_step, state)``: the newest checkpoint of the run that restores against the
+  abstract state ``like`` (shapes, dtypes, shardings), or ``step``'s; ValueError naming a missing
+  step or an empty directory."""
+  from lasp_jax.train.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  directory = check_checkpoint_dir(run_dir, train_cfg)
   ckpt = Checkpointer(directory, train_cfg.checkpoint.keep)
   try:
     if step is not None and step not in ckpt.all_steps():
@@ -132,8 +147,7 @@ def restore_run(run_dir: str, *, step: int | None = None):
   if found is None:
     raise ValueError(f"no checkpoints in {directory!r} (the run saves one every checkpoint.every "
                      f"steps and at its end)")
-  restored_step, state, _ = found
-  return nnx.merge(graphdef, state["params"], rest), train_cfg, restored_step
+  return found[0], found[1]
 
 
 def sample_ids(model, prompt_ids, max_new_tokens: int, *, temperature: float = 0.0,
