@@ -17,6 +17,10 @@
                                                     # prints the prompt + the continuation
                                                     # (--prompt-ids 1,2,3: token ids;
                                                     # --stop-at-eos)
+  python train.py import HF_DIR runs/qwen [--text-only] [overrides]
+                                                    # Qwen3.5 weights -> a run at step 0
+  python train.py export runs/qwen HF_DIR [--step N] [--dtype bfloat16]
+                                                    # a run -> a Qwen3.5 folder (transformers)
 
 Any config field can be overridden with dotted keys (``key=value`` or ``--key value``).
 """
@@ -54,6 +58,9 @@ def main(argv):
   if argv and argv[0] == "eval":
     from lasp_jax.train.evaluate import main as eval_main
     return eval_main(argv[1:])
+  if argv and argv[0] in ("import", "export"):
+    from lasp_jax.train import interop
+    return (interop.import_main if argv[0] == "import" else interop.export_main)(argv[1:])
   if argv and argv[0] == "sample":
     from lasp_jax.train.sample import main as sample_main
     return sample_main(argv[1:])

@@ -82,6 +82,19 @@ class LinearMixerConfig:
   ``[0, 1]``, so the transition ``I - beta k^T k`` can have the eigenvalue ``-1`` that state
   tracking needs (design §11). ``short_conv``: kernel size of the depthwise causal conv + SiLU on
   q, k and v after their projections (design §12; 0: none).
+
+  Heads (as Qwen3.5's and fla's Gated DeltaNet): q and k have the model's ``num_heads`` heads of
+  ``key_dim``; v, the state and the output have ``num_value_heads`` heads of ``value_dim``
+  (None: ``num_heads`` and the model's head size). With more value heads than key heads, value
+  head ``j`` reads q and k of head ``j // (num_value_heads // num_heads)`` (a group of value heads
+  shares them; the op runs on the value heads with q and k repeated), and the gates and ``beta``
+  are per value head. Based/ReBased project q and k to ``feature_dim`` instead of ``key_dim``.
+
+  Mixture-of-Memories (``lasp_jax.models.mom``; Du et al. 2025): ``memories`` M >= 2 turns each
+  linear layer into M memories of recurrence ``variant``, a router sending each token to its
+  ``memory_top_k`` of them (renormalised softmax weights), plus with ``shared_memory`` one memory
+  that every token writes and reads with weight 1 (0: a plain linear layer). ``router_aux_coef``:
+  the weight of the router's load-balancing loss in the training loss (0: none).
   """
   variant: str = "basic"
   feature_map: str = "swish"
@@ -90,9 +103,22 @@ class LinearMixerConfig:
   gate_normalizer: float = 16.0
   allow_neg_eigval: bool = False
   short_conv: int = 0
+  num_value_heads: int | None = None
+  key_dim: int | None = None
+  value_dim: int | None = None
+  memories: int = 0
+  memory_top_k: int = 2
+  shared_memory: bool = True
+  router_aux_coef: float = 0.0
 
   def __post_init__(self):
     variants.get(self.variant)   # ValueError naming the variants
+    _check_memories(self)
+    for name in ("num_value_heads", "key_dim", "value_dim"):
+      _positive_int(f"linear.{name}", getattr(self, name), none_ok=True)
+    if self.key_dim is not None and variants.get(self.variant).normalised:
+      raise ValueError(f"linear.key_dim={self.key_dim}: {self.variant!r} projects q and k to "
+                       f"linear.feature_dim instead; leave linear.key_dim unset")
     _one_of("linear.feature_map", self.feature_map, FEATURE_MAPS)
     _positive_int("linear.feature_dim", self.feature_dim)
     _positive_int("linear.gate_rank", self.gate_rank)
@@ -107,19 +133,52 @@ class LinearMixerConfig:
                        f"got {self.short_conv!r}")
 
 
+def _check_memories(lin) -> None:
+  """The Mixture-of-Memories keys of ``LinearMixerConfig`` (one-line ValueErrors naming them)."""
+  m = lin.memories
+  if not isinstance(m, int) or isinstance(m, bool) or m < 0 or m == 1:
+    raise ValueError(f"linear.memories must be 0 (a plain linear layer) or an int >= 2, got {m!r}")
+  _positive_int("linear.memory_top_k", lin.memory_top_k)
+  _bool("linear.shared_memory", lin.shared_memory)
+  coef = lin.router_aux_coef
+  if not isinstance(coef, (int, float)) or isinstance(coef, bool) or not coef >= 0:
+    raise ValueError(f"linear.router_aux_coef must be a number >= 0, got {coef!r}")
+  if m and lin.memory_top_k > m:
+    raise ValueError(f"linear.memory_top_k={lin.memory_top_k} must be <= linear.memories={m}")
+  if m and variants.get(lin.variant).normalised:
+    raise ValueError(f"linear.memories={m} needs an unnormalised linear.variant: "
+                     f"{lin.variant!r} divides by its own normaliser")
+
+
 @dataclasses.dataclass(frozen=True)
 class SoftmaxMixerConfig:
   """The softmax-attention layers (LASP-2H under SP, design §9).
 
-  ``num_kv_heads``: grouped-query attention (None: as many as the query heads, the model's
-  ``num_heads``). ``rope_base``: RoPE's theta.
+  ``num_heads`` / ``head_dim``: the query heads and their size (None: the model's). ``num_kv_heads``:
+  grouped-query attention (None: as many as the query heads). ``rope_base``: RoPE's theta;
+  ``rotary_fraction``: the leading fraction of each head's dims that rotate (Qwen3.5's
+  ``partial_rotary_factor``; the rest pass through). ``qk_norm``: an RMSNorm over each head of q
+  and k before RoPE (zero-centred with ``norm.zero_centered``). ``output_gate``: the attention's
+  output times ``sigmoid(x W_gate)`` per head and channel, before the output projection
+  (Qwen3.5's gated attention).
   """
+  num_heads: int | None = None
+  head_dim: int | None = None
   num_kv_heads: int | None = None
   rope_base: float = 500000.0
+  rotary_fraction: float = 1.0
+  qk_norm: bool = False
+  output_gate: bool = False
 
   def __post_init__(self):
-    _positive_int("softmax.num_kv_heads", self.num_kv_heads, none_ok=True)
+    for name in ("num_heads", "head_dim", "num_kv_heads"):
+      _positive_int(f"softmax.{name}", getattr(self, name), none_ok=True)
     _positive_number("softmax.rope_base", self.rope_base)
+    if (not isinstance(self.rotary_fraction, (int, float)) or isinstance(self.rotary_fraction, bool)
+        or not 0 < self.rotary_fraction <= 1):
+      raise ValueError(f"softmax.rotary_fraction must be in (0, 1], got {self.rotary_fraction!r}")
+    _bool("softmax.qk_norm", self.qk_norm)
+    _bool("softmax.output_gate", self.output_gate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,9 +252,12 @@ class ModelConfig:
   """A Linear-Llama3 decoder or one of its hybrids.
 
   ``layer_pattern`` is repeated (and cut) to ``num_layers``: ``"L"`` is a linear-attention layer,
-  ``"N"`` a normal (softmax) one; ``"LLLN"`` is the paper's 1/4 hybrid. Linear layers have
-  ``num_heads`` heads for q, k and v; softmax layers ``num_heads`` query heads and
-  ``softmax.num_kv_heads`` key/value heads. ``head_dim`` None means ``d_model // num_heads``.
+  ``"N"`` a normal (softmax) one; ``"LLLN"`` is the paper's 1/4 hybrid. ``layer_types``, when
+  given, lists every layer's kind explicitly (``"linear"`` / ``"softmax"``, ``num_layers`` of
+  them) and takes the place of the pattern. Linear layers have ``num_heads`` heads for q and k
+  (``linear.num_value_heads`` for v); softmax layers ``softmax.num_heads`` (default
+  ``num_heads``) query heads and ``softmax.num_kv_heads`` key/value heads. ``head_dim`` None
+  means ``d_model // num_heads``; the groups may set their own.
   ``param_dtype``: the stored weights; ``init_std``: the normal init of the projections (it may
   change on resume: it only matters at step 0). The groups: ``NormConfig``,
   ``LinearMixerConfig``, ``SoftmaxMixerConfig``, ``RuntimeConfig`` (module docstring).
@@ -208,6 +270,7 @@ class ModelConfig:
   head_dim: int | None = None
   ffn_dim: int = 64
   layer_pattern: str = "L"
+  layer_types: tuple[str, ...] | None = None
   tie_embeddings: bool = False
   param_dtype: str = "float32"
   init_std: float = 0.02
@@ -241,27 +304,73 @@ class ModelConfig:
     if bad:
       raise ValueError(f"layer_pattern {self.layer_pattern!r} has letters {bad}; "
                        f"only 'L' (linear) and 'N' (softmax) are allowed")
+    if self.layer_types is not None:
+      if isinstance(self.layer_types, (list, str)):
+        object.__setattr__(self, "layer_types", tuple(
+            [self.layer_types] if isinstance(self.layer_types, str) else self.layer_types))
+      kinds = tuple(LAYER_KINDS.values())
+      bad = [t for t in self.layer_types if t not in kinds]
+      if bad:
+        raise ValueError(f"layer_types may hold only {kinds}, got {bad}")
+      if len(self.layer_types) != self.num_layers:
+        raise ValueError(f"layer_types has {len(self.layer_types)} entries for "
+                         f"num_layers={self.num_layers}")
     if self.head_dim is None and self.d_model % self.num_heads:
       raise ValueError(f"num_heads={self.num_heads} does not divide d_model={self.d_model} "
                        f"(set head_dim explicitly or change one of them)")
-    if self.num_heads % self.kv_heads:
+    if self.softmax_heads % self.kv_heads:
       raise ValueError(f"softmax.num_kv_heads={self.softmax.num_kv_heads} does not divide "
-                       f"num_heads={self.num_heads}")
+                       f"the softmax layers' {self.softmax_heads} query heads")
+    if self.linear_value_heads % self.num_heads:
+      raise ValueError(f"linear.num_value_heads={self.linear.num_value_heads} must be a multiple "
+                       f"of num_heads={self.num_heads} (groups of value heads share q and k)")
+    if self.softmax.rotary_fraction < 1 and int(self.softmax_head_dim
+                                                 * self.softmax.rotary_fraction) % 2:
+      raise ValueError(f"softmax.rotary_fraction={self.softmax.rotary_fraction} of head_dim "
+                       f"{self.softmax_head_dim} is not an even number of rotary dims")
 
   # Derived sizes.
-  @property
-  def kv_heads(self) -> int:
-    """Key/value heads of the softmax layers."""
-    kv = self.softmax.num_kv_heads
-    return self.num_heads if kv is None else kv
-
   @property
   def dim_per_head(self) -> int:
     return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
 
   @property
+  def softmax_heads(self) -> int:
+    """Query heads of the softmax layers."""
+    return self.softmax.num_heads or self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Key/value heads of the softmax layers."""
+    return self.softmax.num_kv_heads or self.softmax_heads
+
+  @property
+  def softmax_head_dim(self) -> int:
+    return self.softmax.head_dim or self.dim_per_head
+
+  @property
+  def linear_value_heads(self) -> int:
+    """Heads of v, the state and the output of the linear layers (>= ``num_heads``)."""
+    return self.linear.num_value_heads or self.num_heads
+
+  @property
+  def linear_key_dim(self) -> int:
+    """Per-head width of the linear layers' q and k projections (Based/ReBased: the feature
+    map's input, ``linear.feature_dim``)."""
+    if self.variant.normalised:
+      return self.linear.feature_dim
+    return self.linear.key_dim or self.dim_per_head
+
+  @property
+  def linear_value_dim(self) -> int:
+    return self.linear.value_dim or self.dim_per_head
+
+  @property
   def layer_kinds(self) -> tuple[str, ...]:
-    """``"linear"`` or ``"softmax"`` for each layer, the pattern repeated to the depth."""
+    """``"linear"`` or ``"softmax"`` for each layer: ``layer_types``, or the pattern repeated
+    to the depth."""
+    if self.layer_types is not None:
+      return tuple(self.layer_types)
     pat = self.layer_pattern
     return tuple(LAYER_KINDS[pat[i % len(pat)]] for i in range(self.num_layers))
 
@@ -278,6 +387,8 @@ class ModelConfig:
     """Nested: top-level fields, then one mapping per group (lists where the config has tuples)."""
     d = dataclasses.asdict(self)
     d["runtime"]["batch_axes"] = list(self.runtime.batch_axes)
+    if self.layer_types is not None:
+      d["layer_types"] = list(self.layer_types)
     return d
 
   def flat_dict(self) -> dict[str, Any]:
@@ -395,6 +506,13 @@ _PRESETS: dict[str, ModelConfig] = {
                                    num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN",
                                    linear_variant="gated_deltanet", chunk_size=16, feature_dim=4,
                                    gate_rank=4, short_conv=4),
+    # tiny_hybrid with Mixture-of-Memories linear layers (lasp_jax.models.mom): 4 memories, each
+    # token routed to 2, plus the shared memory; Switch's 0.01 on the load-balancing loss.
+    "tiny_mom_hybrid": _preset(vocab_size=256, d_model=32, num_layers=4, num_heads=4,
+                                   num_kv_heads=2, ffn_dim=64, layer_pattern="LLLN", chunk_size=16,
+                                   feature_dim=4, gate_rank=4, short_conv=4,
+                                   linear={"memories": 4, "memory_top_k": 2,
+                                           "shared_memory": True, "router_aux_coef": 0.01}),
     # The paper's Linear-Llama3-1B (Llama-3.2-1B shapes: tied embeddings, vocab 128256, GQA 8);
     # no short conv, as in the published models.
     "linear_llama3_1b": _preset(vocab_size=128256, d_model=2048, num_layers=16, num_heads=16,
@@ -413,7 +531,43 @@ _PRESETS: dict[str, ModelConfig] = {
                                             linear_variant="gated_deltanet", short_conv=4,
                                             tie_embeddings=True, compute_dtype="bfloat16",
                                             chunk_size=64),
+    # gated_deltanet_1b_hybrid with Mixture-of-Memories linear layers (MoM's 4 memories, top 2,
+    # plus the shared memory): 5 Gated DeltaNet states per linear layer.
+    "mom_1b_hybrid": _preset(vocab_size=128256, d_model=2048, num_layers=16, num_heads=16,
+                                 num_kv_heads=8, head_dim=128, ffn_dim=8192, layer_pattern="LLLN",
+                                 linear_variant="gated_deltanet", short_conv=4,
+                                 linear={"memories": 4, "memory_top_k": 2, "shared_memory": True,
+                                         "router_aux_coef": 0.01},
+                                 tie_embeddings=True, compute_dtype="bfloat16", chunk_size=64),
 }
+
+
+def _qwen3_5(vocab, d, layers, ffn, heads, kv_heads, head_dim, k_heads, v_heads, k_dim, v_dim,
+             rope_base, **extra) -> ModelConfig:
+  """A Qwen3.5 dense text model (what ``models.hf.config_from_hf`` makes of its config.json):
+  Gated DeltaNet layers with grouped value heads and every fourth layer gated softmax attention
+  with q/k norm and a quarter of each head rotary; zero-centred norms, eps 1e-6."""
+  return _preset(
+      vocab_size=vocab, d_model=d, num_layers=layers, num_heads=k_heads, head_dim=k_dim,
+      ffn_dim=ffn, layer_types=["softmax" if (i + 1) % 4 == 0 else "linear" for i in range(layers)],
+      norm={"eps": 1e-6, "zero_centered": True},
+      linear={"variant": "gated_deltanet", "short_conv": 4, "num_value_heads": v_heads,
+              "key_dim": k_dim, "value_dim": v_dim},
+      softmax={"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
+               "rope_base": rope_base, "rotary_fraction": 0.25, "qk_norm": True,
+               "output_gate": True}, **extra)
+
+
+_PRESETS.update({
+    # The tests' Qwen3.5 (tests/fixtures/qwen3_5_tiny: 2 key heads, 4 value heads, Dk 16, Dv 32).
+    "qwen3_5_tiny": _qwen3_5(256, 64, 4, 128, 4, 2, 32, 2, 4, 16, 32, 10000.0,
+                             runtime={"chunk_size": 8}),
+    # Qwen3.5-9B's text model: transformers' Qwen3_5TextConfig defaults (D 4096, 32 layers, 16/4
+    # attention heads of 256, 16 key / 32 value linear heads of 128, vocab 248320) and the
+    # released rope_theta 1e7; bfloat16 compute for training.
+    "qwen3_5_9b": _qwen3_5(248320, 4096, 32, 12288, 16, 4, 256, 16, 32, 128, 128, 1e7,
+                           runtime={"compute_dtype": "bfloat16"}),
+})
 
 PRESETS = tuple(_PRESETS)
 

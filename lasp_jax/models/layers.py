@@ -87,7 +87,7 @@ def document_positions(segment_ids_BxN, ctx: Context, cfg):
   §13), and its first token is at position 0 (so is the row's first token). The ids must
   already be sharded like the tokens.
   """
-  if not ctx.sequence_parallel or ctx.seq_shards == 1:
+  if not ctx.sequence_parallel:
     return _positions_in_documents(segment_ids_BxN)  # storage order is the natural one
   from lasp_jax.sequence_parallel import sharding
   # Not unzigzag + cummax on the global array: the SPMD partitioner turns a cummax over the sharded
@@ -140,14 +140,19 @@ def _document_positions_shard(ids_BxC, *, axis_name, layout):
   return jnp.concatenate(out, axis=1)
 
 
-def apply_rope(x_BxNxHxD, positions, base: float):
-  """Rotary embedding (Llama-3 convention, half-split pairs): pair ``(x_i, x_{i+D/2})`` is
-  rotated by angle ``p * base**(-2i/D)`` at true position ``p``: ``positions`` is ``(N,)``
+def apply_rope(x_BxNxHxD, positions, base: float, rotary_dim: int | None = None):
+  """Rotary embedding (Llama-3 convention, half-split pairs): pair ``(x_i, x_{i+R/2})`` is
+  rotated by angle ``p * base**(-2i/R)`` at true position ``p``: ``positions`` is ``(N,)``
   (global positions, shared by the batch) or ``(B, N)`` (positions within packed documents).
-  Computed in float32."""
-  d = x_BxNxHxD.shape[-1]
-  if d % 2:
-    raise ValueError(f"RoPE needs an even head_dim, got {d}")
+  ``rotary_dim`` ``R`` (None: all ``D``): only the first ``R`` dims rotate, the rest pass through
+  (partial rotary, Qwen3.5). Computed in float32."""
+  full = x_BxNxHxD.shape[-1]
+  d = full if rotary_dim is None else rotary_dim
+  if d % 2 or not 0 < d <= full:
+    raise ValueError(f"RoPE needs an even rotary_dim in (0, head_dim={full}], got {d}")
+  if d < full:
+    rot = apply_rope(x_BxNxHxD[..., :d], positions, base)
+    return jnp.concatenate([rot, x_BxNxHxD[..., d:]], axis=-1)
   inv_freq = base ** (-jnp.arange(0, d // 2, dtype=jnp.float32) * 2.0 / d)
   ang = positions.astype(jnp.float32)[..., None] * inv_freq  # (N, F) or (B, N, F)
   # -> (1, N, 1, F) or (B, N, 1, F), against x (B, N, H, F) halves

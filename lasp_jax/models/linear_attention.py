@@ -190,12 +190,13 @@ class LinearAttention(nnx.Module):
   def __init__(self, cfg, layer_idx: int, *, rngs: nnx.Rngs):
     self.cfg = cfg
     self.layer_idx = layer_idx
-    d, h, dh = cfg.d_model, cfg.num_heads, cfg.dim_per_head
+    # q, k: hk heads of dqk; v, the state, gates, beta and the output: h value heads of dh.
+    d, hk, h, dh = cfg.d_model, cfg.num_heads, cfg.linear_value_heads, cfg.linear_value_dim
     dt, std = jnp.dtype(cfg.param_dtype), cfg.init_std
     variant = cfg.variant
     dqk = variant.qk_dim(cfg)
-    self.w_q = param(rngs, (d, h, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
-    self.w_k = param(rngs, (d, h, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
+    self.w_q = param(rngs, (d, hk, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
+    self.w_k = param(rngs, (d, hk, dqk), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_v = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_og = param(rngs, (d, h, dh), ("embed", "q_heads", "head_dim"), dt, std=std)
     self.w_o = param(rngs, (h, dh, d), ("q_heads", "head_dim", "embed"), dt, std=std)
@@ -205,22 +206,22 @@ class LinearAttention(nnx.Module):
       # projections' 0.02 it keeps q, k, v at the scale of the projections at init.
       conv_std = (3 * cfg.linear.short_conv) ** -0.5
       conv_axes = ("conv", "q_heads", "head_dim")
-      self.conv_q = param(rngs, (cfg.linear.short_conv, h, dqk), conv_axes, dt, std=conv_std)
-      self.conv_k = param(rngs, (cfg.linear.short_conv, h, dqk), conv_axes, dt, std=conv_std)
+      self.conv_q = param(rngs, (cfg.linear.short_conv, hk, dqk), conv_axes, dt, std=conv_std)
+      self.conv_k = param(rngs, (cfg.linear.short_conv, hk, dqk), conv_axes, dt, std=conv_std)
       self.conv_v = param(rngs, (cfg.linear.short_conv, h, dh), conv_axes, dt, std=conv_std)
     # The gate's bias is 0 for GLA-style gates, Mamba's dt_bias for Mamba-style ones.
     bias = dict(init=mamba_dt_bias_init) if variant.mamba_gate else dict(value=0.0)
     if variant.gate == "per_channel":
       r = cfg.linear.gate_rank
       self.w_g1 = param(rngs, (d, r), ("embed", "rank"), dt, std=std)
-      self.w_g2 = param(rngs, (r, h, dh), ("rank", "q_heads", "head_dim"), dt, std=std)
-      self.b_g = param(rngs, (h, dh), ("q_heads", "head_dim"), dt, **bias)
+      self.w_g2 = param(rngs, (r, h, dqk), ("rank", "q_heads", "head_dim"), dt, std=std)
+      self.b_g = param(rngs, (h, dqk), ("q_heads", "head_dim"), dt, **bias)
     elif variant.gate == "per_head":
       self.w_g = param(rngs, (d, h), ("embed", "q_heads"), dt, std=std)
       self.b_g = param(rngs, (h,), ("q_heads",), dt, **bias)
     elif variant.features == "rebased":
-      self.fm_gamma = param(None, (h, dqk), ("q_heads", "feature"), dt, value=1.0)
-      self.fm_beta = param(None, (h, dqk), ("q_heads", "feature"), dt, value=0.0)
+      self.fm_gamma = param(None, (hk, dqk), ("q_heads", "feature"), dt, value=1.0)
+      self.fm_beta = param(None, (hk, dqk), ("q_heads", "feature"), dt, value=0.0)
     if variant.mamba_gate:
       self.a_log = param(rngs, (h,), ("q_heads",), dt, init=mamba_a_log_init)
     if variant.delta:
@@ -230,9 +231,9 @@ class LinearAttention(nnx.Module):
     """``g``: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)`` float32 (class docstring)."""
     cfg, variant = self.cfg, self.cfg.variant
     if variant.gate == "lightning":
-      return lightning_log_decay(cfg.num_heads, self.layer_idx, cfg.num_layers)
+      return lightning_log_decay(cfg.linear_value_heads, self.layer_idx, cfg.num_layers)
     if variant.gate == "retention":
-      return retention_log_decay(cfg.num_heads)
+      return retention_log_decay(cfg.linear_value_heads)
     if not variant.data_dependent_gate:
       return None
     # Gates in float32: they are summed over the whole sequence.
@@ -286,12 +287,19 @@ class LinearAttention(nnx.Module):
         gamma, beta = self.fm_gamma[...], self.fm_beta[...]
         q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
       v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
-      return q, k, v1, None, None, 1.0
+      return self._share_qk(q), self._share_qk(k), v1, None, None, 1.0
     if variant.delta:
       q, k, beta = l2_normalize(q), l2_normalize(k), self._beta(x_BxNxD, ctx)
     else:
       q, k, beta = feature_map(q, cfg.linear.feature_map), feature_map(k, cfg.linear.feature_map), None
+    q, k = self._share_qk(q), self._share_qk(k)
     return q, k, v, self._log_decay(x_BxNxD, ctx), beta, q.shape[-1] ** -0.5
+
+  def _share_qk(self, x_BxNxHkxD):
+    """q or k on the value heads: value head ``j`` reads head ``j // group`` (Qwen3.5's and fla's
+    ``repeat_interleave``), so the op sees one q, k per value head."""
+    group = self.cfg.linear_value_heads // self.cfg.num_heads
+    return x_BxNxHkxD if group == 1 else jnp.repeat(x_BxNxHkxD, group, axis=2)
 
   def _output(self, o, x_BxNxD, ctx: Context):
     """The op's output ``(B, N, H, Dv)`` (Based: ``Dv + 1``) -> the layer's ``(B, N, D)``."""

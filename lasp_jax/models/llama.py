@@ -21,6 +21,7 @@ from jax.sharding import NamedSharding
 from lasp_jax.models.config import ModelConfig
 from lasp_jax.models.layers import RMSNorm, SwiGLU, document_positions, param, rope_positions
 from lasp_jax.models.linear_attention import LinearAttention
+from lasp_jax.models.mom import MoMAttention, masked_flops
 from lasp_jax.models.sharding_rules import ShardingRules, make_context
 from lasp_jax.models.softmax_attention import SoftmaxAttention
 
@@ -33,7 +34,9 @@ class DecoderLayer(nnx.Module):
     dt = jnp.dtype(cfg.param_dtype)
     self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dt, rngs=rngs,
                              zero_centered=cfg.norm.zero_centered)
-    block = LinearAttention if self.kind == "linear" else SoftmaxAttention
+    # A linear layer is a Mixture-of-Memories one with linear.memories (models/mom.py).
+    block = ((MoMAttention if cfg.linear.memories else LinearAttention)
+             if self.kind == "linear" else SoftmaxAttention)
     self.attn = block(cfg, layer_idx, rngs=rngs)
     self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm.eps, dtype=dt, rngs=rngs,
                              zero_centered=cfg.norm.zero_centered)
@@ -232,30 +235,39 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     (the ``c x c`` unit-triangular solve for ``T``, ``c^3 / 3`` per chunk); decays are
     elementwise and not counted;
   - softmax, causal: per head ``2 D N`` (``Q K^T`` and ``P V`` over ``N / 2`` keys on average).
+  With grouped value heads the core runs on the value heads (q and k repeated to them).
   The gates' projections (GLA's and KDA's low rank, simple GLA's and Gated DeltaNet's per head,
-  the delta rule's ``beta``) count as matmul weights.
+  the delta rule's ``beta``) count as matmul weights. Mixture-of-Memories layers
+  (``linear.memories``) count their masked form, the form that runs: all ``M' = M (+1 shared)``
+  memories' key/value projections, gates, ``beta``, convs and recurrences for every token (not
+  only the ``top_k + 1`` a token is routed to), plus the router and the mixing
+  (``mom.masked_flops``).
   """
   if not isinstance(seq_len, int) or seq_len <= 0:
     raise ValueError(f"seq_len must be a positive int, got {seq_len!r}")
   cfg = config
-  d, h, dh, hkv, f = cfg.d_model, cfg.num_heads, cfg.dim_per_head, cfg.kv_heads, cfg.ffn_dim
+  d, f = cfg.d_model, cfg.ffn_dim
   mlp = 3 * d * f
   head = d * cfg.vocab_size
   total = 2.0 * head
   c = min(cfg.runtime.chunk_size, seq_len)
   for kind in cfg.layer_kinds:
     if kind == "softmax":
-      mm = d * h * dh * 2 + d * hkv * dh * 2
+      h, hkv, dh = cfg.softmax_heads, cfg.kv_heads, cfg.softmax_head_dim
+      mm = d * h * dh * (3 if cfg.softmax.output_gate else 2) + d * hkv * dh * 2
       core = h * 2.0 * dh * seq_len
     else:
-      variant = cfg.variant
-      dqk = variant.qk_dim(cfg)
+      # q, k: hk heads of dqk; v, the output gate and projection, the core: h value heads.
+      variant, hk, h = cfg.variant, cfg.num_heads, cfg.linear_value_heads
+      dqk, dh = variant.qk_dim(cfg), cfg.linear_value_dim
       dk, dv = variant.state_dims(cfg)
-      mm = d * h * dqk * 2 + d * h * dh * 3 + variant.gate_weights(cfg)
-      mm += cfg.linear.short_conv * h * (2 * dqk + dh)  # the depthwise taps, one multiply-add each
+      mm = d * hk * dqk * 2 + d * h * dh * 3 + variant.gate_weights(cfg)
+      mm += cfg.linear.short_conv * (2 * hk * dqk + h * dh)  # the depthwise taps, one FMA each
       if variant.delta:
         core = h * (6.0 * dk * dv + c * (3.0 * dk + 2.0 * dv) + c * c / 3.0)
       else:
         core = h * (4.0 * dk * dv + c * (dk + dv))
+      if cfg.linear.memories:  # Mixture-of-Memories: the masked form, every memory every token
+        mm, core = masked_flops(cfg, mm, core)
     total += 2.0 * (mm + mlp) + core
   return 3.0 * total

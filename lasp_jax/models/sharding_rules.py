@@ -11,7 +11,10 @@ the FFN and vocabulary dimensions. The gates' parameters (GLA's, KDA's low rank 
 ``(rank, q_heads, head_dim)``; the per-head ``(embed, q_heads)`` projections of simple GLA's and
 Gated DeltaNet's decay and of the delta rule's ``beta``; the biases, ``dt_bias`` and ``A_log`` on
 ``q_heads``) follow the projections, split over ``tensor`` by head; the small per-head vectors are
-gathered whole where they meet the activations (whose heads are not split).
+gathered whole where they meet the activations (whose heads are not split). Mixture-of-Memories
+layers (``models/mom.py``) keep each memory's projections, gates and convs on the ``q_heads`` axis,
+memory-major (memory ``m``'s head ``h`` is head ``m * H + h``), so they split over ``tensor`` like
+any head; the router ``(embed, memories)`` is small and whole on every device.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class ShardingRules:
   rank: str | None = None
   norm: str | None = None
   conv: str | None = None  # the taps of the short conv (a handful: never split)
+  memories: str | None = None  # MoM's router columns, one per memory (a handful: never split)
 
   @classmethod
   def from_config(cls, cfg) -> "ShardingRules":

@@ -43,19 +43,19 @@ class LinearVariant:
 
   def qk_dim(self, cfg) -> int:
     """Width of the q, k projections per head."""
-    return cfg.linear.feature_dim if self.normalised else cfg.dim_per_head
+    return cfg.linear_key_dim
 
   def state_dims(self, cfg) -> tuple[int, int]:
     """``(Dk, Dv)`` of the recurrence's state after the feature maps."""
-    f, dh = self.qk_dim(cfg), cfg.dim_per_head
+    f, dv = self.qk_dim(cfg), cfg.linear_value_dim
     dk = {"taylor": 1 + f + f * f, "rebased": f * f}.get(self.features, f)
-    return dk, dh + 1 if self.normalised else dh
+    return dk, dv + 1 if self.normalised else dv
 
   def gate_weights(self, cfg) -> int:
-    """Matmul weights of the gate's and beta's projections (for FLOPs)."""
-    d, h = cfg.d_model, cfg.num_heads
-    n = {"per_channel": d * cfg.linear.gate_rank + cfg.linear.gate_rank * h * cfg.dim_per_head,
-         "per_head": d * h}.get(self.gate, 0)
+    """Matmul weights of the gate's and beta's projections (for FLOPs); gates and beta are per
+    value head."""
+    d, h, r = cfg.d_model, cfg.linear_value_heads, cfg.linear.gate_rank
+    n = {"per_channel": d * r + r * h * self.qk_dim(cfg), "per_head": d * h}.get(self.gate, 0)
     return n + (d * h if self.delta else 0)
 
 

@@ -25,10 +25,11 @@ from lasp_jax.train.mesh import any_process
 
 def resumable_model_key(key: str) -> bool:
   """Whether a model field (dotted key) may differ on resume: the ``runtime`` group changes how
-  the model runs, ``init_std`` only step 0. Every other field (d_model, vocab_size, layer_pattern,
-  param_dtype, softmax.rope_base, ...) must match: it changes the parameter shapes or tree, or
-  what the saved weights mean."""
-  return key.startswith("runtime.") or key == "init_std"
+  the model runs, ``init_std`` only step 0, ``linear.router_aux_coef`` only the training
+  objective. Every other field (d_model, vocab_size, layer_pattern, param_dtype,
+  softmax.rope_base, ...) must match: it changes the parameter shapes or tree, or what the saved
+  weights mean."""
+  return key.startswith("runtime.") or key in ("init_std", "linear.router_aux_coef")
 
 
 def resume_conflicts(saved: dict, new: dict) -> list[str]:

@@ -394,6 +394,7 @@ def _model_section(d: Mapping[str, Any] | None) -> ModelSection:
 def from_dict(d: Mapping[str, Any]) -> TrainConfig:
   """A ``TrainConfig`` from a nested mapping (a YAML file's contents); unknown keys rejected."""
   d = dict(d or {})
+  d.pop("resolved_model", None)     # a run's config.yaml: derived from the rest, so it loads too
   model = _model_section(d.pop("model", None))
   cfg = _build(TrainConfig, d, "")
   return dataclasses.replace(cfg, model=model)

@@ -45,22 +45,32 @@ def model_config(cfg: TrainConfig, mesh):
   models = _models()
   over = dict(cfg.model.overrides)
   axes = batch_axes(mesh)
-  for key, want in (("seq_axis", SEQ_AXIS), ("batch_axes", axes)):
+  for key, want in (("runtime.seq_axis", SEQ_AXIS), ("runtime.batch_axes", axes)):
     if key in over and tuple(np.atleast_1d(over[key])) != tuple(np.atleast_1d(want)):
       raise ValueError(f"model.{key}={over[key]!r} disagrees with the mesh {dict(mesh.shape)}, "
                        f"which needs {want!r}; leave model.{key} unset")
-  over["seq_axis"], over["batch_axes"] = SEQ_AXIS, axes
+  over["runtime.seq_axis"], over["runtime.batch_axes"] = SEQ_AXIS, axes
   base = models.get_config(cfg.model.preset)
   over["vocab_size"] = resolve_vocab_size(cfg, base.vocab_size)
-  mcfg = models.ModelConfig.from_dict({**base.to_dict(), **over})
-  w = dict(zip(mesh.axis_names, mesh.axis_sizes))[SEQ_AXIS]
-  segments = 2 if mcfg.layout == "zigzag" else 1
-  if cfg.data.seq_len % (w * segments * mcfg.chunk_size):
-    raise ValueError(
-        f"data.seq_len={cfg.data.seq_len} must be a multiple of {w * segments * mcfg.chunk_size}: "
-        f"sp={w} devices x {segments} segment(s) ({mcfg.layout} layout) x model.chunk_size="
-        f"{mcfg.chunk_size}; change data.seq_len, model.chunk_size or mesh.sp")
+  mcfg = models.ModelConfig.from_dict({**base.flat_dict(), **over})
+  sequence_layout(mcfg, mesh, cfg.data.seq_len)
   return mcfg
+
+
+def sequence_layout(mcfg, mesh, seq_len: int) -> str:
+  """``mcfg``'s layout of the sequence over the mesh's sequence axis (``"contiguous"`` or
+  ``"zigzag"``), after checking that ``seq_len`` (``data.seq_len``) splits into it: a ValueError
+  naming it unless it is a multiple of sp devices x segments x the kernels' chunk size."""
+  w = dict(zip(mesh.axis_names, mesh.axis_sizes))[SEQ_AXIS]
+  segments = 2 if mcfg.runtime.layout == "zigzag" else 1
+  if seq_len % (w * segments * mcfg.runtime.chunk_size):
+    raise ValueError(
+        f"data.seq_len={seq_len} must be a multiple of "
+        f"{w * segments * mcfg.runtime.chunk_size}: "
+        f"sp={w} devices x {segments} segment(s) ({mcfg.runtime.layout} layout) x "
+        f"model.runtime.chunk_size={mcfg.runtime.chunk_size}; change data.seq_len, "
+        f"model.runtime.chunk_size or mesh.sp")
+  return mcfg.runtime.layout
 
 
 def resolve_vocab_size(cfg: TrainConfig, preset_vocab: int) -> int:
@@ -90,14 +100,35 @@ def resolve_vocab_size(cfg: TrainConfig, preset_vocab: int) -> int:
 # ----------------------------------------------------------------------------------------------
 # The step functions (pure, jitted once).
 
-def _sums(graphdef, rest, params, inputs, targets, mask, segment_ids=None):
+def _sums(graphdef, rest, params, inputs, targets, mask, segment_ids=None, *, router_aux=False):
   """Sum of masked token NLLs and ``(token count, correct count)`` for one micro-batch (B, N);
-  ``segment_ids`` (B, N) or None: the packed documents of ``inputs``."""
+  ``segment_ids`` (B, N) or None: the packed documents of ``inputs``.
+
+  ``router_aux`` (the training step) with Mixture-of-Memories layers and ``coef =
+  linear.router_aux_coef > 0``: the first value is the objective, the NLL sum plus ``coef * L_aux
+  * token count`` (so that its mean is ``NLL + coef * L_aux``), and two sums follow the counts:
+  ``(token count, correct count, NLL sum, L_aux * token count)``. With ``coef`` 0 nothing
+  changes."""
   model = nnx.merge(graphdef, params, rest)
-  logits = model(inputs, segment_ids).astype(jnp.float32)
+  coef = _router_aux_coef(model)
+  if router_aux and coef:
+    logits, aux = _models().forward_with_router_aux_loss(model, inputs, segment_ids)
+  else:
+    logits, aux = model(inputs, segment_ids), None
+  logits = logits.astype(jnp.float32)
   nll = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(nll * mask), (jnp.sum(mask), jnp.sum(correct * mask))
+  nll_sum, count = jnp.sum(nll * mask), jnp.sum(mask)
+  if not router_aux or not coef:
+    return nll_sum, (count, jnp.sum(correct * mask))
+  aux_sum = jnp.zeros((), jnp.float32) if aux is None else aux.astype(jnp.float32) * count
+  return nll_sum + coef * aux_sum, (count, jnp.sum(correct * mask), nll_sum, aux_sum)
+
+
+def _router_aux_coef(model) -> float:
+  """``linear.router_aux_coef`` of a model with Mixture-of-Memories layers, else 0."""
+  lin = getattr(getattr(model, "config", None), "linear", None)
+  return float(getattr(lin, "router_aux_coef", 0.0)) if getattr(lin, "memories", 0) else 0.0
 
 
 def make_train_step(graphdef, tx, lr_schedule):
@@ -106,25 +137,33 @@ def make_train_step(graphdef, tx, lr_schedule):
   ``batch`` arrays are (A, B, N), ``segment_ids`` among them when the data packs documents (its
   keys are part of the jitted structure: a run's batches all have the same, one compile). The
   gradient is of the summed NLL over all ``A`` micro-batches divided by their token count:
-  accumulation gives the same update as one batch of ``A * B``.
+  accumulation gives the same update as one batch of ``A * B``. With Mixture-of-Memories layers
+  and ``linear.router_aux_coef > 0`` the objective adds ``coef * L_aux`` per token (``_sums``); the
+  metrics' ``loss`` stays the NLL and ``router_aux_loss`` is the token-weighted mean ``L_aux``.
   ``rest`` is the model's non-parameter state (passed, not closed over, so that one compiled step
   serves every run of the same model and optimiser in a process).
   """
   def step(params, rest, opt_state, batch, step):
-    vg = jax.value_and_grad(lambda p, *xyms: _sums(graphdef, rest, p, *xyms), has_aux=True)
+    aux = bool(_router_aux_coef(nnx.merge(graphdef, params, rest)))  # static: the model's config
+    vg = jax.value_and_grad(lambda p, *xyms: _sums(graphdef, rest, p, *xyms, router_aux=aux),
+                            has_aux=True)
     xyms = (batch["inputs"], batch["targets"], batch["mask"])
     if "segment_ids" in batch:
       xyms += (batch["segment_ids"],)
     if xyms[0].shape[0] == 1:
-      (loss_sum, (count, correct)), grads = vg(params, *(a[0] for a in xyms))
+      (loss_sum, counts), grads = vg(params, *(a[0] for a in xyms))
     else:
       def body(carry, xym):
-        g_acc, l_acc, c_acc, k_acc = carry
-        (l, (c, k)), g = vg(params, *xym)
-        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c, k_acc + k), None
+        g_acc, l_acc, c_acc = carry
+        (l, c), g = vg(params, *xym)
+        return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, jax.tree.map(jnp.add, c_acc, c)), None
       zeros = jax.tree.map(jnp.zeros_like, params)
       z = jnp.zeros((), jnp.float32)
-      (grads, loss_sum, count, correct), _ = jax.lax.scan(body, (zeros, z, z, z), xyms)
+      (grads, loss_sum, counts), _ = jax.lax.scan(body, (zeros, z, (z,) * (4 if aux else 2)),
+                                                  xyms)
+    count, correct = counts[:2]
+    if aux:  # the objective had coef * L_aux in it: report the NLL and L_aux apart
+      loss_sum, aux_sum = counts[2:]
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     grad_norm = jnp.sqrt(sum(jnp.sum(jnp.square(g)) for g in jax.tree.leaves(grads)))
@@ -132,6 +171,8 @@ def make_train_step(graphdef, tx, lr_schedule):
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss_sum / denom, "accuracy": correct / denom, "grad_norm": grad_norm,
                "tokens": count, "lr": lr_schedule(step)}
+    if aux:
+      metrics["router_aux_loss"] = aux_sum / denom
     return params, opt_state, metrics
 
   return jax.jit(step, donate_argnums=(0, 2))
@@ -290,9 +331,11 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
     do_eval = cfg.log.eval_every > 0 and (cfg.data.source in SYNTHETIC_SOURCES
                                           or cfg.data.eval_fraction > 0)
     try:
-      train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+      train_data = Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh,
+                           layout=mcfg.runtime.layout,
                            micro_batches=A, split="train")
-      eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh, layout=mcfg.layout,
+      eval_data = (Batches(cfg.data, vocab_size=mcfg.vocab_size, mesh=mesh,
+                           layout=mcfg.runtime.layout,
                            micro_batches=1, split="eval") if do_eval else None)
       run_tokenizer = data_tokenizer_meta(cfg.data, mcfg.vocab_size)
     except ValueError as e:
@@ -333,7 +376,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
       with open(os.path.join(run_dir, "config.yaml"), "w", encoding="utf-8") as f:
         yaml.safe_dump({**cfg.to_dict(), "resolved_model": mcfg.to_dict()}, f, sort_keys=False)
       save_run_tokenizer(run_dir, run_tokenizer)
-    if found is not None:
+    if found is not None and step > 0:     # at step 0 (an import) no data was read yet
       same = {k: meta["data"].get(k) == v for k, v in (("source", cfg.data.source),
                                                          ("seed", cfg.data.seed))}
       if not all(same.values()):
@@ -352,7 +395,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
                 f"{mesh.size} {jax.devices()[0].platform} devices in "
                 f"{jax.process_count()} process(es), data {cfg.data.source} (this process reads "
                 f"{len(train_data.local_rows)}/{train_data.examples_per_step()} rows a step), "
-                f"{'resuming at step ' + str(step) if step else 'from scratch'} -> {ckpt_dir}",
+                f"{'from scratch' if found is None else 'resuming at step ' + str(step)} -> {ckpt_dir}",
                 all_processes=True)
 
     def meta(s, nxt):
@@ -372,7 +415,8 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
       log.write(rec, kind="eval")
       return rec
 
-    summary = {"start_step": step, "steps": step, "losses": [], "evals": [], "stopped_by": None}
+    summary = {"start_step": step, "resumed": found is not None, "steps": step, "losses": [],
+               "evals": [], "stopped_by": None}
     last_saved = step if found is not None else None
     try:
       while step < cfg.steps:
@@ -389,6 +433,8 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
                "step_time": dt, "tok_s": tokens_per_step / dt}
         if chance is not None:
           rec["accuracy"] = m["accuracy"]
+        if "router_aux_loss" in m:   # Mixture-of-Memories' load balancing (linear.router_aux_coef)
+          rec["router_aux_loss"] = m["router_aux_loss"]
         if fpt is not None:
           rec["tflops_s"] = fpt * tokens_per_step / dt / 1e12
           if peak is not None:
@@ -401,7 +447,7 @@ def _train(cfg: TrainConfig, mesh, mcfg, ckpt: Checkpointer, on_step, stop: _Sto
               f"loss is {m['loss']} at step {step} (grad norm {m['grad_norm']:.4g}, "
               f"lr {lr:.4g}); "
               f"stopping. The last checkpoint is step {last_saved} in {ckpt_dir}. Try a lower "
-              f"optim.lr, a longer optim.warmup_steps or model.compute_dtype=float32.")
+              f"optim.lr, a longer optim.warmup_steps or model.runtime.compute_dtype=float32.")
         if on_step is not None:
           on_step(step, rec)
         if eval_step is not None and step % cfg.log.eval_every == 0:

@@ -211,3 +211,18 @@ def test_one_device_softmax_never_builds_the_score_matrix(train):
   temp = compiled.memory_analysis().temp_size_in_bytes
   scores = cfg.num_heads * n * n * 4
   assert temp < scores / 4, (temp, scores)
+
+
+def test_packed_documents_on_a_mesh_with_one_sequence_device():
+  """A mesh whose sequence axis has one device (``mesh.sp=1``, the batch over ``data``) with packed
+  documents: the same logits as no mesh (it used to fail: a cummax over an axis typed as sharded)."""
+  cfg = models.get_config("tiny_hybrid")
+  x = jax.random.randint(jax.random.key(0), (2, 32), 0, cfg.vocab_size)
+  ids = jnp.concatenate([jnp.zeros((2, 10), jnp.int32), jnp.ones((2, 22), jnp.int32)], 1)
+  want = jax.jit(lambda m, x, i: m(x, segment_ids=i))(models.create_model(cfg), x, ids)
+  mesh = jax.make_mesh((2, 1), ("data", "sp"))
+  with jax.set_mesh(mesh):
+    sh = jax.sharding.NamedSharding(mesh, jax.P("data", "sp"))
+    got = jax.jit(lambda m, x, i: m(x, segment_ids=i))(
+        models.create_model(cfg, mesh=mesh), jax.device_put(x, sh), jax.device_put(ids, sh))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
