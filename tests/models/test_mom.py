@@ -406,9 +406,9 @@ def test_count_params_and_flops(variant, shared):
 # ----------------------------------------------------------------------------------------------
 # The load-balancing loss in the training loss.
 
-def _aux_setup(coef):
+def _aux_setup(coef, num_layers=3):
   cfg = models.get_config("tiny_mom_hybrid", linear_variant="gla", linear__router_aux_coef=coef,
-                          init_std=0.2, layer_pattern="LN", num_layers=3)   # MoM, softmax, MoM
+                          init_std=0.2, layer_pattern="LN", num_layers=num_layers)  # MoM, softmax..
   model = models.LinearLlama(cfg, rngs=nnx.Rngs(0))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, 256)
@@ -438,10 +438,10 @@ def _aux_ref(cfg, inputs):
   return np.mean(losses)
 
 
-def _aux_outputs(coef, grads=True):
+def _aux_outputs(coef, grads=True, num_layers=3):
   """One program: ``_sums`` with and without the aux term (values, and gradients with
   ``grads``), the captured forward, the plain forward and the MoM layers' inputs."""
-  model, graphdef, params, rest, batch = _aux_setup(coef)
+  model, graphdef, params, rest, batch = _aux_setup(coef, num_layers)
 
   @jax.jit
   def run(params):
@@ -472,7 +472,7 @@ def test_router_aux_loss_reaches_the_training_loss():
 
 
 def test_zero_coefficient_leaves_the_loss_unchanged():
-  model, (with_aux, without, (logits, aux), plain, _) = _aux_outputs(0.0, grads=False)
+  model, (with_aux, without, (logits, aux), plain, _) = _aux_outputs(0.0, grads=False, num_layers=1)
   assert aux is None
   (obj, counts), _ = with_aux
   (ref, _), _ = without

@@ -5,6 +5,7 @@ tests/models/test_hf.py)."""
 import pathlib
 
 import numpy as np
+import pytest
 
 import train as train_cli
 from lasp_jax.train import loop
@@ -16,6 +17,7 @@ CKPT = FIXTURES / "qwen3_5_tiny"
 TEXT = pathlib.Path(__file__).resolve().parents[1] / "data" / "tinyshakespeare_head.txt"
 
 
+@pytest.mark.slow   # trains on 8 devices; the import/export maths is in tests/models/test_hf.py
 def test_import_train_export(tmp_path, capsys):
   run_dir, step0, trained = tmp_path / "run", tmp_path / "step0", tmp_path / "trained"
   assert train_cli.main(["import", str(CKPT), str(run_dir), "data.source=text",
