@@ -42,9 +42,9 @@ def import_checkpoint(hf_dir: str, run_dir: str, overrides=(), *, text_only: boo
   mcfg = model.config
   model_keys = {f"model.{k}": v for k, v in mcfg.flat_dict().items()
                 if k not in ("runtime.seq_axis", "runtime.batch_axes")}
-  cfg = load_config(None, {**model_keys, **dict(overrides), "run_dir": run_dir})
-  if cfg.run_dir != run_dir:
+  if "run_dir" in dict(overrides):
     raise ValueError(f"run_dir is the import's RUN_DIR {run_dir!r}; do not override it")
+  cfg = load_config(None, {**model_keys, **dict(overrides), "run_dir": run_dir})
   tmp = f"{run_dir.rstrip(os.sep)}.importing"
   shutil.rmtree(tmp, ignore_errors=True)
   try:
