@@ -75,10 +75,12 @@ def _check(backend, q, k, v, g, s0, chunk, tol, segment_ids=None):
 
 @pytest.mark.parametrize("backend,decay,chunk,n", [
     ("gpu", "none", 16, 64),
-    ("gpu", "head", 32, 96),
+    # The per-head decay's own cases: packed documents and the bf16 gradient (gpu), hard resets
+    # (tpu) run by default; these are slow.
+    pytest.param("gpu", "head", 32, 96, marks=pytest.mark.slow),
     ("gpu", "token", 16, 64),
     ("tpu", "none", 16, 48),
-    ("tpu", "head", 8, 32),
+    pytest.param("tpu", "head", 8, 32, marks=pytest.mark.slow),
     ("tpu", "token", 16, 48),
 ])
 def test_float32_forward_state_and_grads(backend, decay, chunk, n):
@@ -272,8 +274,10 @@ DOC_STARTS = (16, 20, 21, 23, 26, 31, 33, 48)
 
 
 # Segment ids turn "none" into a per-token decay inside the kernels: the "none" case is slow.
-@pytest.mark.parametrize("decay", [pytest.param("none", marks=pytest.mark.slow), "head", "token"])
-@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+@pytest.mark.parametrize("backend, decay", [
+    ("xla", "token"), ("gpu", "head"), ("gpu", "token"), ("tpu", "token"),
+    *(pytest.param(b, d, marks=pytest.mark.slow) for b, d in (
+        ("xla", "none"), ("gpu", "none"), ("tpu", "none"), ("xla", "head"), ("tpu", "head")))])
 def test_packed_documents_restart_the_state(backend, decay):
   """Segment ids in the kernels: the state restarts at every start (in-chunk mask causal and
   same-document, carried state reset), the initial state feeds only the first document; forward,
@@ -317,7 +321,8 @@ def test_hard_reset_gate_is_exact(backend, gate):
   _check(backend, *_hard_gate_data(backend, gate, "token"), 16, 2e-4)
 
 
-@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+@pytest.mark.parametrize("backend", [
+    "xla", *(pytest.param(b, marks=pytest.mark.slow) for b in ("gpu", "tpu"))])
 def test_hard_reset_per_head_decay_is_exact(backend):
   """An (H,) decay of -inf resets at every token (only k_i^T v_i survives): no NaN anywhere."""
   _check(backend, *_hard_gate_data(backend, "-inf", "head"), 16, 2e-4)

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lasp_jax.kernels._pallas_util import chunk_block, state_block, tpu_chunk_call
 from lasp_jax.kernels.delta_rule import _pallas_common as common
 from lasp_jax.kernels.delta_rule._pallas_common import F32
 
@@ -116,13 +117,7 @@ def _reverse_kernel(w_ref, k_ref, u_ref, du_ref, lg_ref, st_ref, dsf_ref,
 
 def _chunk_spec(rows, cols, nc, reverse):
   """One chunk's ``(rows, cols)`` block of a ``(B, H, NC, rows, cols)`` array."""
-  if reverse:
-    return pl.BlockSpec((None, None, None, rows, cols), lambda b, h, i: (b, h, nc - 1 - i, 0, 0))
-  return pl.BlockSpec((None, None, None, rows, cols), lambda b, h, i: (b, h, i, 0, 0))
-
-
-def _state_spec(dk, dv):
-  return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))
+  return chunk_block((None, None, None, rows, cols), nc, reverse)
 
 
 def _rows(gamma):
@@ -131,17 +126,8 @@ def _rows(gamma):
 
 
 def _call(kernel, cfg, grid, args, in_specs, out_specs, out_shape, scratch):
-  return pl.pallas_call(
-      kernel,
-      grid=grid,
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=cfg.interpret,
-  )(*args)
+  return tpu_chunk_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, scratch=scratch, interpret=cfg.interpret)(*args)
 
 
 def forward(w, u0, k_end, gamma, s0, cfg):
@@ -153,8 +139,8 @@ def forward(w, u0, k_end, gamma, s0, cfg):
   return _call(
       functools.partial(_forward_kernel, nc=nc), cfg, (bsz, h, nc),
       (w, u0, k_end, _rows(gamma), s0),
-      [ck, cv, ck, row, _state_spec(dk, dv)],
-      [cv, _state_spec(dk, dv)],
+      [ck, cv, ck, row, state_block(dk, dv)],
+      [cv, state_block(dk, dv)],
       [jax.ShapeDtypeStruct(u0.shape, F32), jax.ShapeDtypeStruct(s0.shape, F32)],
       [pltpu.VMEM((dk, dv), F32)])
 
@@ -167,7 +153,7 @@ def states(k_end, u, gamma, s0, cfg):
       _states_kernel, cfg, (bsz, h, nc),
       (k_end, u, _rows(gamma), s0),
       [_chunk_spec(c, dk, nc, False), _chunk_spec(c, dv, nc, False),
-       _chunk_spec(1, dk, nc, False), _state_spec(dk, dv)],
+       _chunk_spec(1, dk, nc, False), state_block(dk, dv)],
       _chunk_spec(dk, dv, nc, False),
       jax.ShapeDtypeStruct((bsz, h, nc, dk, dv), F32),
       [pltpu.VMEM((dk, dv), F32)])
@@ -182,8 +168,8 @@ def reverse(w, k_end, u, du, gamma, st, ds_final, cfg):
   dw, du0, dk_end, dgamma, ds0 = _call(
       functools.partial(_reverse_kernel, nc=nc), cfg, (bsz, h, nc),
       (w, k_end, u, du, _rows(gamma), st, ds_final),
-      [ck, ck, cv, cv, row, _chunk_spec(dk, dv, nc, True), _state_spec(dk, dv)],
-      [ck, cv, ck, row, _state_spec(dk, dv)],
+      [ck, ck, cv, cv, row, _chunk_spec(dk, dv, nc, True), state_block(dk, dv)],
+      [ck, cv, ck, row, state_block(dk, dv)],
       [jax.ShapeDtypeStruct(w.shape, F32), jax.ShapeDtypeStruct(u.shape, F32),
        jax.ShapeDtypeStruct(w.shape, F32), jax.ShapeDtypeStruct((bsz, h, nc, 1, dk), F32),
        jax.ShapeDtypeStruct(ds_final.shape, F32)],
@@ -195,20 +181,11 @@ def delta_state_pass_tpu(w, u0, k_end, gamma, s0=None, *,
                          interpret: bool | pltpu.InterpretParams = False):
   """The delta rule's sequential state pass over chunks through the Mosaic kernels.
 
-  ``S = s0``; per chunk ``n``: ``u_n = u0_n - w_n S``, ``S = exp(gamma_n)[:, None] S +
-  k_end_n^T u_n`` (``_pallas_common``). Differentiable in every input (custom_vjp; the backward
-  recomputes the chunk states).
-
-  Args:
-    w, k_end: ``(B, H, NC, C, Dk)``; u0: ``(B, H, NC, C, Dv)``; gamma: ``(B, H, NC, Dg)``,
-      ``Dg`` in {1, Dk}, each chunk's total log-decay, finite and ``<= 0`` (clamped by the caller;
-      ``exp`` may be exactly 0, a reset); s0: ``(B, H, Dk, Dv)`` or None (zeros). Any float
-      dtype, computed in float32; ``C`` a multiple of 8; head dims off 128 are zero-padded.
-    interpret: run in the Pallas interpreter (CPU): True for the plain one, or a
-      ``pltpu.InterpretParams`` for the TPU-semantics one.
-
-  Returns:
-    ``(u (B, H, NC, C, Dv), s_final (B, H, Dk, Dv))``, float32.
+  The arguments, the recurrence and the result are those of
+  :func:`lasp_jax.kernels.delta_rule.pallas_gpu.delta_state_pass_gpu`, except: ``C`` a multiple of
+  8 and any head dims (zero-padded to 128 lanes around the kernels); the dots always take float32
+  operands; ``interpret``: True for the plain interpreter, or a ``pltpu.InterpretParams`` for the
+  TPU-semantics one.
   """
   if s0 is None:
     s0 = jnp.zeros(w.shape[:2] + (w.shape[-1], u0.shape[-1]), F32)

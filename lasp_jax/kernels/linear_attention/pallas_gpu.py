@@ -130,11 +130,13 @@ def _write_rows(row_refs, rows, decay_rows):
     ref[rows] = x
 
 
-def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
+def _dk_kernel(*refs, with_dv, has_decay, nc, c, scale, dtype):
+  """The reverse pass over chunks: dk, dv and dS0 (``with_dv``), or dk alone for a Dk slice (the
+  split backward, whose dv and dS0 come from ``_dv_kernel``); plus the decay's row sums."""
   n_in = 6 if has_decay else 5
   ins, decay_refs, out = _split(refs, n_in, has_decay)
   q_ref, k_ref, v_ref, do_ref, dsf_ref = ins[:5]
-  dk_ref, dv_ref, ds0_ref = out[:3]
+  dk_ref, n_out = out[0], (3 if with_dv else 1)
   dv = v_ref.shape[-1]
 
   def body(j, ds):
@@ -143,40 +145,21 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
     rows = pl.ds(start, c)
     decay = _chunk_decay(decay_refs, start, c)
     s_before = ins[5][:, pl.ds(pl.multiple_of(n * dv, dv), dv)] if has_decay else None
-    dk, dv_, ds, decay_rows = common.dkv_chunk(
-        q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], ds, decay,
-        scale=scale, dtype=dtype, s_before=s_before)
-    dk_ref[rows, :] = dk.astype(dk_ref.dtype)
-    dv_ref[rows, :] = dv_.astype(dv_ref.dtype)
-    if has_decay:
-      _write_rows(out[3:], rows, decay_rows)
-    return ds
-
-  ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
-
-
-def _dk_kernel(*refs, has_decay, nc, c, scale, dtype):
-  n_in = 6 if has_decay else 5
-  ins, decay_refs, out = _split(refs, n_in, has_decay)
-  q_ref, k_ref, v_ref, do_ref, dsf_ref = ins[:5]
-  dk_ref = out[0]
-  dv = v_ref.shape[-1]
-
-  def body(j, ds):
-    n = nc - 1 - j
-    start = pl.multiple_of(n * c, c)
-    rows = pl.ds(start, c)
-    decay = _chunk_decay(decay_refs, start, c)
-    s_before = ins[5][:, pl.ds(pl.multiple_of(n * dv, dv), dv)] if has_decay else None
-    dk, ds, decay_rows = common.dk_chunk(q_ref[rows, :], k_ref[rows, :], v_ref[rows, :],
-                                         do_ref[rows, :], ds, decay, scale=scale, dtype=dtype,
-                                         s_before=s_before)
+    chunk = (q_ref[rows, :], k_ref[rows, :], v_ref[rows, :], do_ref[rows, :], ds, decay)
+    if with_dv:
+      dk, dv_, ds, decay_rows = common.dkv_chunk(*chunk, scale=scale, dtype=dtype,
+                                                 s_before=s_before)
+      out[1][rows, :] = dv_.astype(out[1].dtype)
+    else:
+      dk, ds, decay_rows = common.dk_chunk(*chunk, scale=scale, dtype=dtype, s_before=s_before)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     if has_decay:
-      _write_rows(out[1:], rows, decay_rows)
+      _write_rows(out[n_out:], rows, decay_rows)
     return ds
 
-  jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
+  ds0 = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
+  if with_dv:
+    out[2][...] = ds0
 
 
 def _dv_kernel(*refs, has_decay, nc, c, scale, dtype):
@@ -325,7 +308,8 @@ def dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg):
     rows_spec, rows_shape = _row_sums(k, 1)
     out_specs += [rows_spec] * 3
     out_shape += [rows_shape] * 3
-  out = _call(_dkv_kernel, "linear_attention_dkv", q, decay, cfg, grid=(bsz, h),
+  out = _call(functools.partial(_dk_kernel, with_dv=True), "linear_attention_dkv", q, decay, cfg,
+              grid=(bsz, h),
               in_specs=in_specs, args=args, out_specs=out_specs, out_shape=out_shape)
   dg = None if decay is None else _decay_grad(cfg, aux, out[3:])
   return out[0], out[1], out[2], dg
@@ -345,7 +329,8 @@ def _dk_split(q, k, v, do, decay, ds_final, aux, cfg):
     rows_spec, rows_shape = _row_sums(k, dk // bk)
     out_specs += [rows_spec] * 3
     out_shape += [rows_shape] * 3
-  out = _call(_dk_kernel, "linear_attention_dk", q, decay, cfg, grid=(bsz, h, dk // bk),
+  out = _call(functools.partial(_dk_kernel, with_dv=False), "linear_attention_dk", q, decay, cfg,
+              grid=(bsz, h, dk // bk),
               in_specs=in_specs, args=args, out_specs=out_specs, out_shape=out_shape)
   return out[0], out[1:]
 

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from lasp_jax.kernels._pallas_util import chunk_block, state_block, tpu_chunk_call
 from lasp_jax.kernels.linear_attention import _pallas_common as common
 from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
@@ -124,19 +125,13 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _chunk_spec(c, d, nc, reverse):
-  if reverse:
-    return pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, nc - 1 - i, 0))
-  return pl.BlockSpec((None, None, c, d), lambda b, h, i: (b, h, i, 0))
+  """One chunk's ``(c, d)`` rows of a ``(B, H, N, d)`` array."""
+  return chunk_block((None, None, c, d), nc, reverse)
 
 
 def _decay_spec(c, nc, reverse):
-  if reverse:
-    return pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, nc - 1 - i, 0, 0))
-  return pl.BlockSpec((None, None, None, 1, c), lambda b, h, i: (b, h, i, 0, 0))
-
-
-def _state_spec(dk, dv):
-  return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))
+  """One chunk's decay row of a ``(B, H, NC, 1, c)`` array."""
+  return chunk_block((None, None, None, 1, c), nc, reverse)
 
 
 def _bhnd(x):
@@ -155,18 +150,10 @@ def _call(kernel, cfg, x_bhnd, g, ins, in_specs, out_specs, out_shape, scratch, 
     for x in g:
       args.append(_bhnd(x).reshape(bsz, h, nc, 1, c))
       in_specs.append(_decay_spec(c, nc, reverse))
-  return pl.pallas_call(
-      functools.partial(kernel, has_decay=g is not None, nc=nc, c=c, scale=cfg.scale,
-                        dtype=x_bhnd.dtype),
-      grid=(bsz, h, nc),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      scratch_shapes=scratch,
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "arbitrary")),
-      interpret=cfg.interpret,
-  )(*args)
+  kernel = functools.partial(kernel, has_decay=g is not None, nc=nc, c=c, scale=cfg.scale,
+                             dtype=x_bhnd.dtype)
+  return tpu_chunk_call(kernel, grid=(bsz, h, nc), in_specs=in_specs, out_specs=out_specs,
+                        out_shape=out_shape, scratch=scratch, interpret=cfg.interpret)(*args)
 
 
 def forward(q, k, v, g, s0, cfg):
@@ -179,8 +166,8 @@ def forward(q, k, v, g, s0, cfg):
   q_t, k_t, v_t = _bhnd(q), _bhnd(k), _bhnd(v)
   o_t, s_final, flag = _call(
       _forward_kernel, cfg, q_t, g, (q_t, k_t, v_t, s0),
-      [_chunk_spec(c, dk, nc, False)] * 2 + [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv)],
-      [_chunk_spec(c, dv, nc, False), _state_spec(dk, dv), _state_spec(1, 1)],
+      [_chunk_spec(c, dk, nc, False)] * 2 + [_chunk_spec(c, dv, nc, False), state_block(dk, dv)],
+      [_chunk_spec(c, dv, nc, False), state_block(dk, dv), state_block(1, 1)],
       [jax.ShapeDtypeStruct((bsz, h, n, dv), q.dtype),
        jax.ShapeDtypeStruct((bsz, h, dk, dv), F32),
        jax.ShapeDtypeStruct((bsz, h, 1, 1), F32)],
@@ -200,7 +187,7 @@ def dq(q, k, v, do, g, s0, cfg):
   dq_t = _call(
       _dq_kernel, cfg, k_t, g, (k_t, _bhnd(v), _bhnd(do), s0),
       [_chunk_spec(c, dk, nc, False)] + [_chunk_spec(c, dv, nc, False)] * 2
-      + [_state_spec(dk, dv)],
+      + [state_block(dk, dv)],
       _chunk_spec(c, dk, nc, False),
       jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
       [pltpu.VMEM((dk, dv), F32)])
@@ -226,8 +213,8 @@ def dkv(q, k, v, do, g, ds_final, s_final, qdq, cfg):
   dk_t, dv_t, ds0 = _call(
       _dkv_kernel, cfg, q_t, g, (q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final),
       [_chunk_spec(c, dk, nc, True)] * 2 + [_chunk_spec(c, dv, nc, True)] * 2
-      + [_state_spec(dk, dv)],
-      [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), _state_spec(dk, dv)],
+      + [state_block(dk, dv)],
+      [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), state_block(dk, dv)],
       [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
        jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
        jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
