@@ -1,11 +1,14 @@
 """Hugging Face checkpoints in and out: Qwen3.5 dense text models (``Qwen3_5ForCausalLM``, and the
-text model inside ``Qwen3_5ForConditionalGeneration``).
+text model inside ``Qwen3_5ForConditionalGeneration``) and flash-linear-attention's (fla)
+``GatedDeltaNetForCausalLM``.
 
 ``from_hf(path)`` reads a model folder (``config.json`` and one ``*.safetensors`` file, or shards
 with ``model.safetensors.index.json``) tensor by tensor, each placed on the mesh by the sharding
-rules as it is read (no whole host copy of the model); ``to_hf(model, path)`` writes the same
-layout and a ``config.json`` that transformers loads. The mapping is one table (``_tensor_map``):
-each Hugging Face tensor, the parameters it holds here and the two reshapes between them.
+rules as it is read (no whole host copy of the model); the layout comes from ``model_type``.
+``to_hf(model, path, layout=...)`` writes either layout and a ``config.json`` that transformers
+(Qwen3.5) or fla (``gated_deltanet``) loads. The mapping is one table per layout
+(``_tensor_map``, ``_fla_tensor_map``): each Hugging Face tensor, the parameters it holds here and
+the two reshapes between them.
 
 What Qwen3.5 is in ``ModelConfig`` terms: Gated DeltaNet linear layers (``linear.variant``
 ``gated_deltanet``, the kernel-4 short conv, ``linear.num_value_heads`` value heads sharing
@@ -14,6 +17,14 @@ heads and head size, q/k norm, partial rotary and the sigmoid output gate, zero-
 ``layer_types`` from the file. Anything else in a checkpoint (MoE experts, the vision tower, the
 multi-token-prediction head, attention biases, another RoPE type) is an error naming it; the vision
 and MTP tensors of the released checkpoints may be skipped explicitly (``ignore_prefixes``).
+
+What fla's Gated DeltaNet is: the same linear layers (separate q/k/v short convs, or none with
+``use_short_conv: false``; ``num_v_heads``, ``head_dim`` and ``expand_v``; ``allow_neg_eigval``),
+plain (not zero-centred) norms with ``norm_eps``, the ``GatedMLP`` (``intermediate_size``, or fla's
+rounding of ``hidden_ratio``), and for the layers its ``attn`` entry names, fla's softmax
+``Attention``: GQA, head size ``hidden_size / num_heads``, full rotary with ``rope_theta``, no q/k
+norm, no output gate. ``use_gate: false``, a sigmoid output gate, attention biases or windows, a
+``powlu`` MLP and attention residuals are errors naming the key.
 """
 
 from __future__ import annotations
@@ -38,6 +49,17 @@ WRAPPED_PREFIX = "model.language_model."
 NON_TEXT_PREFIXES = ("model.visual.", "mtp.")
 _HF_KINDS = {"linear_attention": "linear", "full_attention": "softmax"}
 _OUR_KINDS = {v: k for k, v in _HF_KINDS.items()}
+FLA_MODEL_TYPE = "gated_deltanet"
+# ``to_hf``'s layouts: Qwen3_5ForCausalLM, fla's GatedDeltaNetForCausalLM.
+LAYOUTS = ("qwen3_5", "fla")
+# fla's GatedDeltaNetConfig defaults (fla 0.6), for what a config.json leaves out.
+_FLA_DEFAULTS = {"vocab_size": 32000, "hidden_size": 2048, "num_hidden_layers": 21,
+                 "num_heads": 6, "head_dim": 256, "num_v_heads": None, "expand_v": 2.0,
+                 "use_gate": True, "use_short_conv": True, "conv_size": 4,
+                 "allow_neg_eigval": False, "hidden_ratio": 4, "intermediate_size": None,
+                 "hidden_act": "swish", "norm_eps": 1e-6, "attn": None,
+                 "tie_word_embeddings": False, "output_gate_activation": "swish",
+                 "attnres_block_size": None}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -51,9 +73,12 @@ def _need(d: Mapping[str, Any], key: str, where: str):
 
 def config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32", **runtime
                    ) -> ModelConfig:
-  """Our config of a Qwen3.5 ``config.json`` (either model type); ``runtime``: any
-  ``runtime.*`` field (``chunk_size``, ``layout``...). ValueError naming an unsupported key."""
+  """Our config of a Qwen3.5 (either model type) or fla Gated DeltaNet ``config.json``;
+  ``runtime``: any ``runtime.*`` field (``chunk_size``, ``layout``...). ValueError naming an
+  unsupported key."""
   mt = hf.get("model_type")
+  if mt == FLA_MODEL_TYPE:
+    return _fla_config(hf, param_dtype=param_dtype, **runtime)
   if mt == WRAPPED_MODEL_TYPE:
     text = dict(_need(hf, "text_config", "qwen3_5"))
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
@@ -62,7 +87,8 @@ def config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32", **run
   else:
     raise ValueError(f"config.json model_type {mt!r} is not supported; supported: "
                      f"{TEXT_MODEL_TYPE!r} (Qwen3_5ForCausalLM), {WRAPPED_MODEL_TYPE!r} "
-                     f"(the text model of Qwen3_5ForConditionalGeneration)")
+                     f"(the text model of Qwen3_5ForConditionalGeneration), "
+                     f"{FLA_MODEL_TYPE!r} (fla's GatedDeltaNetForCausalLM)")
   where = f"model_type {mt!r}"
   for key, ok in (("hidden_act", "silu"), ("attention_bias", False)):
     if text.get(key, ok) != ok:
@@ -113,22 +139,38 @@ def config_from_hf(hf: Mapping[str, Any], *, param_dtype: str = "float32", **run
   })
 
 
-def check_exportable(cfg: ModelConfig) -> None:
-  """ValueError naming the first option a Qwen3.5 checkpoint cannot express."""
-  want = {"linear.variant": "gated_deltanet", "norm.zero_centered": True,
-          "softmax.qk_norm": True, "softmax.output_gate": True,
-          "linear.allow_neg_eigval": False, "linear.memories": 0}
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+
+
+def _check_options(cfg: ModelConfig, want: Mapping[str, Any], what: str) -> None:
   flat = cfg.flat_dict()
   for key, val in want.items():
     if key in flat and flat[key] != val:
-      raise ValueError(f"model.{key}={flat[key]!r}: a Qwen3.5 checkpoint needs {val!r}")
+      raise ValueError(f"model.{key}={flat[key]!r}: {what} needs {val!r}")
+
+
+def check_exportable(cfg: ModelConfig, layout: str = "qwen3_5") -> None:
+  """ValueError naming the first option a checkpoint of ``layout`` (``LAYOUTS``) cannot
+  express."""
+  _check_layout(layout)
+  if layout == "fla":
+    return _check_fla_exportable(cfg)
+  _check_options(cfg, {"linear.variant": "gated_deltanet", "norm.zero_centered": True,
+                       "softmax.qk_norm": True, "softmax.output_gate": True,
+                       "linear.allow_neg_eigval": False, "linear.memories": 0},
+                 "a Qwen3.5 checkpoint")
   if cfg.linear.short_conv <= 0:
     raise ValueError("model.linear.short_conv=0: a Qwen3.5 checkpoint needs the short conv")
 
 
-def hf_config(cfg: ModelConfig) -> dict[str, Any]:
-  """The ``config.json`` of ``cfg`` as a ``Qwen3_5ForCausalLM``."""
-  check_exportable(cfg)
+def hf_config(cfg: ModelConfig, layout: str = "qwen3_5") -> dict[str, Any]:
+  """The ``config.json`` of ``cfg`` as a ``Qwen3_5ForCausalLM`` or (``layout="fla"``) fla's
+  ``GatedDeltaNetForCausalLM``."""
+  check_exportable(cfg, layout)
+  if layout == "fla":
+    return _fla_hf_config(cfg)
   return {
       "architectures": ["Qwen3_5ForCausalLM"], "model_type": TEXT_MODEL_TYPE,
       "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
@@ -144,6 +186,114 @@ def hf_config(cfg: ModelConfig) -> dict[str, Any]:
       "rope_parameters": {"rope_type": "default", "rope_theta": cfg.softmax.rope_base,
                           "partial_rotary_factor": cfg.softmax.rotary_fraction},
       "dtype": cfg.param_dtype,
+  }
+
+
+# ----------------------------------------------------------------------------------------------
+# fla's GatedDeltaNetForCausalLM config.json <-> ModelConfig
+
+def _fla_attention(c: Mapping[str, Any], n: int, where: str) -> tuple[list[str], dict]:
+  """Layer kinds and our ``softmax`` group from fla's ``attn`` (None, one spec or a list)."""
+  attn = c.get("attn")
+  specs = [] if attn is None else [attn] if isinstance(attn, Mapping) else list(attn)
+  kinds = ["linear"] * n
+  for spec in specs:
+    for key, ok in (("qkv_bias", False), ("window_size", None)):
+      if spec.get(key, ok) != ok:
+        raise ValueError(f"{where}: attn.{key}={spec[key]!r} is not supported (only {ok!r})")
+    for i in spec["layers"]:
+      if not 0 <= int(i) < n:
+        raise ValueError(f"{where}: attn.layers has {i!r}, not a layer of {n}")
+      kinds[int(i)] = "softmax"
+  if not specs:
+    return kinds, {"qk_norm": False, "output_gate": False}
+  # One softmax group here: every spec must give the same heads and rope_theta.
+  shapes = {(int(s["num_heads"]), int(s.get("num_kv_heads") or s["num_heads"]),
+             float(s.get("rope_theta", 10000.0))) for s in specs}
+  if len(shapes) > 1:
+    raise ValueError(f"{where}: attn specs with different (num_heads, num_kv_heads, rope_theta) "
+                     f"{sorted(shapes)} are not supported (one softmax config)")
+  heads, kv_heads, theta = shapes.pop()
+  d = int(c["hidden_size"])
+  if d % heads:
+    raise ValueError(f"{where}: attn.num_heads={heads} does not divide hidden_size={d}")
+  return kinds, {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": d // heads,
+                 "rope_base": theta, "rotary_fraction": 1.0, "qk_norm": False,
+                 "output_gate": False}
+
+
+def _fla_ffn_dim(c: Mapping[str, Any]) -> int:
+  """fla's GatedMLP width: ``intermediate_size``, else 2/3 of ``hidden_ratio`` (4) times the
+  hidden size rounded up to a multiple of 256."""
+  if c.get("intermediate_size"):
+    return int(c["intermediate_size"])
+  width = int(int(c["hidden_size"]) * (c.get("hidden_ratio") or 4) * 2 / 3)
+  return 256 * ((width + 255) // 256)
+
+
+def _fla_config(hf: Mapping[str, Any], *, param_dtype: str, **runtime) -> ModelConfig:
+  """Our config of an fla ``gated_deltanet`` config.json (missing keys: fla's defaults)."""
+  c = {**_FLA_DEFAULTS, **hf}
+  where = f"model_type {FLA_MODEL_TYPE!r}"
+  for key, ok in (("hidden_act", ("swish",)), ("use_gate", (True,)),
+                  ("output_gate_activation", ("swish", "silu")), ("attnres_block_size", (None,))):
+    if c[key] not in ok:
+      raise ValueError(f"{where}: {key}={c[key]!r} is not supported (only "
+                       f"{' or '.join(map(repr, ok))})")
+  dk = int(c["head_dim"])
+  dv = dk * float(c["expand_v"])
+  if dv != int(dv):
+    raise ValueError(f"{where}: head_dim * expand_v = {dv} is not an integer")
+  n = int(c["num_hidden_layers"])
+  kinds, softmax = _fla_attention(c, n, where)
+  return ModelConfig.from_dict({
+      "vocab_size": int(c["vocab_size"]), "d_model": int(c["hidden_size"]), "num_layers": n,
+      "num_heads": int(c["num_heads"]), "head_dim": dk, "ffn_dim": _fla_ffn_dim(c),
+      "layer_types": kinds, "tie_embeddings": bool(c["tie_word_embeddings"]),
+      "param_dtype": param_dtype,
+      "norm": {"eps": float(c["norm_eps"]), "zero_centered": False},
+      "linear": {"variant": "gated_deltanet",
+                 "short_conv": int(c["conv_size"]) if c["use_short_conv"] else 0,
+                 "num_value_heads": int(c["num_v_heads"] or c["num_heads"]),
+                 "key_dim": dk, "value_dim": int(dv),
+                 "allow_neg_eigval": bool(c["allow_neg_eigval"])},
+      "softmax": softmax,
+      "runtime": dict(runtime),
+  })
+
+
+def _check_fla_exportable(cfg: ModelConfig) -> None:
+  _check_options(cfg, {"linear.variant": "gated_deltanet", "norm.zero_centered": False,
+                       "linear.memories": 0}, "an fla Gated DeltaNet checkpoint")
+  dk, dv = cfg.linear_key_dim, cfg.linear_value_dim
+  if int(dk * (dv / dk)) != dv:
+    raise ValueError(f"linear value_dim {dv} is not key_dim {dk} times a float expand_v")
+  if "softmax" in cfg.layer_kinds:
+    _check_options(cfg, {"softmax.qk_norm": False, "softmax.output_gate": False,
+                         "softmax.rotary_fraction": 1.0},
+                   "fla's softmax Attention layer")
+    if cfg.softmax_head_dim * cfg.softmax_heads != cfg.d_model:
+      raise ValueError(f"softmax heads {cfg.softmax_heads} x head_dim {cfg.softmax_head_dim}: "
+                       f"fla's Attention layer needs them to make d_model={cfg.d_model}")
+
+
+def _fla_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+  softmax = [i for i, k in enumerate(cfg.layer_kinds) if k == "softmax"]
+  attn = {"layers": softmax, "num_heads": cfg.softmax_heads, "num_kv_heads": cfg.kv_heads,
+          "qkv_bias": False, "window_size": None,
+          "rope_theta": cfg.softmax.rope_base} if softmax else None
+  dk, dv = cfg.linear_key_dim, cfg.linear_value_dim
+  return {
+      "architectures": ["GatedDeltaNetForCausalLM"], "model_type": FLA_MODEL_TYPE,
+      "attn_mode": "chunk", "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+      "num_hidden_layers": cfg.num_layers, "num_heads": cfg.num_heads, "head_dim": dk,
+      "num_v_heads": cfg.linear_value_heads, "expand_v": dv / dk, "use_gate": True,
+      "output_gate_activation": "swish", "use_short_conv": cfg.linear.short_conv > 0,
+      "conv_size": cfg.linear.short_conv or 4, "allow_neg_eigval": cfg.linear.allow_neg_eigval,
+      "intermediate_size": cfg.ffn_dim, "hidden_ratio": 4, "hidden_act": "swish",
+      "norm_eps": cfg.norm.eps, "attn": attn, "attnres_block_size": None,
+      "tie_word_embeddings": cfg.tie_embeddings, "fuse_norm": True, "fuse_swiglu": True,
+      "fuse_cross_entropy": True, "dtype": cfg.param_dtype,
   }
 
 
@@ -241,6 +391,49 @@ def _tensor_map(cfg: ModelConfig, prefix: str = "model.") -> list[_Tensor]:
   return out
 
 
+def _conv(name, path, heads):
+  """A torch depthwise ``Conv1d`` weight ``(C, 1, K)`` <-> ours ``(K, H, Dh)`` (same channels)."""
+  return _Tensor(name, (path,), lambda w: (w[:, 0, :].T.reshape(w.shape[2], heads, -1),),
+                 lambda x: x.reshape(x.shape[0], -1).T[:, None, :])
+
+
+def _fla_tensor_map(cfg: ModelConfig) -> list[_Tensor]:
+  """Every tensor of an fla ``GatedDeltaNetForCausalLM`` checkpoint of ``cfg``."""
+  out = [_same("model.embeddings.weight", ("embed",)),
+         _same("model.norm.weight", ("final_norm", "weight"))]
+  if not cfg.tie_embeddings:
+    out.append(_linear("lm_head.weight", ("lm_head",)))
+  hk, hv = cfg.num_heads, cfg.linear_value_heads
+  for i, kind in enumerate(cfg.layer_kinds):
+    pre, me = f"model.layers.{i}.", ("layers", i)
+    out += [_same(pre + "attn_norm.weight", me + ("attn_norm", "weight")),
+            _same(pre + "mlp_norm.weight", me + ("mlp_norm", "weight")),
+            _linear(pre + "mlp.gate_proj.weight", me + ("mlp", "w_gate")),
+            _linear(pre + "mlp.up_proj.weight", me + ("mlp", "w_up")),
+            _linear(pre + "mlp.down_proj.weight", me + ("mlp", "w_down"))]
+    pre, att = pre + "attn.", me + ("attn",)
+    if kind == "softmax":
+      out += [_linear(pre + "q_proj.weight", att + ("w_q",), heads=cfg.softmax_heads),
+              _linear(pre + "k_proj.weight", att + ("w_k",), heads=cfg.kv_heads),
+              _linear(pre + "v_proj.weight", att + ("w_v",), heads=cfg.kv_heads),
+              _out_linear(pre + "o_proj.weight", att + ("w_o",), heads=cfg.softmax_heads)]
+      continue
+    out += [_linear(pre + "q_proj.weight", att + ("w_q",), heads=hk),
+            _linear(pre + "k_proj.weight", att + ("w_k",), heads=hk),
+            _linear(pre + "v_proj.weight", att + ("w_v",), heads=hv),
+            _linear(pre + "g_proj.weight", att + ("w_og",), heads=hv),
+            _linear(pre + "a_proj.weight", att + ("w_g",)),
+            _linear(pre + "b_proj.weight", att + ("w_b",)),
+            _same(pre + "A_log", att + ("a_log",)),
+            _same(pre + "dt_bias", att + ("b_g",)),
+            _same(pre + "o_norm.weight", att + ("o_norm",)),
+            _out_linear(pre + "o_proj.weight", att + ("w_o",), heads=hv)]
+    if cfg.linear.short_conv:
+      out += [_conv(pre + f"{n}_conv1d.weight", att + (f"conv_{n}",), heads=h)
+              for n, h in (("q", hk), ("k", hk), ("v", hv))]
+  return out
+
+
 # ----------------------------------------------------------------------------------------------
 # Reading and writing
 
@@ -274,7 +467,8 @@ def _checkpoint_files(path: str) -> tuple[dict, dict[str, str]]:
 
 def from_hf(path: str, *, mesh=None, param_dtype: str = "float32",
             ignore_prefixes: Sequence[str] = (), **runtime):
-  """A ``LinearLlama`` with the weights of the Qwen3.5 model folder ``path``.
+  """A ``LinearLlama`` with the weights of the Qwen3.5 or fla Gated DeltaNet model folder
+  ``path`` (which one: its ``model_type``).
 
   Args:
     mesh: place every parameter on it by the sharding rules (None: the ``jax.set_mesh`` mesh if
@@ -293,8 +487,11 @@ def from_hf(path: str, *, mesh=None, param_dtype: str = "float32",
   from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   hf, files = _checkpoint_files(path)
   cfg = config_from_hf(hf, param_dtype=param_dtype, **runtime)
-  prefix = WRAPPED_PREFIX if any(k.startswith(WRAPPED_PREFIX) for k in files) else "model."
-  table = _tensor_map(cfg, prefix)
+  if hf.get("model_type") == FLA_MODEL_TYPE:
+    table = _fla_tensor_map(cfg)
+  else:
+    prefix = WRAPPED_PREFIX if any(k.startswith(WRAPPED_PREFIX) for k in files) else "model."
+    table = _tensor_map(cfg, prefix)
   known = {t.name for t in table}
   extra = sorted(k for k in files if k not in known
                  and not any(k.startswith(p) for p in ignore_prefixes))
@@ -339,20 +536,21 @@ def from_hf(path: str, *, mesh=None, param_dtype: str = "float32",
   return nnx.merge(graphdef, state)
 
 
-def to_hf(model, path: str, *, dtype: str | None = None) -> None:
-  """Writes ``model`` as a ``Qwen3_5ForCausalLM`` folder (``config.json``, ``model.safetensors``)
-  at ``path``, which must not exist yet; ``dtype``: of the stored tensors (None: the params').
-  Written to a temporary folder and renamed, so a failure leaves nothing behind."""
+def to_hf(model, path: str, *, dtype: str | None = None, layout: str = "qwen3_5") -> None:
+  """Writes ``model`` as a ``Qwen3_5ForCausalLM`` folder (``layout="fla"``: fla's
+  ``GatedDeltaNetForCausalLM``; ``config.json``, ``model.safetensors``) at ``path``, which must not
+  exist yet; ``dtype``: of the stored tensors (None: the params'). Written to a temporary folder
+  and renamed, so a failure leaves nothing behind."""
   from safetensors.flax import save_file  # pylint: disable=import-outside-toplevel
   cfg = model.config
-  config = hf_config(cfg)
+  config = hf_config(cfg, layout)
   if os.path.exists(path):
     raise ValueError(f"{path!r} exists; to_hf writes a new folder")
   out_dtype = jnp.dtype(dtype or cfg.param_dtype)
   config["dtype"] = str(out_dtype)
   variables = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
   tensors = {}
-  for t in _tensor_map(cfg):
+  for t in (_fla_tensor_map(cfg) if layout == "fla" else _tensor_map(cfg)):
     parts = [jnp.asarray(jax.device_get(variables[p][...]), jnp.float32) for p in t.paths]
     tensors[t.name] = jnp.asarray(t.join(*parts), out_dtype)
   parent = os.path.dirname(os.path.abspath(path))

@@ -1,6 +1,7 @@
 """``train.py import HF_DIR RUN_DIR`` and ``train.py export RUN_DIR HF_DIR``: Hugging Face Qwen3.5
-checkpoints into a run directory whose training continues from their weights, and a run's
-weights back out (``lasp_jax.models.hf`` does the mapping).
+(or fla Gated DeltaNet, by the folder's ``model_type``) checkpoints into a run directory whose
+training continues from their weights, and a run's weights back out (``--layout fla`` for fla's;
+``lasp_jax.models.hf`` does the mapping).
 
 Import writes ``RUN_DIR/config.yaml`` (the default training config with the imported model and any
 overrides given) and a step-0 checkpoint holding the weights and a fresh optimiser state; then
@@ -69,7 +70,8 @@ def import_checkpoint(hf_dir: str, run_dir: str, overrides=(), *, text_only: boo
 def import_main(argv) -> int:
   p = argparse.ArgumentParser(
       prog="train.py import",
-      description="A Hugging Face Qwen3.5 folder -> a run directory that trains on from its "
+      description="A Hugging Face Qwen3.5 (or fla Gated DeltaNet) folder -> a run directory "
+                  "that trains on from its "
                   "weights (python train.py RUN_DIR/config.yaml data.path=...).")
   p.add_argument("hf_dir")
   p.add_argument("run_dir")
@@ -91,19 +93,22 @@ def import_main(argv) -> int:
 
 def export_main(argv) -> int:
   p = argparse.ArgumentParser(prog="train.py export",
-                              description="A run's weights -> a Hugging Face Qwen3.5 folder.")
+                              description="A run's weights -> a Hugging Face Qwen3.5 (or fla "
+                                          "Gated DeltaNet) folder.")
   p.add_argument("run_dir")
   p.add_argument("hf_dir")
   p.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="dtype of the stored tensors (default: the run's param_dtype)")
+  p.add_argument("--layout", choices=("qwen3_5", "fla"), default="qwen3_5",
+                 help="Qwen3_5ForCausalLM (default) or fla's GatedDeltaNetForCausalLM")
   args = p.parse_args(argv)
   from lasp_jax.models import hf  # pylint: disable=import-outside-toplevel
   from lasp_jax.train.sample import restore_run  # pylint: disable=import-outside-toplevel
   try:
     model, _, step = restore_run(args.run_dir, step=args.step)
-    hf.check_exportable(model.config)
-    hf.to_hf(model, args.hf_dir, dtype=args.dtype)
+    hf.check_exportable(model.config, args.layout)
+    hf.to_hf(model, args.hf_dir, dtype=args.dtype, layout=args.layout)
   except ValueError as e:
     return _error(str(e))
   print(f"exported {args.run_dir} (step {step}) -> {args.hf_dir}")
