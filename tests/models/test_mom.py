@@ -6,7 +6,9 @@
   state, and the output mixes the routed memories' reads. It shares nothing with the layer's
   masked form (one op call on M' times the heads, skipped tokens as identity transitions): forward
   and gradients (routing indices fixed, as by the layer's stop-gradient), a per-channel diagonal
-  decay (GLA), a constant one (Lightning) and the delta rule (Gated DeltaNet).
+  decay (GLA), a constant one (Lightning) and the delta rule (Gated DeltaNet). With grouped value
+  heads too (forward; GLA, Gated DeltaNet): each memory's q/k-head and value-head parameters
+  sliced by their own counts, q and k repeated onto the value heads as Qwen3.5 / fla do, Dk != Dv.
 - On 8 simulated devices == one device (logits and gradients, both layouts; packed documents).
 - Stepped decoding == the forward pass; the cache holds M' states per layer.
 - Config errors, count_params / flops_per_token, the load-balancing loss in the training loss.
@@ -36,9 +38,14 @@ from tests.models.test_model import (TOL, W, _config, _data, _fast_compiles,  # 
 from tests.references import rel_err
 
 MOM = {"memories": 4, "memory_top_k": 2, "shared_memory": True}
-# The axis of each per-memory parameter that holds memory m's heads ``m H .. (m + 1) H - 1``.
+# Grouped value heads (as Qwen3.5 / fla): tiny's 4 q/k heads of key_dim 6 shared by groups of 2
+# of the 8 value heads of value_dim 4.
+GROUPED = {"num_value_heads": 8, "key_dim": 6, "value_dim": 4}
+# The axis of each per-memory parameter that holds memory m's heads ``m H .. (m + 1) H - 1``,
+# with ``H`` the q/k heads (``num_heads``) for those in KEY_HEADS, else the value heads.
 HEAD_AXIS = {"w_k": 1, "w_v": 1, "conv_k": 1, "conv_v": 1, "w_g": 1, "w_g2": 1, "b_g": 0,
              "a_log": 0, "w_b": 1}
+KEY_HEADS = ("w_k", "conv_k")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,21 +59,30 @@ def _routing_ref(x, w_router, k):
   return p, np.argsort(-p, axis=-1, kind="stable")[..., :k]
 
 
-def _memory_params(p, m, h):
-  """Memory ``m``'s parameters as a plain layer's (its heads of the per-memory ones)."""
+def _memory_params(p, m, hk, hv=None):
+  """Memory ``m``'s parameters as a plain layer's (its heads of the per-memory ones): its ``hk``
+  q/k heads of ``w_k, conv_k``, its ``hv`` value heads (default ``hk``) of the others."""
+  hv = hk if hv is None else hv
   out = dict(p)
   for name, ax in HEAD_AXIS.items():
     if name in p:
+      h = hk if name in KEY_HEADS else hv
       out[name] = jnp.take(p[name], jnp.arange(m * h, (m + 1) * h), axis=ax)
   return out
 
 
 def _mom_ref(p, x, cfg, idx, layer_idx=1):
   """The MoM layer in float64 from its parameters ``p``, the top-k memories ``idx (B, N, k)``
-  fixed (numpy). jnp so that gradients come from float64 autodiff."""
+  fixed (numpy). jnp so that gradients come from float64 autodiff.
+
+  Heads as Qwen3.5 / fla: q and k have ``hk = num_heads`` heads of ``Dk``, v, the gates, beta,
+  every memory's state and the output ``hv = linear_value_heads`` heads of ``Dv``; value head
+  ``j`` reads q/k head ``j // (hv // hk)`` (``repeat_interleave``)."""
   lin = cfg.linear
   bsz, n, _ = x.shape
-  h, dh, m_routed = cfg.num_heads, cfg.dim_per_head, lin.memories
+  hk, hv, m_routed = cfg.num_heads, cfg.linear_value_heads, lin.memories
+  dv = cfg.linear_value_dim
+  qk_head = np.arange(hv) // (hv // hk)          # the q/k head that value head j reads
   mp = m_routed + int(lin.shared_memory)
   delta = cfg.variant.delta
   # Router: softmax, the fixed top-k, renormalised.
@@ -77,7 +93,7 @@ def _mom_ref(p, x, cfg, idx, layer_idx=1):
 
   def conv(y, w):
     out = refs.causal_conv1d(y.reshape(bsz, n, -1), w.reshape(w.shape[0], -1), activation="silu")
-    return out.reshape(bsz, n, h, -1)
+    return out.reshape(y.shape)
 
   def proj(w, cw):
     return conv(jnp.einsum("bnd,dhk->bnhk", x, w), cw)
@@ -85,20 +101,25 @@ def _mom_ref(p, x, cfg, idx, layer_idx=1):
   def l2(y):
     return y / jnp.sqrt(jnp.sum(y * y, -1, keepdims=True) + 1e-6)
 
+  def on_value_heads(y):                          # (B, N, hk, Dk) -> (B, N, hv, Dk)
+    return y[:, :, qk_head]
+
   q = proj(p["w_q"], p["conv_q"])
-  q = l2(q) if delta else _phi_ref(q, lin.feature_map)
-  mems = []   # per memory: k, v, g (B, N, H, Dk), beta (B, N, H) or None
+  q = on_value_heads(l2(q) if delta else _phi_ref(q, lin.feature_map))
+  # The per-head constant decays (Lightning, RetNet) are per value head.
+  gcfg = cfg if hv == hk else cfg.replace(num_heads=hv)
+  mems = []   # per memory: k, g (B, N, hv, Dk), v (B, N, hv, Dv), beta (B, N, hv) or None
   for m in range(mp):
-    pm = _memory_params(p, m, h)
+    pm = _memory_params(p, m, hk, hv)
     k, v = proj(pm["w_k"], pm["conv_k"]), proj(pm["w_v"], pm["conv_v"])
     if delta:
-      k = l2(k)
+      k = on_value_heads(l2(k))
       beta = jax.nn.sigmoid(jnp.einsum("bnd,dh->bnh", x, pm["w_b"]))
       logit = jnp.einsum("bnd,dh->bnh", x, pm["w_g"]) + pm["b_g"]
       g = (-jnp.exp(pm["a_log"]) * jax.nn.softplus(logit))[..., None] * jnp.ones_like(k)
     else:
-      k, beta = _phi_ref(k, lin.feature_map), None
-      g = _log_decay_ref(pm, x, cfg, layer_idx)
+      k, beta = on_value_heads(_phi_ref(k, lin.feature_map)), None
+      g = _log_decay_ref(pm, x, gcfg, layer_idx)
       g = jnp.broadcast_to(g if g.ndim == 4 else (g[:, None] if g.ndim == 1 else g[..., None]),
                            k.shape)
     mems.append((k, v, g, beta))
@@ -116,7 +137,7 @@ def _mom_ref(p, x, cfg, idx, layer_idx=1):
   def step(states, t):
     out, new = 0.0, []
     for m, (s, (k, v, g, beta)) in enumerate(zip(states, mems)):
-      k_t, v_t = k[:, t], v[:, t]                                     # (B, H, D)
+      k_t, v_t = k[:, t], v[:, t]                                     # (B, hv, Dk / Dv)
       upd = jnp.exp(g[:, t])[..., None] * s                            # decay
       if delta:
         v_t = beta[:, t][..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", upd, k_t))
@@ -126,9 +147,9 @@ def _mom_ref(p, x, cfg, idx, layer_idx=1):
       out = out + weight[m][:, t, None, None] * scale * jnp.einsum("bhk,bhkv->bhv", q[:, t], s)
     return new, out
 
-  s0 = [jnp.zeros((bsz, h, q.shape[-1], dh), x.dtype)] * mp
+  s0 = [jnp.zeros((bsz, hv, q.shape[-1], dv), x.dtype)] * mp
   _, o = jax.lax.scan(step, s0, jnp.arange(n))
-  o = jnp.moveaxis(o, 0, 1)                                            # (B, N, H, Dv)
+  o = jnp.moveaxis(o, 0, 1)                                            # (B, N, hv, Dv)
   o = o / jnp.sqrt(jnp.mean(o * o, -1, keepdims=True) + cfg.norm.eps) * p["o_norm"]
   gate = jnp.einsum("bnd,dhk->bnhk", x, p["w_og"])
   o = o * gate * jax.nn.sigmoid(gate)
@@ -166,10 +187,17 @@ def _routed_input(cfg, layer, seed, shape):
   return x, idx
 
 
-@pytest.mark.parametrize("variant,shared", [("gla", True), ("gated_deltanet", True),
-                                            ("lightning", False)])
-def test_layer_matches_the_float64_routed_reference(variant, shared):
-  cfg, layer = _layer(variant, shared_memory=shared)
+@pytest.mark.parametrize("variant,shared,heads", [
+    ("gla", True, "plain"), ("gated_deltanet", True, "plain"), ("lightning", False, "plain"),
+    ("gla", True, "grouped"), ("gated_deltanet", True, "grouped")])
+def test_layer_matches_the_float64_routed_reference(variant, shared, heads):
+  """``grouped``: GROUPED value heads, each pair sharing a q/k head, ``Dk != Dv``."""
+  grouped = heads == "grouped"
+  cfg, layer = _layer(variant, shared_memory=shared, **(GROUPED if grouped else {}))
+  if grouped:
+    assert (cfg.num_heads, cfg.linear_value_heads, cfg.linear_key_dim,
+            cfg.linear_value_dim) == (4, 8, 6, 4)
+    assert layer.w_k.shape[1:] == (5 * 4, 6) and layer.w_v.shape[1:] == (5 * 8, 4)
   x, idx = _routed_input(cfg, layer, 12, (2, 32, cfg.d_model))
   ctx = make_context(cfg)
   got, (weights, written, _) = jax.jit(lambda m, x: (m(x, ctx), m.route(x, ctx)))(layer, x)
