@@ -158,9 +158,10 @@ def spec9_forward(method, *, w, batch, n, heads, kv_heads, dim, dtype_bytes):
   """design §9's forward yardstick: ``(received bytes per device, sequential steps)``."""
   c = n // w
   state = batch * heads * dim * dim * 4                        # float32 (B, H, Dk, Dv)
+  marks = batch * heads * (dim + 1) * 4                        # design §13b, beside each state
   kv = 2 * batch * c * (heads if method in LINEAR else kv_heads) * dim * dtype_bytes
   return {
-      "lasp2": ((w - 1) * state, 1),
+      "lasp2": ((w - 1) * (state + marks), 1),
       "lasp1": ((w - 1) * state, w - 1),
       "ring_linear": ((w - 1) * kv, w - 1),
       "ring_softmax": ((w - 1) * kv, w - 1),

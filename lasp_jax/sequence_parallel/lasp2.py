@@ -10,9 +10,10 @@ Per device the forward pass is:
    matmul and a sum); with packed documents (``segment_ids``) every start is an exact ``-inf``
    decay, so a segment holding a start has ``M = 0``,
 2. the exchange (``exchange.allgather_prefix``): ONE all-gather of every segment's summary in one
-   float32 buffer of ``W * S * B * (H * Dk * Dv [+ H * Dg] [+ 2])`` floats (``S`` segments per
-   device: 1 contiguous, 2 zigzag; the log-decay only when it is data dependent, the first and last
-   segment ids only with packed documents), issued before and independent of the intra-chunk work
+   float32 buffer of ``W * S * B * (H * (Dk * Dv + Dv + 1) [+ H * Dg] [+ 2])`` floats (``S``
+   segments per device: 1 contiguous, 2 zigzag; ``H (Dv + 1)``: where non-finite inputs reach,
+   design §13b; the log-decay only when it is data dependent, the first and last segment ids only
+   with packed documents), issued before and independent of the intra-chunk work
    so XLA can overlap them, then a local fold: the incoming state of each segment (and the final
    state, the same on every device); or, with ``exchange="scan"``, ``ceil(log2 P)`` rounds of
    ppermutes holding O(1) summaries (``exchange.scan_prefix``),
@@ -34,6 +35,7 @@ later segment never reaches an earlier segment's output.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -197,16 +199,31 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
 
   q_s, k_s, v_s = (layout_lib.to_segments(x, nseg) for x in (q, k, v))
   g_s = log_decay if log_decay is None or log_decay.ndim == 1 else layout_lib.to_segments(log_decay, nseg)
+  beta_s = None if beta is None else layout_lib.to_segments(beta, nseg)
   ids_s = layout_lib.to_segments(segment_ids, nseg)
   if ids_s is not None:  # starts inside a segment; one at its first token comes with the exchange
     g_s = reset_log_decay(g_s, ids_s, heads)
   split = lambda x: x.reshape(nseg, bsz, *x.shape[1:])  # noqa: E731  (SB, ..) -> (S, B, ..)
   edges = None if ids_s is None else (split(ids_s[:, 0]), split(ids_s[:, -1]))
+  # Non-finite inputs (design §13b): every pass below runs on the finite inputs; the marks of
+  # where the recurrence would carry a NaN ride in the exchange beside the summaries.
+  marks = _SegmentMarks.of(q_s, k_s, v_s, g_s, beta_s, delta=beta is not None)
+  q_s, k_s, v_s = (ref.finite_values(x) for x in (q_s, k_s, v_s))
+  g_s = ref.finite_log_decay(g_s)
+  beta_s = None if beta_s is None else ref.finite_values(beta_s)
+  initial = None
+  if initial_state is not None:
+    initial = (ref.finite_values(initial_state),
+               jnp.any(~_finite(initial_state), axis=-2).astype(f32))
+  incoming = []
 
   def prefix(local, send=None):
-    s_in, s_final = exchange_lib.prefix(
+    local = exchange_lib.Marked(local, split(marks.keep), split(marks.end))
+    send = None if send is None else exchange_lib.Marked(send, True, True)
+    (s_in, bad_in), s_final = exchange_lib.prefix(
         local, strategy=exchange, axis_name=axis_name, layout=layout, edge_ids=edges,
-        initial=initial_state, send=send)
+        initial=initial, send=send)
+    incoming.append(bad_in.reshape(nseg * bsz, *bad_in.shape[2:]))
     return s_in.reshape(nseg * bsz, *s_in.shape[2:]), s_final
 
   kernel_backend = _kernel_backend(backend, q_s, v_s, g_s, chunk_size)
@@ -215,11 +232,81 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
                                     kernel_backend)
   else:
     # The delta rule resolves "auto" per stage (its state pass has its own dispatch entry).
-    o, s_final = _delta_segments(q_s, k_s, v_s, layout_lib.to_segments(beta, nseg), g_s, prefix,
-                                 split, scale, chunk_size, backend)
+    o, s_final = _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size,
+                                 backend)
+  o, s_final = marks.apply(o, s_final if return_final_state else None, incoming[0])
   o = layout_lib.from_segments(o.astype(q.dtype), nseg)
   # The exchange's final state is replicated over the axis by one all-reduce, only when asked.
   return (o, s_final) if return_final_state else o
+
+
+def _finite(x):
+  return jnp.abs(x.astype(jnp.float32)) <= jnp.finfo(jnp.float32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class _SegmentMarks:
+  """Where this shard's non-finite inputs reach, per segment ``(SB, ...)`` (design §13b).
+
+  ``o``: the outputs they reach from the segment's start (None: the inputs are finite, which is
+  only known at run time, so a ``lax.cond`` computes the marks only when some input is not);
+  ``open (SB, L, H)``: no reset at or before the token (what comes in reaches it); ``keep``,
+  ``end``: the segment's :class:`exchange_lib.Marked` leaves. ``bad``: any input non-finite.
+  """
+  o: jax.Array
+  open: jax.Array
+  keep: jax.Array
+  end: jax.Array
+  bad: jax.Array
+
+  @classmethod
+  def of(cls, q, k, v, g, beta, *, delta):
+    nb, seg_len, heads, _ = q.shape
+    g_tok = None if g is None else ref.per_token_log_decay(g, nb, seg_len, heads)
+    token_bad = None if beta is None else ~_finite(beta)
+    if g_tok is None:
+      reset = jnp.zeros((nb, seg_len, heads), bool)
+    else:
+      reset = jnp.all(g_tok <= ref.RESET_LOG_DECAY, axis=-1)
+    opened = jnp.cumsum(reset.astype(jnp.int32), axis=1) == 0
+    flags = [jnp.any(~_finite(x)) for x in (q, k, v)]
+    flags += [jnp.any(x) for x in (token_bad, None if g is None else jnp.isnan(g))
+              if x is not None]
+    bad = functools.reduce(jnp.logical_or, flags)
+
+    def marked():
+      o_mask, s_mask = ref.nonfinite_marks(q, k, v, g_tok, None, token_bad=token_bad,
+                                           state_mixes_rows=delta)
+      return o_mask, jnp.any(s_mask, axis=-2).astype(jnp.float32)
+
+    def clean():  # _like: typed as varying over the mesh axes as the data are
+      return jnp.zeros_like(v, dtype=bool), jnp.zeros_like(v[:, 0], dtype=jnp.float32)
+
+    o_mask, end = jax.lax.cond(bad, marked, clean)
+    keep = opened[:, -1][..., None].astype(jnp.float32)
+    return cls(o_mask, opened, keep, end, bad)
+
+  def apply(self, o, s_final, bad_in):
+    """``(o, s_final)`` of the finite computation, with NaN added where the marks say (the
+    incoming ones reach a segment's tokens up to its first reset; a column of the final state
+    is marked whole), and non-finite cotangents counted as 0 (as the kernels' ops).
+    ``s_final``: the exchange's ``(state, bad)``, or None when the caller does not want it (its
+    marks would otherwise keep the final state's all-reduce alive)."""
+    s_state, s_bad = (jnp.zeros((0,)), None) if s_final is None else s_final
+
+    def marked():
+      o_mask = self.o | (self.open[..., None] & (bad_in[:, None] > 0))
+      o_marked = ref.add_nan(o.astype(jnp.float32), o_mask).astype(o.dtype)
+      if s_bad is None:
+        return o_marked, s_state
+      s_mask = jnp.broadcast_to(s_bad[..., None, :] > 0, s_state.shape)
+      return o_marked, ref.add_nan(s_state, s_mask)
+
+    any_bad = self.bad | jnp.any(bad_in > 0)
+    if s_bad is not None:
+      any_bad = any_bad | jnp.any(s_bad > 0)
+    out = ref.zero_nonfinite_cotangent(jax.lax.cond(any_bad, marked, lambda: (o, s_state)))
+    return out if s_final is not None else (out[0], None)
 
 
 def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend):

@@ -268,6 +268,7 @@ def test_lasp2_communication_does_not_grow_with_n(decay):
   assert fwd["count"] == 1 and bwd["count"] == 1
   state_bytes = w * b * h * dk * dv * 4
   extra = w * b * h * 4 if decay == "token" else 0  # each segment's (H,) total log-decay
+  extra += w * b * h * (dv + 1) * 4                 # and its non-finite marks (design §13b)
   assert fwd["bytes"] == state_bytes + extra
   assert bwd["bytes"] == (state_bytes + extra) // w
 

@@ -14,7 +14,7 @@ import lasp_jax
 from lasp_jax import comm
 from tests.kernels.test_delta_rule import (argnums, assert_matches, grads_and_outputs,
                                            make_inputs, segment_ids)
-from tests.references import delta_recurrence, f64, rel_err
+from tests.references import delta_recurrence, f64, linear_recurrence, rel_err
 from tests.sequence_parallel.test_lasp2 import sp_mesh
 
 B, N, H, DK, DV, CHUNK = 2, 128, 2, 8, 8, 8
@@ -155,6 +155,7 @@ def test_one_summary_gather_forward_one_reduce_scatter_backward_independent_of_n
   fwd, bwd = stats[0]["all-gather"], stats[0]["reduce-scatter"]
   assert fwd["count"] == 1 and bwd["count"] == 1
   summary = b * h * dk * (dk + dv) * 4                  # (M, E) of one segment, float32
+  summary += b * h * (dv + 1) * 4                       # its non-finite marks (design §13b)
   ids_bytes = 2 * b * 4 if packed else 0                # first and last ids, one int32 each
   assert fwd["bytes"] == w * (summary + ids_bytes)
   assert bwd["bytes"] == summary + ids_bytes
@@ -177,3 +178,91 @@ def test_bad_beta_under_lasp2_is_named():
     lasp_jax.lasp2_attention(q, k, v, g, beta=beta[:, :, :1], mesh=sp_mesh(8), chunk_size=CHUNK)
   with pytest.raises(ValueError, match="beta must be None when causal=False"):
     lasp_jax.lasp2_attention(q, k, v, beta=beta, causal=False, mesh=sp_mesh(8), chunk_size=CHUNK)
+
+
+# --- non-finite inputs across devices (issue 23, item 7) ------------------------------------------
+
+NAN_DOC = (20, 44)   # W = 4: device edges at 32 (contiguous) or 16, 32 (zigzag): the document spans one
+
+
+@functools.lru_cache(maxsize=None)
+def _nan_case(family, layout, exchange):
+  """The jitted vjp of LASP-2 on W = 4 over natural-order inputs (zigzagged inside for zigzag),
+  and the float64 recurrence's, with documents starting at ``NAN_DOC``."""
+  w = 4
+  mesh = sp_mesh(w)
+  ids = jnp.asarray(np.searchsorted(NAN_DOC, np.arange(N), side="right")[None])
+  zz = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.zigzag(x, w))
+  unzz = (lambda x: x) if layout == "contiguous" else (lambda x: lasp_jax.unzigzag(x, w))
+  delta = family == "delta"
+
+  def op(q, k, v, b, g, s0):
+    o, s = lasp_jax.lasp2_attention(
+        zz(q), zz(k), zz(v), zz(g), beta=zz(b) if delta else None, mesh=mesh, scale=0.5,
+        segment_ids=zz(ids), initial_state=s0, return_final_state=True, chunk_size=CHUNK,
+        layout=layout, exchange=exchange)
+    return unzz(o), s
+
+  def ref(q, k, v, b, g, s0):
+    if delta:
+      return delta_recurrence(q, k, v, b, g, scale=0.5, initial_state=s0, segment_ids=ids)
+    return linear_recurrence(q, k, v, g, scale=0.5, initial_state=s0, segment_ids=ids)
+
+  def vjp(fn, *a):
+    out, pullback = jax.vjp(fn, *a[:6])
+    return out, pullback(tuple(a[6:]))
+  with jax.set_mesh(mesh):
+    sp = jax.jit(functools.partial(vjp, op))
+  return (lambda *a: sp(*a)), (lambda *a: f64(functools.partial(vjp, ref), *a)), mesh
+
+
+@pytest.mark.parametrize("family, layout, exchange", [
+    ("delta", "contiguous", "allgather"), ("diagonal", "zigzag", "scan"),
+    pytest.param("delta", "zigzag", "scan", marks=pytest.mark.slow),
+    pytest.param("diagonal", "contiguous", "allgather", marks=pytest.mark.slow)])
+def test_nan_in_a_document_stays_in_it_across_devices(family, layout, exchange):
+  """A NaN on both sides of a device edge inside the document [20, 44) (q at 24, k at 28, v at 33,
+  beta at 36, the gate at 38) and NaN cotangents on its outputs: every other document's outputs
+  and gradients, the final state and d initial_state equal the float64 recurrence's without the
+  NaN, through the local passes, the exchange's summaries and its backward (a reset is an exact
+  zero across devices too)."""
+  q, k, v, beta, g, s0, ct = make_inputs("token", b=1, n=N, h=H, dk=DK, dv=DV, seed=9)
+  args = [q, k, v, beta, g, s0]
+  for i, t in enumerate((24, 28, 33, 36, 38)):
+    if family == "delta" or i != 3:
+      args[i] = args[i].at[:, t].set(jnp.nan)
+  ct = ct.at[:, NAN_DOC[0]:NAN_DOC[1]].set(jnp.nan)
+  ct_s = jax.random.normal(jax.random.PRNGKey(10), s0.shape)
+  sp, ref, mesh = _nan_case(family, layout, exchange)
+  (o, s), grads = sp(*args, ct, ct_s)
+  clean = [jnp.where(jnp.isnan(x), 0.0, x) for x in (*args, ct, ct_s)]
+  (o_ref, s_ref), grads_ref = ref(*clean)
+
+  def exact(name, got, want, rows=slice(None)):
+    got, want = np.asarray(got, np.float64)[:, rows], np.asarray(want)[:, rows]
+    assert np.all(np.isfinite(got)), f"{name}: a NaN reached it"
+    assert rel_err(got, want) < 2e-4, (name, rel_err(got, want))
+
+  names = ("dq", "dk", "dv", "dbeta", "dg")
+  for rows in (slice(0, NAN_DOC[0]), slice(NAN_DOC[1], None)):
+    for i, name in enumerate(("o",) + names):
+      if name == "dbeta" and family != "delta":
+        continue
+      got, want = (o, o_ref) if i == 0 else (grads[i - 1], grads_ref[i - 1])
+      exact(f"{name} rows {rows}", got, want, rows)
+  exact("final state", s, s_ref)
+  exact("d initial_state", grads[5], grads_ref[5])
+  exact("o (NaN document, before the NaN)", o, o_ref, slice(NAN_DOC[0], 24))
+  assert not np.any(np.isfinite(np.asarray(o)[:, 28:NAN_DOC[1]]))
+  # A NaN in the initial state reaches the first document's outputs in its column only, and one
+  # in the last document's v at token 100 that document's outputs and the final state, in its
+  # column (the same compiled program, other data).
+  (o, s), _ = sp(q, k, v.at[0, 100, 0, 3].set(jnp.nan), beta, g, s0.at[0, 0, 1, 2].set(jnp.nan),
+                 jnp.zeros_like(ct), ct_s)
+  o, s = np.asarray(o), np.asarray(s)
+  want_o = np.zeros(o.shape, bool)
+  want_o[0, :NAN_DOC[0], 0, 2] = want_o[0, 100:, 0, 3] = True
+  want_s = np.zeros(s.shape, bool)
+  want_s[0, 0, :, 3] = True
+  np.testing.assert_array_equal(~np.isfinite(o), want_o)
+  np.testing.assert_array_equal(~np.isfinite(s), want_s)

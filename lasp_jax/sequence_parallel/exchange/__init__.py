@@ -39,11 +39,12 @@ from lasp_jax.sequence_parallel.exchange.cost import (ALLGATHER_HELD_PER_SUMMARY
                                                        exchange_cost)
 from lasp_jax.sequence_parallel.exchange.scan import scan_prefix
 from lasp_jax.sequence_parallel.exchange.schedule import scan_counts, scan_schedule
-from lasp_jax.sequence_parallel.exchange.summaries import DeltaSummary, DiagonalSummary, Summary
+from lasp_jax.sequence_parallel.exchange.summaries import (DeltaSummary, DiagonalSummary, Marked,
+                                                            Summary)
 
 __all__ = ["ALLGATHER_HELD_PER_SUMMARY", "DEFAULT_MEMORY_BUDGET", "HARDWARE",
-           "SCAN_HELD_PER_SEGMENT", "STRATEGIES", "DeltaSummary", "DiagonalSummary", "Summary",
-           "allgather_prefix", "choose_exchange", "default_hardware", "exchange_cost", "prefix",
+           "SCAN_HELD_PER_SEGMENT", "STRATEGIES", "DeltaSummary", "DiagonalSummary", "Marked",
+           "Summary", "allgather_prefix", "choose_exchange", "default_hardware", "exchange_cost", "prefix",
            "scan_counts", "scan_prefix", "scan_schedule"]
 
 
@@ -60,7 +61,8 @@ def prefix(local, *, strategy, axis_name, layout, edge_ids=None, initial=None, s
     leaves = jax.tree.leaves(local)
     nseg, bsz = leaves[0].shape[:2]
     summary = bsz * sum(x[0, 0].size * 4 for x in leaves)       # one segment's, float32
-    strategy = choose_exchange(w, summary, state_bytes=bsz * local.state[0, 0].size * 4,
+    state_bytes = bsz * sum(x[0, 0].size * 4 for x in jax.tree.leaves(local.state))
+    strategy = choose_exchange(w, summary, state_bytes=state_bytes,
                                segments=nseg, hardware=default_hardware(w))
   fn = scan_prefix if strategy == "scan" else allgather_prefix
   s_in, final = fn(local, axis_name=axis_name, layout=layout, edge_ids=edge_ids, initial=initial,
@@ -69,5 +71,6 @@ def prefix(local, *, strategy, axis_name, layout, edge_ids=None, initial=None, s
     # Every device folded the same summaries, but shard_map cannot know that the result is
     # replicated: one device's copy through a psum makes it so, and its transpose sends the
     # cotangent back to that one copy, not to W of them.
-    final = jax.lax.psum(jnp.where(jax.lax.axis_index(axis_name) == 0, final, 0.0), axis_name)
+    first = jax.lax.axis_index(axis_name) == 0
+    final = jax.tree.map(lambda x: jax.lax.psum(jnp.where(first, x, 0.0), axis_name), final)
   return s_in, final

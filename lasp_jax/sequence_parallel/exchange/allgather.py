@@ -3,7 +3,6 @@ local fold."""
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +20,15 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
     edge_ids: None, or ``(first, last)``, each ``(S, B)`` int: the segment ids of each segment's
       first and last token; a segment whose first id differs from its predecessor's last starts a
       document there (design §13).
-    initial: None or ``(B, H, Dk, Dv)``: the state before the first token of the sequence.
+    initial: None or a state like ``local.state`` without the segment axis (``(B, H, Dk, Dv)``):
+      the state before the first token of the sequence.
     send: a pytree of bools like ``local`` (None: all True); a False leaf is the same on every
       segment (e.g. a constant decay's ``gamma``) and is not sent.
 
   Returns:
     ``(s_in, final)``: ``s_in (S, B, H, Dk, Dv)`` the incoming state of each local segment (zero
-    where it starts a document), ``final (B, H, Dk, Dv)`` the state after the last token.
+    where it starts a document), ``final (B, H, Dk, Dv)`` the state after the last token (pytrees
+    like ``local.state`` where it is one).
   """
   leaves, treedef = jax.tree.flatten(local)
   send_flags = [True] * len(leaves) if send is None else jax.tree.leaves(send)
@@ -61,7 +62,7 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
   if initial is not None:  # the summary (0, S_0) before segment 0
     zero = jax.vmap(lambda sm: sm.reset(jnp.ones((bsz,), bool)))(
         jax.tree.map(lambda x: x[:1], summaries))
-    zero = dataclasses.replace(zero, state=initial.astype(jnp.float32)[None])
+    zero = zero.with_state(jax.tree.map(lambda x: x.astype(jnp.float32)[None], initial))
     summaries = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), zero, summaries)
 
   # prefix[i] = x_i o ... o x_0: each prefix folds only earlier summaries, so a NaN later in the
@@ -69,12 +70,14 @@ def allgather_prefix(local, *, axis_name, layout, edge_ids=None, initial=None, s
   prefix = jax.lax.associative_scan(lambda earlier, later: later.compose(earlier), summaries)
   states = prefix.state                                 # (P or P+1, B, H, Dk, Dv), inclusive
   if initial is None:
-    states = jnp.concatenate([jnp.zeros_like(states[:1]), states])
+    states = jax.tree.map(lambda x: jnp.concatenate([jnp.zeros_like(x[:1]), x]), states)
   # states[p] is now the state before global segment p; the last is the final state.
   me = jax.lax.axis_index(axis_name)
   positions = jnp.stack([jnp.asarray(layout_lib.segment_global_index(layout, me, w, s))
                          for s in range(nseg)])
-  s_in = jnp.take(states, positions, axis=0)
+  s_in = jax.tree.map(lambda x: jnp.take(x, positions, axis=0), states)
   if starts is not None:  # a segment that starts a document sees nothing before it
-    s_in = jnp.where(jnp.take(starts, positions, axis=0)[..., None, None, None], 0.0, s_in)
-  return s_in, states[-1]
+    start = jnp.take(starts, positions, axis=0)
+    s_in = jax.tree.map(
+        lambda x: jnp.where(start.reshape(start.shape + (1,) * (x.ndim - 2)), 0.0, x), s_in)
+  return s_in, jax.tree.map(lambda x: x[-1], states)

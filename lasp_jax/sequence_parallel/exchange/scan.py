@@ -3,7 +3,6 @@ held) with a custom backward through the same rounds in reverse (design §10).""
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -62,11 +61,12 @@ def _scan_core(slots, *, axis_name, owner, ids=None, initial=None, want_final=Tr
   slots = list(slots)
   if initial is not None:  # the summary (0, S_0) composed into position 0 before the scan
     x0 = slots[first_slot]
-    init = dataclasses.replace(x0.reset(jnp.ones((bsz,), bool)), state=initial.astype(jnp.float32))
+    init = x0.reset(jnp.ones((bsz,), bool)).with_state(
+        jax.tree.map(lambda x: x.astype(jnp.float32), initial))
     slots[first_slot] = _select(me == first_dev, x0.compose(init), x0)
 
   inc = slots                               # I: inclusive prefix, lower boundary not applied
-  exc = [dataclasses.replace(x, state=jnp.zeros_like(x.state)) for x in slots]   # A: exclusive
+  exc = [x.with_state(jax.tree.map(jnp.zeros_like, x.state)) for x in slots]   # A: exclusive
   low = None if ids is None else list(ids[0])       # first id of the ranges' lowest segment
   starts = [None] * nseg
   rounds = _schedule(owner, w)
@@ -74,7 +74,7 @@ def _scan_core(slots, *, axis_name, owner, ids=None, initial=None, want_final=Tr
     last_round = k == len(rounds) - 1
 
     def payload(s):  # the last round's composites feed no later round: their states suffice
-      parts = [inc[s].state] if last_round else jax.tree.leaves(inc[s])
+      parts = jax.tree.leaves(inc[s].state if last_round else inc[s])
       if ids is not None:
         parts = parts + ([] if last_round else [low[s]]) + [ids[1][s]]
       return parts
@@ -101,8 +101,9 @@ def _scan_core(slots, *, axis_name, owner, ids=None, initial=None, want_final=Tr
 
       def absorb(inc_s, exc_s, low_s, buf, s=s, k=k, last_round=last_round):
         parts = _unpack(buf, payload(s))
-        if last_round:
-          earlier = dataclasses.replace(inc_s, state=parts[0])  # its transition is not used
+        if last_round:  # its transition is not used
+          state = jax.tree.structure(inc_s.state)
+          earlier = inc_s.with_state(jax.tree.unflatten(state, parts[:state.num_leaves]))
         else:
           n = len(jax.tree.leaves(inc_s))
           earlier = jax.tree.unflatten(jax.tree.structure(inc_s), parts[:n])
@@ -114,8 +115,8 @@ def _scan_core(slots, *, axis_name, owner, ids=None, initial=None, want_final=Tr
         new_inc = inc_s.reset(cut).compose(earlier)
         new_exc = earlier if k == 0 else exc_s.reset(cut).compose(earlier)
         if last_round:  # states only: the composites' transitions are dead (not even computed)
-          new_inc = dataclasses.replace(inc_s, state=new_inc.state)
-          new_exc = dataclasses.replace(exc_s, state=new_exc.state)
+          new_inc = inc_s.with_state(new_inc.state)
+          new_exc = exc_s.with_state(new_exc.state)
         return new_inc, new_exc, low_s, cut
 
       def keep(inc_s, exc_s, low_s, buf):  # (low vs itself: False, typed like absorb's cut)
@@ -137,13 +138,15 @@ def _scan_core(slots, *, axis_name, owner, ids=None, initial=None, want_final=Tr
   for s in range(nseg):
     st = exc[s].state
     if initial is not None and s == first_slot:
-      st = jnp.where(me == first_dev, initial.astype(st.dtype), st)
+      st = jax.tree.map(lambda x, i: jnp.where(me == first_dev, i.astype(x.dtype), x), st, initial)
     if starts[s] is not None:
-      st = jnp.where(starts[s].reshape((bsz,) + (1,) * (st.ndim - 1)), 0.0, st)
+      st = jax.tree.map(
+          lambda x, s=s: jnp.where(starts[s].reshape((bsz,) + (1,) * (x.ndim - 1)), 0.0, x), st)
     s_in.append(st)
   final = None
   if want_final:
-    final = jax.lax.psum(jnp.where(me == last_dev, inc[last_slot].state, 0.0), axis_name)
+    final = jax.tree.map(lambda x: jax.lax.psum(jnp.where(me == last_dev, x, 0.0), axis_name),
+                         inc[last_slot].state)
   return s_in, final, starts
 
 
@@ -157,7 +160,7 @@ def _scan_forward(axis_name, layout, local, edge_ids, initial):
   ids = None if edge_ids is None else [_slots(_bits(i), nseg) for i in edge_ids]
   s_in, final, starts = _scan_core(_slots(local, nseg), axis_name=axis_name, owner=owner,
                                    ids=ids, initial=initial)
-  s_in = jnp.stack(s_in)
+  s_in = jax.tree.map(lambda *x: jnp.stack(x), *s_in)
   starts = jnp.stack([jnp.zeros((bsz,), bool) if x is None else x for x in starts])
   return (s_in, final), (local, starts, s_in, initial)
 
@@ -187,17 +190,19 @@ def _scan_backward(axis_name, layout, res, cts):
   ys = []
   for s, x in enumerate(xs):
     y = x.transpose().reset(starts[s])
-    ys.append(dataclasses.replace(
-        y, state=jnp.where(starts[s].reshape((-1,) + (1,) * (ct_in.ndim - 2)), 0.0, ct_in[s])))
+    ys.append(y.with_state(jax.tree.map(
+        lambda c, s=s: jnp.where(starts[s].reshape((-1,) + (1,) * (c.ndim - 2)), 0.0, c[s]),
+        ct_in)))
   lam_next, lam_0, _ = _scan_core(ys, axis_name=axis_name, owner=owner, initial=ct_fin,
                                   want_final=initial is not None)
   grads = []
   for s, x in enumerate(xs):
-    earlier = dataclasses.replace(jax.lax.stop_gradient(x), state=s_in[s])
+    earlier = jax.lax.stop_gradient(x).with_state(jax.tree.map(lambda v, s=s: v[s], s_in))
     _, vjp = jax.vjp(lambda x: x.compose(earlier).state, x)
-    grads.append(vjp(lam_next[s].astype(s_in.dtype))[0])
+    grads.append(vjp(jax.tree.map(lambda lam, v: lam.astype(v.dtype), lam_next[s], s_in))[0])
   d_local = jax.tree.map(lambda *g: jnp.stack(g), *grads)
-  d_initial = None if initial is None else lam_0.astype(initial.dtype)
+  d_initial = None if initial is None else jax.tree.map(lambda lam, i: lam.astype(i.dtype),
+                                                         lam_0, initial)
   return d_local, None, d_initial
 
 

@@ -13,9 +13,12 @@ from lasp_jax.kernels.linear_attention import reference as ref
 
 class Summary(Protocol):
   """What the exchange needs of a family's summary (a pytree whose leaves lead with the segment
-  and batch axes): its ``state`` (the part sent in the scan's last round), composition, a reset
+  and batch axes): its ``state`` (an array, or a pytree of them: the part sent in the scan's last
+  round, and what the exchange returns), the same summary with another state, composition, a reset
   where a document starts, and the transpose for the scan's backward."""
   state: jax.Array
+
+  def with_state(self, state) -> "Summary": ...
 
   def compose(self, earlier: "Summary") -> "Summary": ...
 
@@ -35,6 +38,9 @@ class DiagonalSummary:
   """
   gamma: jax.Array
   state: jax.Array
+
+  def with_state(self, state) -> "DiagonalSummary":
+    return dataclasses.replace(self, state=state)
 
   def compose(self, earlier: "DiagonalSummary") -> "DiagonalSummary":
     """``self o earlier``: first ``earlier``, then ``self``."""
@@ -64,6 +70,9 @@ class DeltaSummary:
   m: jax.Array
   state: jax.Array
 
+  def with_state(self, state) -> "DeltaSummary":
+    return dataclasses.replace(self, state=state)
+
   def compose(self, earlier: "DeltaSummary") -> "DeltaSummary":
     """``self o earlier``: first ``earlier``, then ``self``."""
     mm = lambda a, b: jnp.einsum("...ij,...jk->...ik", a, b,  # noqa: E731
@@ -77,6 +86,42 @@ class DeltaSummary:
   def transpose(self) -> "DeltaSummary":
     """The summary with ``m^T``, for the scan's backward (see ``DiagonalSummary.transpose``)."""
     return DeltaSummary(jnp.swapaxes(self.m, -1, -2), self.state)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Marked:
+  """A family's summary with where non-finite inputs reach (design §13b), carried in the same
+  exchange so that a NaN crosses devices exactly as far as the recurrence carries it.
+
+  ``inner``: the summary of the finite computation; ``keep (B, H, 1)``: 1.0 where the segment has
+  no reset (marks before it reach past it), else 0.0; ``bad (B, H, Dv)``: 1.0 where column ``d``
+  of the state after the segment is non-finite from inputs after its last reset. The marks fold
+  by products and maxima of zeros and ones: exact, and never NaN. ``state`` is the pair
+  ``(inner.state, bad)``.
+  """
+  inner: DiagonalSummary | DeltaSummary
+  keep: jax.Array
+  bad: jax.Array
+
+  @property
+  def state(self):
+    return self.inner.state, self.bad
+
+  def with_state(self, state) -> "Marked":
+    return Marked(self.inner.with_state(state[0]), self.keep, state[1])
+
+  def compose(self, earlier: "Marked") -> "Marked":
+    """``self o earlier``: first ``earlier``, then ``self``."""
+    return Marked(self.inner.compose(earlier.inner), self.keep * earlier.keep,
+                  jnp.maximum(self.bad, self.keep * earlier.bad))
+
+  def reset(self, starts_B) -> "Marked":
+    return Marked(self.inner.reset(starts_B),
+                  jnp.where(starts_B[:, None, None], 0.0, self.keep), self.bad)
+
+  def transpose(self) -> "Marked":
+    return Marked(self.inner.transpose(), self.keep, self.bad)
 
 
 def _bits(ids):
