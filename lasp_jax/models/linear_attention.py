@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lasp_jax.kernels.linear_attention.reference import square_features
 from lasp_jax.kernels.linear_attention.step import recurrent_step
 from lasp_jax.models.cache import LinearCache
 from lasp_jax.models.layers import param, rms_norm
@@ -88,15 +89,21 @@ def taylor_features(x_BxNxHxF):
   return jnp.concatenate([ones, x_BxNxHxF, outer * (1.0 / math.sqrt(2.0))], axis=-1)
 
 
-def rebased_features(x_BxNxHxF, gamma_HxF, beta_HxF):
-  """ReBased: ``x~ = gamma * LayerNorm(x) + beta`` (norm without affine over F, learnable per head
-  and channel), then ``phi(x) = vec(x~ x~^T)`` (size F^2), so ``phi(q) . phi(k) = (q~ . k~)^2``."""
+def rebased_norm(x_BxNxHxF, gamma_HxF, beta_HxF):
+  """ReBased's ``x~ = gamma * LayerNorm(x) + beta`` (norm without affine over F, learnable per
+  head and channel), computed in float32 and returned in ``x``'s dtype."""
   x = x_BxNxHxF.astype(jnp.float32)
   mu = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mu), axis=-1, keepdims=True)
   x = (x - mu) * jax.lax.rsqrt(var + 1e-5)
-  x = (x * gamma_HxF.astype(jnp.float32) + beta_HxF.astype(jnp.float32)).astype(x_BxNxHxF.dtype)
-  return (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
+  return (x * gamma_HxF.astype(jnp.float32) + beta_HxF.astype(jnp.float32)).astype(x_BxNxHxF.dtype)
+
+
+def rebased_features(x_BxNxHxF, gamma_HxF, beta_HxF):
+  """ReBased's map ``phi(x) = vec(x~ x~^T)`` (size F^2) of ``x~ = rebased_norm(x)``, so
+  ``phi(q) . phi(k) = (q~ . k~)^2``. The layer hands the op ``q~, k~`` with ``scores="square"``
+  instead: the op forms these features for the state and squares ``q~ . k~`` for the scores."""
+  return square_features(rebased_norm(x_BxNxHxF, gamma_HxF, beta_HxF))
 
 
 def l2_normalize(x_BxNxHxD, eps: float = L2_NORM_EPS):
@@ -137,13 +144,16 @@ def short_conv(x_BxNxHxD, weight_KxHxD, *, cfg, ctx: Context, segment_ids=None):
 
 
 def core_attention(q, k, v, log_decay, *, scale, cfg, ctx: Context, segment_ids=None, beta=None,
-                   return_final_state=False):
+                   return_final_state=False, scores="dot"):
   """The causal linear op: LASP-2 when the mesh has the sequence axis, else one device; the
   state restarts at every document start of ``segment_ids (B, N)``. ``beta (B, N, H)`` (None: the
   diagonal family) makes it the delta rule (design §11). ``return_final_state``: also the
-  float32 state after the last token, ``(o, state)``."""
+  float32 state after the last token, ``(o, state)``. ``scores``: the op's (``"square"``:
+  ReBased's ``(q . k)^2`` on ``Dk``-wide q, k, a state over their ``vec(k k^T)``)."""
   import lasp_jax
   delta = {} if beta is None else {"beta": beta}
+  if scores != "dot":
+    delta["scores"] = scores
   delta["return_final_state"] = return_final_state
   if ctx.sequence_parallel:
     return lasp_jax.lasp2_attention(
@@ -169,7 +179,11 @@ class LinearAttention(nnx.Module):
   - ``based``: q, k projected to ``F = cfg.linear.feature_dim`` per head, ``q <- q F**-0.5``, then
     ``o = phi(q) S / (phi(q) z + eps)`` with the Taylor map (``taylor_features``) and
     ``z_i = sum_{j<=i} phi(k_j)``.
-  - ``rebased``: as Based with the ReBased map (``rebased_features``), kernel ``(q~ . k~)^2``.
+  - ``rebased``: as Based with the ReBased map (``rebased_features``), kernel ``(q~ . k~)^2``;
+    the op gets ``q~, k~`` (``rebased_norm``) and ``scores="square"``: it scores ``(q~ . k~)^2``
+    from the F-wide vectors, not by a dot of the F^2 features, whose float32 rounding error
+    relative to a small score is ~eps / cos^2 and reaches the output through a tiny normaliser
+    (a document's first tokens); the state stays over the features.
   Based/ReBased's normaliser comes from the same op run on ``[v, 1]``: the last output column is
   ``phi(q_i) z_i`` and LASP-2 carries ``z`` with the state.
 
@@ -277,15 +291,16 @@ class LinearAttention(nnx.Module):
 
   def _core_inputs(self, q, k, v, x_BxNxD, ctx: Context):
     """After the conv: the op's ``q, k, v, g, beta, scale`` for the variant (class docstring).
-    Based/ReBased's values get the column of ones whose output is the normaliser."""
+    Based/ReBased's values get the column of ones whose output is the normaliser; ReBased's q, k
+    are ``q~, k~`` for ``scores="square"``."""
     cfg, variant = self.cfg, self.cfg.variant
     if variant.normalised:
       q = q * (q.shape[-1] ** -0.5)  # the published references scale q before the map
       if variant.features == "taylor":
         q, k = taylor_features(q), taylor_features(k)
-      else:
+      else:  # the op forms the features (variant.scores == "square")
         gamma, beta = self.fm_gamma[...], self.fm_beta[...]
-        q, k = rebased_features(q, gamma, beta), rebased_features(k, gamma, beta)
+        q, k = rebased_norm(q, gamma, beta), rebased_norm(k, gamma, beta)
       v1 = jnp.concatenate([v, jnp.ones_like(v[..., :1])], axis=-1)
       return self._share_qk(q), self._share_qk(k), v1, None, None, 1.0
     if variant.delta:
@@ -333,7 +348,7 @@ class LinearAttention(nnx.Module):
       q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_BxNxD, ctx)
       out = core_attention(q, k, v, g, scale=scale, cfg=cfg, ctx=ctx,
                            segment_ids=segment_ids_BxN, beta=beta,
-                           return_final_state=return_cache)
+                           return_final_state=return_cache, scores=cfg.variant.scores)
       o, state = out if return_cache else (out, None)
       y = self._output(o, x_BxNxD, ctx)
     return (y, LinearCache(state, conv)) if return_cache else y
@@ -357,10 +372,13 @@ class LinearAttention(nnx.Module):
       elif cfg.variant.delta:
         q, k, v = jax.nn.silu(q), jax.nn.silu(k), jax.nn.silu(v)
       q, k, v, g, beta, scale = self._core_inputs(q, k, v, x_Bx1xD, ctx)
+      o_dtype = q.dtype
+      if cfg.variant.scores == "square":  # the state's features, in float32 as the op forms them
+        q, k = square_features(q.astype(jnp.float32)), square_features(k.astype(jnp.float32))
       g = g if g is None or g.ndim == 1 else g[:, 0]  # (H,) or this token's (B, H[, Dk])
       o, state = recurrent_step(cache.state, q[:, 0], k[:, 0], v[:, 0], g,
                                 beta=None if beta is None else beta[:, 0], scale=scale)
-      return self._output(o[:, None], x_Bx1xD, ctx), LinearCache(state, conv)
+      return self._output(o[:, None].astype(o_dtype), x_Bx1xD, ctx), LinearCache(state, conv)
 
 
 def _replicated(p: nnx.Param, ctx: Context):

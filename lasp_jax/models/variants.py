@@ -38,6 +38,13 @@ class LinearVariant:
     return self.features != "map"
 
   @property
+  def scores(self) -> str:
+    """The op's ``scores`` (``kernels.chunk_linear_attention``): ``"square"`` for ReBased, whose
+    q, k reach the op at ``feature_dim`` and its kernel ``(q~ . k~)^2`` is squared there (so
+    that a tiny normaliser, at a document's first tokens, stays accurate), else ``"dot"``."""
+    return "square" if self.features == "rebased" else "dot"
+
+  @property
   def data_dependent_gate(self) -> bool:
     return self.gate in ("per_head", "per_channel")
 

@@ -56,11 +56,11 @@ from lasp_jax.sequence_parallel import sharding
 BACKENDS = ("auto",) + dispatch.BACKENDS
 
 
-def _kernel_backend(backend: str, q, v, log_decay=None, chunk_size=64) -> str:
+def _kernel_backend(backend: str, q, v, log_decay=None, chunk_size=64, scores="dot") -> str:
   """``"auto"``: the default device's Pallas kernel where it can tile these shapes, else XLA."""
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-  return resolve_backend(backend, q, v, log_decay, chunk_size)
+  return resolve_backend(backend, q, v, log_decay, chunk_size, scores)
 
 
 def _check_decay_mode(log_decay, causal):
@@ -71,7 +71,7 @@ def _check_decay_mode(log_decay, causal):
 
 def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1.0,
                      segment_ids=None, initial_state=None, return_final_state=False,
-                     chunk_size=64, backend="auto"):
+                     chunk_size=64, backend="auto", scores="dot"):
   """Linear attention on one device (design §2-3), or the delta rule (design §11).
 
   Args:
@@ -93,22 +93,27 @@ def linear_attention(q, k, v, log_decay=None, *, beta=None, causal=True, scale=1
     return_final_state: also return the state after the last token, float32 ``(B, H, Dk, Dv)``.
     chunk_size: tokens per chunk; must divide N.
     backend: ``"auto"`` (Pallas on TPU/GPU, XLA on CPU), ``"xla"``, ``"tpu"`` or ``"gpu"``.
+    scores: ``"dot"``, or ``"square"``: the op on ``vec(x x^T)`` features of q and k (kernel
+      ``(q . k)^2``, ReBased's; state ``(B, H, Dk * Dk, Dv)``; ``scale`` multiplies q's features,
+      None meaning ``1 / Dk``), the in-chunk scores from the ``Dk``-wide vectors
+      (``kernels.chunk_linear_attention``); XLA path only, no ``beta``, no per-channel decay.
 
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, or ``(o, final_state)``.
   """
-  _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids, scores)
   _check_decay_mode(log_decay, causal)
   _check_causal_only(causal, segment_ids, initial_state, False, beta)
-  scale = ref.resolve_scale(scale, q.shape[-1])
+  scale = ref.resolve_scale(scale, ref.state_key_dim(q.shape[-1], scores))
   if causal:
     o, s_final = kernels.chunk_linear_attention(
         q, k, v, log_decay, beta=beta, scale=scale, initial_state=initial_state,
-        segment_ids=segment_ids, chunk_size=chunk_size,
-        backend=_kernel_backend(backend, q, v, log_decay, chunk_size))
+        segment_ids=segment_ids, chunk_size=chunk_size, scores=scores,
+        backend=_kernel_backend(backend, q, v, log_decay, chunk_size, scores))
   else:
-    s_final = jnp.einsum("bnhk,bnhv->bhkv", k.astype(jnp.float32), v.astype(jnp.float32))
-    o = (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(jnp.float32), s_final)).astype(q.dtype)
+    qf, kf = _state_features(q, scores), _state_features(k, scores)
+    s_final = jnp.einsum("bnhk,bnhv->bhkv", kf.astype(jnp.float32), v.astype(jnp.float32))
+    o = (scale * jnp.einsum("bnhk,bhkv->bnhv", qf.astype(jnp.float32), s_final)).astype(q.dtype)
   return (o, s_final) if return_final_state else o
 
 
@@ -135,6 +140,12 @@ def segment_decays(log_decay, nb, seg_len, heads):
           jnp.sum(g, axis=1))
 
 
+def _state_features(x, scores):
+  """What the state is over for q or k: ``x``, or (``scores="square"``) its ``vec(x x^T)`` features,
+  formed in float32 (as the op forms them)."""
+  return ref.square_features(x.astype(jnp.float32)) if scores == "square" else x
+
+
 def local_state(k, v, to_end):
   """A segment's zero-initial state ``sum_j diag(exp(sum_{u>j} g_u)) k_j^T v_j``, float32
   ``(B, H, Dk, Dv)`` (design §4, step 1)."""
@@ -152,7 +163,7 @@ def add_incoming(o_local, q, b_in, s_in, scale):
 
 def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1.0,
           segment_ids=None, initial_state=None, return_final_state=False, chunk_size=64,
-          layout="contiguous", exchange="allgather", backend="auto"):
+          layout="contiguous", exchange="allgather", backend="auto", scores="dot"):
   """LASP-2 on local shards, inside the caller's ``jax.shard_map`` over ``axis_name``.
 
   Args:
@@ -178,11 +189,11 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     ``o (B, C, H, Dv)`` in q's dtype, exactly the matching rows of the unsplit computation, or
     ``(o, final_state)``.
   """
-  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids, scores)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
   _check_causal_only(causal, segment_ids, initial_state, return_final_state, beta)
-  scale = ref.resolve_scale(scale, q.shape[-1])
+  scale = ref.resolve_scale(scale, ref.state_key_dim(q.shape[-1], scores))
   nseg = layout_lib.segments_per_shard(layout)
   bsz, c_local, heads, dk = q.shape
   if c_local % (nseg * chunk_size):
@@ -193,9 +204,10 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
 
   if not causal:
     with jax.named_scope("lasp2_bidirectional"):
-      st = jnp.einsum("bnhk,bnhv->bhkv", k.astype(f32), v.astype(f32))
+      qf, kf = _state_features(q, scores), _state_features(k, scores)
+      st = jnp.einsum("bnhk,bnhv->bhkv", kf.astype(f32), v.astype(f32))
       total = jnp.sum(jax.lax.all_gather(st, axis_name), axis=0)
-      return (scale * jnp.einsum("bnhk,bhkv->bnhv", q.astype(f32), total)).astype(q.dtype)
+      return (scale * jnp.einsum("bnhk,bhkv->bnhv", qf.astype(f32), total)).astype(q.dtype)
 
   q_s, k_s, v_s = (layout_lib.to_segments(x, nseg) for x in (q, k, v))
   g_s = log_decay if log_decay is None or log_decay.ndim == 1 else layout_lib.to_segments(log_decay, nseg)
@@ -226,10 +238,10 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
     incoming.append(bad_in.reshape(nseg * bsz, *bad_in.shape[2:]))
     return s_in.reshape(nseg * bsz, *s_in.shape[2:]), s_final
 
-  kernel_backend = _kernel_backend(backend, q_s, v_s, g_s, chunk_size)
+  kernel_backend = _kernel_backend(backend, q_s, v_s, g_s, chunk_size, scores)
   if beta is None:
     o, s_final = _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size,
-                                    kernel_backend)
+                                    kernel_backend, scores)
   else:
     # The delta rule resolves "auto" per stage (its state pass has its own dispatch entry).
     o, s_final = _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size,
@@ -309,13 +321,16 @@ class _SegmentMarks:
     return out if s_final is not None else (out[0], None)
 
 
-def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend):
+def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend,
+                       scores="dot"):
   """Diagonal decays: summaries ``(gamma, St)``, the exchange, then the local pass from zero
-  (independent of the exchange, so XLA can overlap them) plus ``scale (q e^b) S_in``."""
+  (independent of the exchange, so XLA can overlap them) plus ``scale (q e^b) S_in``. With
+  ``scores="square"`` the state and ``S_in``'s term are over the features of k and q; the local
+  pass takes the ``Dk``-wide vectors (its in-chunk scores come from them)."""
   nb, seg_len, heads, _ = q_s.shape
   b_in, to_end, gamma = segment_decays(g_s, nb, seg_len, heads)
   with jax.named_scope("lasp2_state_exchange"):
-    st = local_state(k_s, v_s, to_end)                                       # (SB, H, Dk, Dv)
+    st = local_state(_state_features(k_s, scores), v_s, to_end)              # (SB, H, Dk, Dv)
     gamma = jnp.zeros((nb, heads, 1), jnp.float32) if gamma is None else gamma
     # A decay known in advance (none, or constant per head) is not sent: only the states are.
     constant = g_s is None or g_s.ndim == 1
@@ -323,9 +338,10 @@ def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, bac
                            send=exchange_lib.DiagonalSummary(not constant, True))
   with jax.named_scope("lasp2_local"):
     o_local, _ = kernels.chunk_linear_attention(q_s, k_s, v_s, g_s, scale=scale,
-                                                chunk_size=chunk_size, backend=backend)
+                                                chunk_size=chunk_size, backend=backend,
+                                                scores=scores)
   with jax.named_scope("lasp2_combine"):
-    return add_incoming(o_local, q_s, b_in, s_in, scale), s_final
+    return add_incoming(o_local, _state_features(q_s, scores), b_in, s_in, scale), s_final
 
 
 def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size, backend):
@@ -343,10 +359,13 @@ def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size
   return o, s_final
 
 
-def _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids):
+def _validate(q, k, v, log_decay, beta, initial_state, chunk_size, scale, segment_ids,
+              scores="dot"):
   if beta is None:
-    validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
+    validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids, scores)
   else:
+    if scores != "dot":
+      raise ValueError(f"scores={scores!r} needs beta=None: the delta rule scores q . k")
     delta_api.validate_inputs(q, k, v, beta, log_decay, initial_state, chunk_size, scale,
                               segment_ids)
 
@@ -373,7 +392,7 @@ def decay_spec(log_decay, batch_axis, seq_axis):
 def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="sp",
                     batch_axis=None, causal=True, scale=1.0, segment_ids=None,
                     initial_state=None, return_final_state=False, chunk_size=64,
-                    layout="contiguous", exchange="allgather", backend="auto"):
+                    layout="contiguous", exchange="allgather", backend="auto", scores="dot"):
   """LASP-2 on global arrays: splits the sequence over ``mesh`` axis ``seq_axis``.
 
   Args:
@@ -385,7 +404,8 @@ def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="
     segment_ids: None or ``(B, N)`` int in the layout of q: packed documents (a start is where
       the id differs from the previous token's in natural order, across devices too).
     initial_state: None or ``(B, H, Dk, Dv)``; return_final_state: also return the final state
-      ``(B, H, Dk, Dv)`` float32, replicated along ``seq_axis`` (split along ``batch_axis``).
+      ``(B, H, Dk, Dv)`` float32, replicated along ``seq_axis`` (split along ``batch_axis``);
+      ``Dk * Dk`` with ``scores="square"``.
     layout: the sequence axis of the inputs (and output) is in ``"contiguous"`` or ``"zigzag"``
       order (``lasp_jax.zigzag``).
     Others as ``linear_attention``.
@@ -393,7 +413,7 @@ def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="
   Returns:
     ``o (B, N, H, Dv)`` in q's dtype, sharded like q, or ``(o, final_state)``.
   """
-  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids)
+  _validate(q, k, v, log_decay, beta, initial_state, None, scale, segment_ids, scores)
   check_chunk_size(chunk_size)
   _check_decay_mode(log_decay, causal)
   _check_causal_only(causal, segment_ids, initial_state, return_final_state, beta)
@@ -408,12 +428,12 @@ def lasp2_attention(q, k, v, log_decay=None, *, beta=None, mesh=None, seq_axis="
         f"axis size ({seq_axis!r}: {w}) * chunk_size ({chunk_size}) = {w * nseg * chunk_size}")
   if bsz % nb:
     raise ValueError(f"batch size B={bsz} is not a multiple of the {batch_axis!r} axis size {nb}")
-  kernel_backend = _kernel_backend(backend, q, v, log_decay, chunk_size)
+  kernel_backend = _kernel_backend(backend, q, v, log_decay, chunk_size, scores)
   x_spec = P(batch_axis, seq_axis, None, None)
   state_spec = P(batch_axis, None, None, None)
   fn = functools.partial(lasp2, axis_name=seq_axis, causal=causal, scale=scale,
                          return_final_state=return_final_state, chunk_size=chunk_size,
-                         layout=layout, exchange=exchange, backend=backend)
+                         layout=layout, exchange=exchange, backend=backend, scores=scores)
   row_spec = P(batch_axis, seq_axis)
   return sharding.shard_map(
       lambda q, k, v, g, b, ids, s0: fn(q, k, v, g, beta=b, segment_ids=ids, initial_state=s0),

@@ -45,15 +45,22 @@ def _loss(fn, weights):
   return loss
 
 
-def _check(backend, q, k, v, g, s0, chunk, tol, segment_ids=None):
+def _square_features_ref(x):
+  """``vec(x x^T)``: entry ``a * D + b`` is ``x_a x_b``."""
+  return jnp.einsum("...a,...b->...ab", x, x).reshape(*x.shape[:-1], -1)
+
+
+def _check(backend, q, k, v, g, s0, chunk, tol, segment_ids=None, scores="dot"):
   scale = 0.8
 
   def kernel(q, k, v, g, s0):
     return kernels.chunk_linear_attention(q, k, v, g, scale=scale, initial_state=s0,
                                           segment_ids=segment_ids, chunk_size=chunk,
-                                          backend=backend, interpret=True)
+                                          backend=backend, interpret=True, scores=scores)
 
   def ref(q, k, v, g, s0):
+    if scores == "square":  # the recurrence over the features
+      q, k = _square_features_ref(q), _square_features_ref(k)
     return linear_recurrence(q, k, v, g, scale=scale, initial_state=s0, segment_ids=segment_ids)
 
   rng = np.random.default_rng(1)
@@ -87,6 +94,41 @@ def test_float32_forward_state_and_grads(backend, decay, chunk, n):
   d = HEAD_DIM[backend]
   bsz, heads = {"none": (2, 1), "head": (1, 2), "token": (1, 1)}[decay]
   _check(backend, *_data(0, bsz, n, heads, d, d, decay), chunk, 2e-4)
+
+
+def test_square_scores_match_the_recurrence_over_the_features():
+  """``scores="square"``: q, k F wide, the state over ``vec(k k^T)``, against the float64
+  recurrence over the F^2 features: output, final state and every gradient (q, k at F wide),
+  across chunk boundaries, with a per-token decay, the initial state and two documents per row
+  (the second starting inside a chunk, and at a chunk boundary)."""
+  bsz, n, h, f, dv = 2, 32, 2, 4, 3
+  q, k, v, g, _ = _data(5, bsz, n, h, f, dv, "token")
+  s0 = jnp.asarray(np.random.default_rng(6).standard_normal((bsz, h, f * f, dv)) * 0.5,
+                   jnp.float32)
+  ids = jnp.asarray(np.stack([np.arange(n) >= 11, np.arange(n) >= 16]), jnp.int32)
+  _check("xla", q, k, v, g, s0, 8, 2e-4, segment_ids=ids, scores="square")
+
+
+def test_square_scores_refuse_what_they_cannot_run():
+  q, k, v, _, _ = _data(0, 1, 16, 1, 4, 4, "none")
+  for backend in ("gpu", "tpu"):
+    with pytest.raises(ValueError, match="scores='square'"):
+      kernels.chunk_linear_attention(q, k, v, chunk_size=8, backend=backend, scores="square")
+  with pytest.raises(ValueError, match="scores='square'"):
+    kernels.chunk_linear_attention(q, k, v, jnp.zeros((1, 16, 1, 4)), chunk_size=8,
+                                   scores="square")
+  with pytest.raises(ValueError, match="Dk \\* Dk"):
+    kernels.chunk_linear_attention(q, k, v, initial_state=jnp.zeros((1, 1, 4, 4)), chunk_size=8,
+                                   scores="square")
+  with pytest.raises(ValueError, match="scores must be one of"):
+    kernels.chunk_linear_attention(q, k, v, chunk_size=8, scores="squared")
+  with pytest.raises(ValueError, match="beta=None"):
+    kernels.chunk_linear_attention(q, k, v, beta=jnp.ones((1, 16, 1)), chunk_size=8,
+                                   scores="square")
+  # None and "auto" resolve to the XLA path (the default device's kernels cannot run it).
+  o, s = kernels.chunk_linear_attention(q, k, v, chunk_size=8, scores="square")
+  assert s.shape == (1, 1, 16, 4)
+  assert kernels.linear_attention.resolve_backend("auto", q, v, scores="square") == "xla"
 
 
 @pytest.mark.parametrize("backend", ["gpu", "tpu"])

@@ -373,9 +373,17 @@ def test_linear_layer_matches_float64(variant, fmap, short_conv, heads):
 def test_linear_layer_grads_match_float64(variant, fmap, short_conv):
   cfg, layer = _linear_layer(variant, fmap, short_conv, 4)
   x = jax.random.normal(jax.random.key(13), (1, 16, cfg.d_model))
+  errs = _grad_errors(cfg, layer, x)
+  assert errs.pop("x") < TOL
+  for name, err in errs.items():
+    assert err < 2 * TOL, name
+
+
+def _grad_errors(cfg, layer, x):
+  """``{"x" or parameter name: rel_err}`` of the layer's gradients (of ``sum(y * ct)``, ``ct``
+  random) against those of ``_linear_layer_ref`` in float64."""
   ctx = make_context(cfg)
   ct = jax.random.normal(jax.random.key(14), x.shape)
-
   graphdef, state = nnx.split(layer)
 
   def loss_layer(x, state):
@@ -388,6 +396,47 @@ def test_linear_layer_grads_match_float64(variant, fmap, short_conv):
   want = refs.f64(
       jax.grad(lambda x, ct, *ps: jnp.sum(_linear_layer_ref(dict(zip(names, ps)), x, cfg, 1) * ct),
                argnums=(0,) + tuple(range(2, 2 + len(names)))), x, ct, *[p[k] for k in names])
-  assert rel_err(gx, want[0]) < TOL
-  for name, want_g in zip(names, want[1:]):
-    assert rel_err(gs[name], want_g) < 2 * TOL, name
+  return {"x": rel_err(gx, want[0]),
+          **{name: rel_err(gs[name], want_g) for name, want_g in zip(names, want[1:])}}
+
+
+def _rebased_qk_ref(p, x_D, head, f):
+  """ReBased's ``q~, k~`` of one token and head in float64 (no short conv), from the parameters."""
+  def ln(y):
+    mu = np.mean(y)
+    return (y - mu) / np.sqrt(np.mean((y - mu) ** 2) + 1e-5) * p["fm_gamma"][head] + \
+        p["fm_beta"][head]
+  return ln(x_D @ p["w_q"][:, head] / np.sqrt(f)), ln(x_D @ p["w_k"][:, head])
+
+
+def test_rebased_tiny_normaliser_grads_match_float64():
+  """Token 1's normaliser ``(q~1.k~0)^2 + (q~1.k~1)^2`` at 3e-6 (x_1 solved for both scores at
+  ``sqrt(1.5e-6)``, q~1 nearly orthogonal to both keys): the output is the two values weighted
+  by the ratio of the scores. Scored as a float32 dot of the F^2 features (each score's error
+  ~eps / cos^2) the gradients were off by 1.6e-2 (x), 2.5e-2 (fm_gamma); squaring ``q~ . k~``
+  (``scores="square"``) gives 4.4e-5 and 6e-5, the float32 rounding of q~, k~ themselves. (A
+  first token alone is harmless: its output is v_0 times a factor that the RMSNorm removes.)"""
+  cfg, layer = _linear_layer("rebased", "swish", 0, 4)
+  p = {name: np.asarray(v, np.float64) for name, v in _params(layer).items()}
+  f = cfg.linear.feature_dim
+  x = np.array(jax.random.normal(jax.random.key(13), (1, 16, cfg.d_model)), np.float64)
+  k0 = _rebased_qk_ref(p, x[0, 0], 0, f)[1]
+  score = np.sqrt(1.5e-6)
+
+  def residual(x1):
+    q1, k1 = _rebased_qk_ref(p, x1, 0, f)
+    return np.array([q1 @ k0 - score, q1 @ k1 - score])
+
+  x1 = x[0, 1]
+  for _ in range(20):  # Gauss-Newton (least-norm steps) on the two scores, finite differences
+    r = residual(x1)
+    jac = np.stack([(residual(x1 + 1e-7 * e) - r) / 1e-7 for e in np.eye(x1.size)], axis=1)
+    x1 = x1 - np.linalg.lstsq(jac, r, rcond=None)[0]
+  x[0, 1] = x1
+  x = jnp.asarray(x, jnp.float32)
+  q1, k1 = _rebased_qk_ref(p, np.asarray(x[0, 1], np.float64), 0, f)
+  k0 = _rebased_qk_ref(p, np.asarray(x[0, 0], np.float64), 0, f)[1]
+  normaliser = (q1 @ k0) ** 2 + (q1 @ k1) ** 2
+  assert 2e-6 < normaliser < 4e-6, normaliser   # after x's rounding to float32
+  errs = _grad_errors(cfg, layer, x)
+  assert max(errs.values()) < 1e-3, errs

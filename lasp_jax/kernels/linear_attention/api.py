@@ -39,15 +39,17 @@ _PALLAS = {"tpu": pallas_tpu, "gpu": pallas_gpu}
 default_backend = dispatch.default_backend
 
 
-def resolve_backend(backend, q, v, log_decay=None, chunk_size=64) -> str:
+def resolve_backend(backend, q, v, log_decay=None, chunk_size=64, scores="dot") -> str:
   """The lowering for these inputs. ``"auto"``/None: what ``lasp_jax.kernels.dispatch`` measured fastest
   on the default device, if that is a Pallas kernel that can tile them (head dims, chunk size,
-  dtype, decay form), else the XLA path; an explicit backend is returned as is (and raises later
-  if it cannot tile them)."""
+  dtype, decay form, ``scores="dot"``), else the XLA path; an explicit backend is returned as is
+  (and raises later if it cannot tile them)."""
   if backend not in (None, "auto"):
     if backend not in BACKENDS:
       raise ValueError(f"backend must be one of {('auto',) + BACKENDS} or None, got {backend!r}")
     return backend
+  if scores == "square":  # only the XLA path computes the square scores
+    return "xla"
   backend = dispatch.auto_backend("linear_attention")
   module = _PALLAS.get(backend)
   if module is None or (log_decay is not None and log_decay.ndim == 4):
@@ -187,8 +189,10 @@ def reset_log_decay(log_decay, segment_ids, heads):
 
 
 def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None, scale=1.0,
-                    segment_ids=None):
-  """Checks the input contract (module docstring); raises ValueError/TypeError naming the value."""
+                    segment_ids=None, scores="dot"):
+  """Checks the input contract (module docstring); raises ValueError/TypeError naming the value.
+  ``scores="square"``: the state's key dimension is ``Dk * Dk`` and the decay not per channel."""
+  reference.check_scores(scores)
   for name, x in (("q", q), ("k", k), ("v", v)):
     check_float_array(name, x, "(B, N, H, D)")
     _check_not_float64(name, x)
@@ -198,6 +202,7 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
     raise ValueError(f"v must share (B, N, H) with q, got v {v.shape} and q {q.shape}")
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
+  ds = reference.state_key_dim(dk, scores)
   check_scale(scale)
   if log_decay is not None:
     allowed = {1: (h,), 3: (bsz, n, h), 4: (bsz, n, h, dk)}
@@ -209,11 +214,15 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
     if not jnp.issubdtype(log_decay.dtype, jnp.floating):
       raise TypeError(f"log_decay must be a float array, got dtype {log_decay.dtype}")
     _check_not_float64("log_decay", log_decay)
+    if scores == "square" and log_decay.ndim == 4:
+      raise ValueError("scores='square' takes a log_decay of shape (H,) or (B, N, H), not a "
+                       "per-channel one: its state's channels are pairs of q, k channels")
     if not isinstance(log_decay, jax.core.Tracer):
       check_log_decay(log_decay)
   if initial_state is not None:
-    if tuple(initial_state.shape) != (bsz, h, dk, dv):
-      raise ValueError(f"initial_state must have shape (B, H, Dk, Dv)={(bsz, h, dk, dv)}, "
+    if tuple(initial_state.shape) != (bsz, h, ds, dv):
+      what = "Dk * Dk" if scores == "square" else "Dk"
+      raise ValueError(f"initial_state must have shape (B, H, {what}, Dv)={(bsz, h, ds, dv)}, "
                        f"got {tuple(initial_state.shape)}")
     _check_not_float64("initial_state", initial_state)
   check_segment_ids(segment_ids, (bsz, n))
@@ -224,7 +233,8 @@ def validate_inputs(q, k, v, log_decay=None, initial_state=None, chunk_size=None
 
 
 def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
-                           segment_ids=None, chunk_size=64, backend=None, interpret=None):
+                           segment_ids=None, chunk_size=64, backend=None, interpret=None,
+                           scores="dot"):
   """Causal chunked linear attention (design §2-3) on one device.
 
   Args:
@@ -239,17 +249,25 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
       mask is causal and same-document); realised as an exact ``-inf`` decay at each start
       (``reset_log_decay``), so the Pallas kernels serve packed inputs too.
     chunk_size: tokens per chunk; must divide N.
-    backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device).
+    backend: ``"xla"``, ``"tpu"``, ``"gpu"`` or None (from the default device; ``"xla"`` with
+      ``scores="square"``).
     interpret: run Pallas kernels in interpret mode (CPU testing); None means "when not on
       the backend's own hardware" (so ``backend="gpu"`` on a CPU-only host runs the GPU kernels
       in the interpreter).
+    scores: ``"dot"`` (``o_i = scale q_i S_i``) or ``"square"``: the op on
+      ``reference.square_features`` of q and k (``vec(x x^T)``, so the kernel is ``(q . k)^2``,
+      ReBased's), the state ``(B, H, Dk * Dk, Dv)`` over ``vec(k k^T)`` and ``scale``
+      multiplying the features of q (None: ``1 / Dk``); the in-chunk scores come from the
+      ``Dk``-wide vectors, which keeps small ones accurate (``chunk_linear_attention_xla``). XLA
+      path only; the decay per token or per head.
 
   Returns:
-    ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32.
+    ``(o, final_state)``: ``o (B, N, H, Dv)`` in q's dtype, ``final_state (B, H, Dk, Dv)`` float32
+    (``Dk * Dk`` with ``scores="square"``).
 
   Raises:
     ValueError: bad shapes (design §1), a concrete positive log-decay, ``chunk_size`` not a
-      positive int or not dividing N, or (Pallas
+      positive int or not dividing N, ``scores="square"`` with a Pallas backend, or (Pallas
       backends) a chunk size or head dim the backend cannot tile: ``"gpu"`` needs powers of two
       >= 16 (and arrays under 2**31 elements: int32 offsets), ``"tpu"`` a chunk size that is a
       multiple of 8 (float32) or 16 (bfloat16); other head dims are zero-padded to 128 lanes.
@@ -260,18 +278,22 @@ def chunk_linear_attention(q, k, v, log_decay=None, *, scale=1.0, initial_state=
   intra-chunk weights need either a ``(c, c, Dk)`` tensor per chunk or the factorisation
   ``e^{b_i} e^{-b_j}``, which overflows for strong decays; the XLA path uses small sub-chunks.
   """
-  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids)
-  scale = reference.resolve_scale(scale, q.shape[-1])
+  validate_inputs(q, k, v, log_decay, initial_state, chunk_size, scale, segment_ids, scores)
+  scale = reference.resolve_scale(scale, reference.state_key_dim(q.shape[-1], scores))
   if segment_ids is not None:
     log_decay = reset_log_decay(log_decay, segment_ids, q.shape[2])
-  backend = default_backend() if backend is None else backend
+  if backend is None:
+    backend = "xla" if scores == "square" else default_backend()
   if backend not in BACKENDS:
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
   module = _PALLAS.get(backend)
+  if module is not None and scores == "square":
+    raise ValueError(f"scores='square' runs on the XLA path only, got backend={backend!r}")
   per_channel = log_decay is not None and log_decay.ndim == 4
   if module is None or per_channel:
     return reference.chunk_linear_attention_xla(
-        q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size)
+        q, k, v, log_decay, scale=scale, initial_state=initial_state, chunk_size=chunk_size,
+        scores=scores)
   if interpret is None:
     interpret = not _on_hardware(backend)
   block_sizes = dataclasses.replace(module.DEFAULT_BLOCK_SIZES, chunk_size=chunk_size)

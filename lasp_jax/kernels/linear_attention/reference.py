@@ -52,6 +52,28 @@ LOG_DECAY_FLOOR = -1e4
 # never reaches past a reset (:func:`nonfinite_marks`; the Pallas kernels select on it).
 RESET_LOG_DECAY = -88.0
 
+# How the op scores a query against a key (``chunk_linear_attention``'s ``scores``): ``"dot"``,
+# ``q . k`` with the state over k; ``"square"``, ``(q . k)^2`` with the state over
+# ``square_features(k)`` (ReBased's kernel).
+SCORES = ("dot", "square")
+
+
+def check_scores(scores):
+  """Raises ValueError unless ``scores`` is one of :data:`SCORES`."""
+  if scores not in SCORES:
+    raise ValueError(f"scores must be one of {SCORES}, got {scores!r}")
+
+
+def square_features(x):
+  """``vec(x x^T)`` over the last axis (``D -> D * D``, entry ``a * D + b`` is ``x_a x_b``): the
+  feature map with ``square_features(q) . square_features(k) = (q . k)^2``."""
+  return (x[..., :, None] * x[..., None, :]).reshape(*x.shape[:-1], -1)
+
+
+def state_key_dim(dk, scores):
+  """The state's key dimension for q, k of width ``dk``: ``dk``, or ``dk * dk`` (``"square"``)."""
+  return dk * dk if scores == "square" else dk
+
 
 def clamp_log_decay(g):
   """``max(g, LOG_DECAY_FLOOR)`` in float32: -inf (a reset) becomes finite; NaN stays NaN.
@@ -276,27 +298,41 @@ def _from_chunks(x_BxHxNCxCxD):
 
 
 def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
-                               chunk_size=64):
+                               chunk_size=64, scores="dot"):
   """Causal linear attention, chunked, differentiable by autodiff.
 
   Args:
     q, k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``; any float dtype.
     log_decay: None, ``(H,)``, ``(B, N, H)`` or ``(B, N, H, Dk)``, entries in ``[-inf, 0]``
-      (``-inf``: a reset; exact, see the module docstring).
-    scale: multiplies q; None means ``Dk ** -0.5``.
-    initial_state: None or ``(B, H, Dk, Dv)``.
+      (``-inf``: a reset; exact, see the module docstring); ``scores="square"`` takes the first
+      three.
+    scale: multiplies q (``"square"``: its features); None means ``Ds ** -0.5``, ``Ds`` the
+      state's key dimension (:func:`state_key_dim`).
+    initial_state: None or ``(B, H, Ds, Dv)``.
     chunk_size: tokens per chunk; must divide N (checked by the public entry points).
+    scores: ``"dot"``, or ``"square"``: the op on ``square_features`` of q and k, whose state
+      is ``(B, H, Dk * Dk, Dv)``, with the in-chunk scores computed as ``(q_i . k_j)^2`` from the
+      ``Dk``-wide vectors (see the code for why).
 
   Returns:
-    ``o: (B, N, H, Dv)`` in q's dtype and the final state ``(B, H, Dk, Dv)`` in float32.
+    ``o: (B, N, H, Dv)`` in q's dtype and the final state ``(B, H, Ds, Dv)`` in float32.
 
-  Non-finite inputs: module docstring (the op runs on their finite part, then marks).
+  Non-finite inputs: module docstring (the op runs on their finite part, then marks; with
+  ``"square"`` a non-finite ``k_j[a]`` reaches the state's rows ``(a, *)`` and ``(*, a)``).
   """
+  check_scores(scores)
+  square = scores == "square"
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
-  scale = resolve_scale(scale, dk)
+  ds = state_key_dim(dk, scores)
+  scale = resolve_scale(scale, ds)
   g = per_token_log_decay(log_decay, bsz, n, h)
-  raw = (q, k, v, g, initial_state)     # for the marks of non-finite entries (module docstring)
+  if square and g is not None and g.shape[-1] > 1:
+    raise ValueError("scores='square' takes a log_decay of shape (H,) or (B, N, H), not a "
+                     "per-channel one: its state's channels are pairs of q, k channels")
+  # For the marks of non-finite entries (module docstring): with "square" on k's features, whose
+  # non-finite entries are exactly the state rows that a non-finite k reaches.
+  raw = (q, square_features(k) if square else k, v, g, initial_state)
   q, k, v = finite_values(q), finite_values(k), finite_values(v)
   g = finite_log_decay(g)
   initial_state = None if initial_state is None else finite_values(initial_state)
@@ -304,13 +340,29 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
   if g is not None and g.shape[-1] > 1:
     c = max(d for d in range(1, min(chunk_size, PER_CHANNEL_SUBCHUNK) + 1) if chunk_size % d == 0)
   f32 = jnp.float32
-  q_c = _to_chunks(q.astype(f32) * scale, c)
+  q_c = _to_chunks(q.astype(f32), c)
   k_c = _to_chunks(k.astype(f32), c)
   v_c = _to_chunks(v.astype(f32), c)
   causal = jnp.tril(jnp.ones((c, c), dtype=bool))
 
+  if square:
+    # (q . k)^2 from the Dk-wide vectors, not the dot of the Dk^2 features: that one sums
+    # q_a q_b k_a k_b, whose terms cancel down to the result when q and k are nearly orthogonal,
+    # so its relative error is ~eps / cos^2(q, k); ReBased divides by a sum of such scores (its
+    # normaliser), tiny at a document's first tokens when their q is nearly orthogonal to the
+    # keys so far. Squaring the Dk-wide dot leaves eps / cos, the conditioning of q and k.
+    # HIGHEST: a TPU's default float32 matmul rounds to bfloat16. The state (inter-chunk part,
+    # chunk states) keeps the features.
+    qk = scale * jnp.square(jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c,
+                                       precision=jax.lax.Precision.HIGHEST))
+    q_c, k_c = scale * square_features(q_c), square_features(k_c)
+  else:
+    q_c = q_c * scale
+    qk = None if g is not None and g.shape[-1] > 1 else jnp.einsum(
+        "bhnid,bhnjd->bhnij", q_c, k_c)
+
   if g is None:
-    scores = jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c)
+    scores_ij = qk
     chunk_decay = None
     q_in, k_in = q_c, k_c
   else:
@@ -320,18 +372,18 @@ def chunk_linear_attention_xla(q, k, v, log_decay=None, *, scale=1.0, initial_st
     chunk_decay = jnp.exp(jnp.sum(g_c, axis=3))          # (B, H, NC, Dg)
     log_w = pairwise_log_decay(g_c, axis=3)              # (B, H, NC, C, C, Dg): sum_{j<u<=i} g_u
     if g.shape[-1] == 1:
-      scores = jnp.einsum("bhnid,bhnjd->bhnij", q_c, k_c) * masked_exp(log_w[..., 0], causal)
+      scores_ij = qk * masked_exp(log_w[..., 0], causal)
     else:
-      scores = jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", q_c, k_c,
-                          masked_exp(log_w, causal[..., None]))
+      scores_ij = jnp.einsum("bhnid,bhnjd,bhnijd->bhnij", q_c, k_c,
+                             masked_exp(log_w, causal[..., None]))
     q_in = q_c * jnp.exp(b_in)
     k_in = k_c * jnp.exp(to_end)
-  scores = jnp.where(causal, scores, 0.0)
-  o_intra = jnp.einsum("bhnij,bhnjd->bhnid", scores, v_c)
+  scores_ij = jnp.where(causal, scores_ij, 0.0)
+  o_intra = jnp.einsum("bhnij,bhnjd->bhnid", scores_ij, v_c)
 
   # Each chunk's own contribution to the state at its end, then a scan carries states across chunks.
   chunk_states = jnp.einsum("bhnjk,bhnjv->nbhkv", k_in, v_c)
-  s0 = (jnp.zeros((bsz, h, dk, dv), f32) if initial_state is None
+  s0 = (jnp.zeros((bsz, h, ds, dv), f32) if initial_state is None
         else initial_state.astype(f32))
   s0 = match_vma(s0, chunk_states)
 
