@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.flax import load_file
 
 from lasp_jax import models
 from lasp_jax.models import hf
@@ -89,6 +90,36 @@ def test_export_is_bit_exact_and_round_trips(model, tmp_path):
                               nnx.to_flat_state(nnx.state(again))):
     assert pa == pb
     np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(pa))
+
+
+def test_bfloat16_checkpoint_in_and_out(model, tmp_path):
+  """A bfloat16 export stores every tensor as the bf16 rounding of ours; read back as bfloat16
+  params it is those tensors exactly, as float32 params their exact widening; and a bf16 model's
+  own export is bit-exact with the file it came from."""
+  out = tmp_path / "bf16"
+  hf.to_hf(model, str(out), dtype="bfloat16")
+  want, _ = variants.read_safetensors(CKPT / "model.safetensors")
+  got = load_file(str(out / "model.safetensors"))   # flax: numpy has no bfloat16
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+  for name, val in want.items():
+    assert got[name].dtype == jnp.bfloat16, name
+    np.testing.assert_array_equal(np.asarray(got[name], np.float32),
+                                  np.asarray(jnp.asarray(val, jnp.bfloat16), np.float32),
+                                  err_msg=name)
+  ours = {str(p): np.asarray(x[...]) for p, x in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  for dtype in ("bfloat16", "float32"):
+    back = hf.from_hf(str(out), chunk_size=8, param_dtype=dtype)
+    assert back.config.param_dtype == dtype
+    for p, x in nnx.to_flat_state(nnx.state(back, nnx.Param)):
+      assert x[...].dtype == jnp.dtype(dtype), p
+      np.testing.assert_array_equal(
+          np.asarray(x[...], np.float32),
+          np.asarray(jnp.asarray(ours[str(p)], jnp.bfloat16), np.float32), err_msg=str(p))
+  again = tmp_path / "again"
+  hf.to_hf(hf.from_hf(str(out), chunk_size=8, param_dtype="bfloat16"), str(again))
+  for name, val in load_file(str(again / "model.safetensors")).items():
+    assert val.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(val, np.float32), np.asarray(got[name], np.float32))
 
 
 def test_sharded_and_wrapped_layouts(model, ref, tmp_path):
