@@ -328,21 +328,30 @@ def _same(name, path):
   return _Tensor(name, (path,), lambda w: (w,), lambda x: x)
 
 
-def _tensor_map(cfg: ModelConfig, prefix: str = "model.") -> list[_Tensor]:
-  """Every tensor of a Qwen3.5 checkpoint of ``cfg`` (text weights under ``prefix``)."""
-  out = [_same(f"{prefix}embed_tokens.weight", ("embed",)),
-         _same(f"{prefix}norm.weight", ("final_norm", "weight"))]
+def _model_tensors(cfg: ModelConfig, embed: str, final_norm: str) -> list[_Tensor]:
+  """The embedding, the final norm and (untied) the output head: every layout's, by its names."""
+  out = [_same(embed, ("embed",)), _same(final_norm, ("final_norm", "weight"))]
   if not cfg.tie_embeddings:
     out.append(_linear("lm_head.weight", ("lm_head",)))
+  return out
+
+
+def _block_tensors(pre: str, me: tuple, attn_norm: str, mlp_norm: str) -> list[_Tensor]:
+  """A layer's two norms (by the layout's names) and its SwiGLU MLP (the same in every layout)."""
+  return [_same(pre + attn_norm, me + ("attn_norm", "weight")),
+          _same(pre + mlp_norm, me + ("mlp_norm", "weight")),
+          *(_linear(pre + f"mlp.{w}_proj.weight", me + ("mlp", f"w_{w}"))
+            for w in ("gate", "up", "down"))]
+
+
+def _tensor_map(cfg: ModelConfig, prefix: str = "model.") -> list[_Tensor]:
+  """Every tensor of a Qwen3.5 checkpoint of ``cfg`` (text weights under ``prefix``)."""
+  out = _model_tensors(cfg, f"{prefix}embed_tokens.weight", f"{prefix}norm.weight")
   hk, hv = cfg.num_heads, cfg.linear_value_heads
   kd, h = hk * cfg.linear_key_dim, cfg.softmax_heads
   for i, kind in enumerate(cfg.layer_kinds):
     pre, me = f"{prefix}layers.{i}.", ("layers", i)
-    out += [_same(pre + "input_layernorm.weight", me + ("attn_norm", "weight")),
-            _same(pre + "post_attention_layernorm.weight", me + ("mlp_norm", "weight")),
-            _linear(pre + "mlp.gate_proj.weight", me + ("mlp", "w_gate")),
-            _linear(pre + "mlp.up_proj.weight", me + ("mlp", "w_up")),
-            _linear(pre + "mlp.down_proj.weight", me + ("mlp", "w_down"))]
+    out += _block_tensors(pre, me, "input_layernorm.weight", "post_attention_layernorm.weight")
     att = me + ("attn",)
     if kind == "linear":
       pre += "linear_attn."
@@ -399,18 +408,11 @@ def _conv(name, path, heads):
 
 def _fla_tensor_map(cfg: ModelConfig) -> list[_Tensor]:
   """Every tensor of an fla ``GatedDeltaNetForCausalLM`` checkpoint of ``cfg``."""
-  out = [_same("model.embeddings.weight", ("embed",)),
-         _same("model.norm.weight", ("final_norm", "weight"))]
-  if not cfg.tie_embeddings:
-    out.append(_linear("lm_head.weight", ("lm_head",)))
+  out = _model_tensors(cfg, "model.embeddings.weight", "model.norm.weight")
   hk, hv = cfg.num_heads, cfg.linear_value_heads
   for i, kind in enumerate(cfg.layer_kinds):
     pre, me = f"model.layers.{i}.", ("layers", i)
-    out += [_same(pre + "attn_norm.weight", me + ("attn_norm", "weight")),
-            _same(pre + "mlp_norm.weight", me + ("mlp_norm", "weight")),
-            _linear(pre + "mlp.gate_proj.weight", me + ("mlp", "w_gate")),
-            _linear(pre + "mlp.up_proj.weight", me + ("mlp", "w_up")),
-            _linear(pre + "mlp.down_proj.weight", me + ("mlp", "w_down"))]
+    out += _block_tensors(pre, me, "attn_norm.weight", "mlp_norm.weight")
     pre, att = pre + "attn.", me + ("attn",)
     if kind == "softmax":
       out += [_linear(pre + "q_proj.weight", att + ("w_q",), heads=cfg.softmax_heads),

@@ -85,10 +85,10 @@ def _check(backend, q, k, v, g, s0, chunk, tol, segment_ids=None, scores="dot"):
     # The per-head decay's own cases: packed documents and the bf16 gradient (gpu), hard resets
     # (tpu) run by default; these are slow.
     pytest.param("gpu", "head", 32, 96, marks=pytest.mark.slow),
-    ("gpu", "token", 16, 64),
+    pytest.param("gpu", "token", 16, 64, marks=pytest.mark.slow),
     ("tpu", "none", 16, 48),
     pytest.param("tpu", "head", 8, 32, marks=pytest.mark.slow),
-    ("tpu", "token", 16, 48),
+    pytest.param("tpu", "token", 16, 48, marks=pytest.mark.slow),
 ])
 def test_float32_forward_state_and_grads(backend, decay, chunk, n):
   d = HEAD_DIM[backend]
@@ -243,7 +243,8 @@ def test_lowers_for_the_real_hardware(backend, platform, target):
   assert exported.mlir_module().count(target.split("$")[-1]) >= 3   # fwd, dq, dkv
 
 
-@pytest.mark.parametrize("dk, dv", [(64, 128), (128, 96), (16, 40)])
+@pytest.mark.parametrize("dk, dv", [
+    pytest.param(64, 128, marks=pytest.mark.slow), (128, 96), (16, 40)])
 def test_tpu_head_dims_off_the_lane_tiling(dk, dv):
   """Head dims that are not multiples of 128 (zero-padded to one, exact) on the TPU kernels:
   forward, final state and every gradient against the float64 recurrence."""
@@ -317,9 +318,10 @@ DOC_STARTS = (16, 20, 21, 23, 26, 31, 33, 48)
 
 # Segment ids turn "none" into a per-token decay inside the kernels: the "none" case is slow.
 @pytest.mark.parametrize("backend, decay", [
-    ("xla", "token"), ("gpu", "head"), ("gpu", "token"), ("tpu", "token"),
+    ("xla", "token"), ("gpu", "token"), ("tpu", "token"),
     *(pytest.param(b, d, marks=pytest.mark.slow) for b, d in (
-        ("xla", "none"), ("gpu", "none"), ("tpu", "none"), ("xla", "head"), ("tpu", "head")))])
+        ("xla", "none"), ("gpu", "none"), ("tpu", "none"), ("xla", "head"), ("gpu", "head"),
+        ("tpu", "head")))])
 def test_packed_documents_restart_the_state(backend, decay):
   """Segment ids in the kernels: the state restarts at every start (in-chunk mask causal and
   same-document, carried state reset), the initial state feeds only the first document; forward,
@@ -354,9 +356,10 @@ def _hard_gate_data(backend, gate, form):
   return q, k, v, g.at[:, RESET_TOKENS].set(HARD_GATES[gate]), s0
 
 
-@pytest.mark.parametrize("gate", [
-    g if g in ("-inf", "-1e9") else pytest.param(g, marks=pytest.mark.slow) for g in HARD_GATES])
-@pytest.mark.parametrize("backend", ["xla", "gpu", "tpu"])
+@pytest.mark.parametrize("backend, gate", [
+    (b, g) if g == "-inf" or (g, b) == ("-1e9", "xla")
+    else pytest.param(b, g, marks=pytest.mark.slow)
+    for b in ("xla", "gpu", "tpu") for g in HARD_GATES])
 def test_hard_reset_gate_is_exact(backend, gate):
   """Very negative log-decays are exact (no cancellation of in-chunk prefix sums), -inf is an exact
   reset (no NaN), forward, final state and gradients (dg = 0 at -inf, its exact value)."""

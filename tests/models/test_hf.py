@@ -8,7 +8,6 @@ end re-runs transformers when it is importable.
 
 import json
 import pathlib
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -139,18 +138,8 @@ def test_sharded_and_wrapped_layouts(model, ref, tmp_path):
   np.testing.assert_array_equal(logits(m, ref["input_ids"][:1]), want)
 
 
-def _broken(tmp_path, edit_tensors=None, edit_config=None):
-  dst = tmp_path / "broken"
-  shutil.copytree(CKPT, dst)
-  if edit_tensors:
-    tensors, meta = variants.read_safetensors(dst / "model.safetensors")
-    edit_tensors(tensors)
-    variants.write_safetensors(dst / "model.safetensors", tensors, meta)
-  if edit_config:
-    cfg = json.loads((dst / "config.json").read_text())
-    edit_config(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-  return str(dst)
+def _broken(tmp_path, **edits):
+  return variants.broken_copy(CKPT, tmp_path, **edits)
 
 
 @pytest.mark.parametrize("case, needle", [

@@ -9,7 +9,6 @@ live test at the end runs fla the same way on an export when fla is importable.
 
 import json
 import pathlib
-import shutil
 import types
 
 import jax
@@ -22,6 +21,7 @@ from lasp_jax import models
 from lasp_jax.models import hf, llama
 from lasp_jax.sequence_parallel.layout import unzigzag, zigzag
 from tests.fixtures import hf_checkpoint_variants as variants
+from tests.models.test_hf import logits, rel
 
 
 FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
@@ -41,12 +41,6 @@ def model():
   return hf.from_hf(str(CKPT), chunk_size=8)
 
 
-def rel(got, want):
-  return float(np.max(np.abs(np.asarray(got, np.float64) - want)) / np.max(np.abs(want)))
-
-
-def logits(model, ids):
-  return np.asarray(jax.jit(lambda m, x: m(x))(model, jnp.asarray(ids, jnp.int32)))
 
 
 def params(model):
@@ -125,18 +119,8 @@ def test_made_here_round_trips_without_conv_or_softmax(tmp_path):
     np.testing.assert_array_equal(again[path], val, err_msg=str(path))
 
 
-def _broken(tmp_path, edit_config=None, edit_tensors=None):
-  dst = tmp_path / "broken"
-  shutil.copytree(CKPT, dst)
-  if edit_tensors:
-    tensors, meta = variants.read_safetensors(dst / "model.safetensors")
-    edit_tensors(tensors)
-    variants.write_safetensors(dst / "model.safetensors", tensors, meta)
-  if edit_config:
-    cfg = json.loads((dst / "config.json").read_text())
-    edit_config(cfg)
-    (dst / "config.json").write_text(json.dumps(cfg))
-  return str(dst)
+def _broken(tmp_path, **edits):
+  return variants.broken_copy(CKPT, tmp_path, **edits)
 
 
 @pytest.mark.parametrize("case, needle", [
