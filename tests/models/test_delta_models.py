@@ -239,15 +239,14 @@ def test_flops_per_token_of_the_delta_rule():
 @pytest.mark.slow   # the exchanges are compared directly in test_exchange.py
 def test_scan_exchange_model_equals_allgather_model():
   """``ModelConfig.runtime.exchange="scan"`` changes how LASP-2 combines summaries, not the logits."""
-  import dataclasses
   cfg = models.get_config("tiny_gdn_hybrid").replace(layout="zigzag")
   mesh = jax.make_mesh((8,), ("sp",))
   tokens = jax.random.randint(jax.random.PRNGKey(0), (2, 256), 0, cfg.vocab_size)
   out = {}
   for exchange in ("allgather", "scan"):
     with jax.set_mesh(mesh):
-      model = models.create_model(dataclasses.replace(cfg, exchange=exchange), mesh=mesh)
+      model = models.create_model(cfg.replace(exchange=exchange), mesh=mesh)
       out[exchange] = np.asarray(nnx.jit(lambda m, t: m(t))(model, tokens))
   np.testing.assert_allclose(out["scan"], out["allgather"], rtol=2e-5, atol=2e-5)
   with pytest.raises(ValueError, match="exchange must be one of"):
-    dataclasses.replace(cfg, exchange="ring")
+    cfg.replace(exchange="ring")
