@@ -226,7 +226,7 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
   initial = None
   if initial_state is not None:
     initial = (ref.finite_values(initial_state),
-               jnp.any(~_finite(initial_state), axis=-2).astype(f32))
+               jnp.any(~ref.is_finite(initial_state), axis=-2).astype(f32))
   incoming = []
 
   def prefix(local, send=None):
@@ -252,21 +252,17 @@ def lasp2(q, k, v, log_decay=None, *, axis_name, beta=None, causal=True, scale=1
   return (o, s_final) if return_final_state else o
 
 
-def _finite(x):
-  return jnp.abs(x.astype(jnp.float32)) <= jnp.finfo(jnp.float32).max
-
-
 @dataclasses.dataclass(frozen=True)
 class _SegmentMarks:
   """Where this shard's non-finite inputs reach, per segment ``(SB, ...)`` (design §13b).
 
-  ``o``: the outputs they reach from the segment's start (None: the inputs are finite, which is
-  only known at run time, so a ``lax.cond`` computes the marks only when some input is not);
-  ``open (SB, L, H)``: no reset at or before the token (what comes in reaches it); ``keep``,
-  ``end``: the segment's :class:`exchange_lib.Marked` leaves. ``bad``: any input non-finite.
+  ``o (SB, L, H, Dv)``: the outputs they reach from the segment's start (computed under a
+  ``lax.cond`` only when some input is non-finite, known only at run time); ``reset (SB, L, H)``:
+  the tokens that restart the state; ``keep``, ``end``: the segment's
+  :class:`exchange_lib.Marked` leaves; ``bad``: some input is non-finite.
   """
   o: jax.Array
-  open: jax.Array
+  reset: jax.Array
   keep: jax.Array
   end: jax.Array
   bad: jax.Array
@@ -275,13 +271,12 @@ class _SegmentMarks:
   def of(cls, q, k, v, g, beta, *, delta):
     nb, seg_len, heads, _ = q.shape
     g_tok = None if g is None else ref.per_token_log_decay(g, nb, seg_len, heads)
-    token_bad = None if beta is None else ~_finite(beta)
+    token_bad = None if beta is None else ~ref.is_finite(beta)
     if g_tok is None:
       reset = jnp.zeros((nb, seg_len, heads), bool)
     else:
       reset = jnp.all(g_tok <= ref.RESET_LOG_DECAY, axis=-1)
-    opened = jnp.cumsum(reset.astype(jnp.int32), axis=1) == 0
-    flags = [jnp.any(~_finite(x)) for x in (q, k, v)]
+    flags = [jnp.any(~ref.is_finite(x)) for x in (q, k, v)]
     flags += [jnp.any(x) for x in (token_bad, None if g is None else jnp.isnan(g))
               if x is not None]
     bad = functools.reduce(jnp.logical_or, flags)
@@ -295,8 +290,8 @@ class _SegmentMarks:
       return jnp.zeros_like(v, dtype=bool), jnp.zeros_like(v[:, 0], dtype=jnp.float32)
 
     o_mask, end = jax.lax.cond(bad, marked, clean)
-    keep = opened[:, -1][..., None].astype(jnp.float32)
-    return cls(o_mask, opened, keep, end, bad)
+    keep = (~jnp.any(reset, axis=1))[..., None].astype(jnp.float32)
+    return cls(o_mask, reset, keep, end, bad)
 
   def apply(self, o, s_final, bad_in):
     """``(o, s_final)`` of the finite computation, with NaN added where the marks say (the
@@ -304,21 +299,19 @@ class _SegmentMarks:
     is marked whole), and non-finite cotangents counted as 0 (as the kernels' ops).
     ``s_final``: the exchange's ``(state, bad)``, or None when the caller does not want it (its
     marks would otherwise keep the final state's all-reduce alive)."""
-    s_state, s_bad = (jnp.zeros((0,)), None) if s_final is None else s_final
+    def marked_o():
+      opened = jnp.cumsum(self.reset.astype(jnp.int32), axis=1) == 0   # no reset up to here
+      o_mask = self.o | (opened[..., None] & (bad_in[:, None] > 0))
+      return ref.add_nan(o.astype(jnp.float32), o_mask).astype(o.dtype)
 
-    def marked():
-      o_mask = self.o | (self.open[..., None] & (bad_in[:, None] > 0))
-      o_marked = ref.add_nan(o.astype(jnp.float32), o_mask).astype(o.dtype)
-      if s_bad is None:
-        return o_marked, s_state
-      s_mask = jnp.broadcast_to(s_bad[..., None, :] > 0, s_state.shape)
-      return o_marked, ref.add_nan(s_state, s_mask)
-
-    any_bad = self.bad | jnp.any(bad_in > 0)
-    if s_bad is not None:
-      any_bad = any_bad | jnp.any(s_bad > 0)
-    out = ref.zero_nonfinite_cotangent(jax.lax.cond(any_bad, marked, lambda: (o, s_state)))
-    return out if s_final is not None else (out[0], None)
+    o = jax.lax.cond(self.bad | jnp.any(bad_in > 0), marked_o, lambda: o)
+    if s_final is not None:
+      state, bad = s_final
+      s_final = jax.lax.cond(
+          jnp.any(bad > 0),
+          lambda: ref.add_nan(state, jnp.broadcast_to(bad[..., None, :] > 0, state.shape)),
+          lambda: state)
+    return ref.zero_nonfinite_cotangent((o, s_final))
 
 
 def _diagonal_segments(q_s, k_s, v_s, g_s, prefix, split, scale, chunk_size, backend,

@@ -137,7 +137,7 @@ def solve_unit_lower(a, rhs):
   reach earlier rows), then every row from the first one holding a non-finite ``a`` or ``rhs``
   entry on is NaN, as the recurrence would make it.
   """
-  ok_a, ok_r = la_ref._is_finite(a), la_ref._is_finite(rhs)
+  ok_a, ok_r = la_ref.is_finite(a), la_ref.is_finite(rhs)
   sol = jnp.matmul(unit_lower_inverse(jnp.where(ok_a, a, 0.0)), jnp.where(ok_r, rhs, 0.0),
                    precision=HIGHEST)
   bad = ~(jnp.all(ok_a, axis=-1) & jnp.all(ok_r, axis=-1))            # (..., c)

@@ -198,7 +198,7 @@ def _state_step(s, k, v, decay, dtype):
 def nonfinite_flag(o):
   """``(1, 1)`` float32: 1 where the tile ``o`` holds a non-finite entry, else 0 (lane then
   sublane reductions, which Mosaic and Triton both lower)."""
-  bad = jnp.where(ref._is_finite(o), 0.0, 1.0)
+  bad = jnp.where(ref.is_finite(o), 0.0, 1.0)
   return jnp.max(jnp.max(bad, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
@@ -385,7 +385,7 @@ def _finite_inputs(q, k, v, g, s0):
 
 def _fwd(q, k, v, g, s0, cfg):
   o, s_final, flag = _forward(q, k, v, g, s0, cfg)
-  bad = jnp.any(flag > 0) | jnp.any(~ref._is_finite(s_final))
+  bad = jnp.any(flag > 0) | jnp.any(~ref.is_finite(s_final))
 
   def marked():   # some input is non-finite (module docstring); never runs otherwise
     o_mask, s_mask = ref.nonfinite_marks(q, k, v, None if g is None else g[..., None], s0)

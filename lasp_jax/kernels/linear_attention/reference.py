@@ -129,17 +129,17 @@ def mask_nonfinite_values(o, v, axis):
   """
   axis = axis % v.ndim
   rows = jax.lax.broadcasted_iota(jnp.int32, v.shape, axis).astype(jnp.float32)
-  first_bad = jnp.min(jnp.where(_is_finite(v), float(v.shape[axis]), rows), axis=axis,
+  first_bad = jnp.min(jnp.where(is_finite(v), float(v.shape[axis]), rows), axis=axis,
                       keepdims=True)
   return jnp.where(rows >= first_bad, jnp.nan, o)
 
 
 def finite_values(v):
   """``v`` with its non-finite entries replaced by 0 (see :func:`mask_nonfinite_values`)."""
-  return jnp.where(_is_finite(v), v, 0).astype(v.dtype)
+  return jnp.where(is_finite(v), v, 0).astype(v.dtype)
 
 
-def _is_finite(x):
+def is_finite(x):
   # A comparison rather than jnp.isfinite, which Mosaic may not lower; NaN compares False.
   return jnp.abs(x.astype(jnp.float32)) <= jnp.finfo(jnp.float32).max
 
@@ -170,9 +170,9 @@ def nonfinite_marks(q, k, v, g, initial_state, *, token_bad=None, state_mixes_ro
     where the initial state's column ``d`` is; the final state likewise (row ``c`` for
     ``k_j[c]`` unless ``state_mixes_rows``).
   """
-  bad_q = jnp.any(~_is_finite(q), axis=-1)
-  bad_k = ~_is_finite(k)
-  bad_v = ~_is_finite(v)
+  bad_q = jnp.any(~is_finite(q), axis=-1)
+  bad_k = ~is_finite(k)
+  bad_v = ~is_finite(v)
   bad_tok = jnp.zeros(q.shape[:3], bool) if token_bad is None else token_bad
   reset = jnp.zeros(q.shape[:3], bool)
   if g is not None:
@@ -194,7 +194,7 @@ def nonfinite_marks(q, k, v, g, initial_state, *, token_bad=None, state_mixes_ro
     s_mask = (since(bad_k)[:, -1][..., :, None] | since(bad_tok)[:, -1][..., None, None]
               | col[:, -1][..., None, :])
   if initial_state is not None:
-    bad_s0 = ~_is_finite(initial_state)                            # (B, H, Dk, Dv)
+    bad_s0 = ~is_finite(initial_state)                            # (B, H, Dk, Dv)
     bad_col = jnp.any(bad_s0, axis=-2)                              # (B, H, Dv)
     o_mask = o_mask | ((last_reset < 0)[..., None] & bad_col[:, None])
     s0_reach = bad_col[..., None, :] if state_mixes_rows else bad_s0
@@ -222,7 +222,7 @@ def mark_nonfinite_outputs(o, s_final, q, k, v, g, initial_state, *, token_bad=N
                                      state_mixes_rows=state_mixes_rows)
     return add_nan(o.astype(jnp.float32), o_mask).astype(o.dtype), add_nan(s_final, s_mask)
 
-  flags = [jnp.any(~_is_finite(x)) for x in (q, k, v, initial_state) if x is not None]
+  flags = [jnp.any(~is_finite(x)) for x in (q, k, v, initial_state) if x is not None]
   flags += [jnp.any(x) for x in (token_bad, None if g is None else jnp.isnan(g)) if x is not None]
   bad = functools.reduce(jnp.logical_or, flags)
   return zero_nonfinite_cotangent(jax.lax.cond(bad, marked, lambda: (o, s_final)))
@@ -241,7 +241,7 @@ def _zero_nonfinite_fwd(x):
 
 
 def _zero_nonfinite_bwd(_, ct):
-  return (jax.tree.map(lambda c: jnp.where(_is_finite(c), c, jnp.zeros_like(c)), ct),)
+  return (jax.tree.map(lambda c: jnp.where(is_finite(c), c, jnp.zeros_like(c)), ct),)
 
 
 zero_nonfinite_cotangent.defvjp(_zero_nonfinite_fwd, _zero_nonfinite_bwd)
