@@ -3,9 +3,11 @@
   PYTHONPATH=. python benchmarks/delta_stages.py               # the accelerator's main shape
   PYTHONPATH=. python benchmarks/delta_stages.py --small       # CPU: toy shape (a dry run)
 
-Stages (``lasp_jax.kernels.delta_rule`` module docstrings): 1. ``prepare`` (the WY solve per chunk, XLA);
+Stages (``lasp_jax.kernels.delta_rule`` module docstrings): 1. ``prepare`` (the WY solve per chunk,
+XLA, and the chunk-parallel Triton kernels);
 2. the sequential state pass (Pallas with bf16 operands, and XLA's scan); 3. the output, which is
-diagonal-decay linear attention of ``(q, k, u)`` (Pallas, and XLA); and the whole op. Each row is
+diagonal-decay linear attention of ``(q, k, u)`` (Pallas, and XLA); and the whole op (``gpu``: every
+stage on its kernels; ``auto``: as ``kernels.dispatch`` picks on this device). Each row is
 the VJP of the stage's outputs against fixed random cotangents. Imports only jax and numpy.
 """
 
@@ -39,8 +41,13 @@ def stages(shape, dtype, chunk, interpret):
   q, k, v, g, _ = _inputs(shape, dtype, "token", seed=0)
   k = (k / jnp.linalg.norm(k.astype(jnp.float32), axis=-1, keepdims=True)).astype(dtype)
   beta = jnp.full(q.shape[:3], 0.5, jnp.float32)
-  prep = lambda k, v, b, g: delta_api.prepare(k, v, b, g, chunk_size=chunk)  # noqa: E731
-  chunks = jax.jit(prep)(k, v, beta, g)
+  def prepare(backend):
+    def fn(k, v, b, g):
+      return delta_api.prepare(k, v, b, g, chunk_size=chunk, backend=backend,
+                               interpret=interpret if backend == "gpu" else None)
+    return fn
+
+  chunks = jax.jit(prepare("xla"))(k, v, beta, g)
   bsz, _, h, dk = q.shape
   s0 = jnp.zeros((bsz, h, dk, v.shape[-1]), jnp.float32)
   gamma = jnp.broadcast_to(chunks.gamma, chunks.gamma.shape)
@@ -64,16 +71,18 @@ def stages(shape, dtype, chunk, interpret):
   def whole(backend):
     def fn(q, k, v, beta, g):
       return delta_api.chunk_delta_rule(q, k, v, beta, g, chunk_size=chunk, backend=backend,
-                                        interpret=interpret if backend == "gpu" else None)
+                                        interpret=interpret if backend != "xla" else None)
     return fn
 
   cw = (chunks.w, chunks.u0, chunks.k_end, gamma)
-  yield "1 prepare (XLA)", prep, (k, v, beta, g)
+  yield "1 prepare (XLA)", prepare("xla"), (k, v, beta, g)
+  yield "1 prepare (Pallas)", prepare("gpu"), (k, v, beta, g)
   yield "2 state pass (Pallas bf16)", state_pass("gpu"), cw
   yield "2 state pass (XLA scan)", state_pass("xla"), cw
   yield "3 output (Pallas)", output("gpu"), (q, k, u, g)
   yield "3 output (XLA)", output("xla"), (q, k, u, g)
   yield "all (backend gpu)", whole("gpu"), (q, k, v, beta, g)
+  yield "all (backend auto)", whole("auto"), (q, k, v, beta, g)
   yield "all (backend xla)", whole("xla"), (q, k, v, beta, g)
 
 

@@ -8,12 +8,14 @@
 #      tokens/s and MFU                                                      -> $OUT/train.json
 #   c. benchmarks/gpu_report.py: both in the schema of issue 22             -> $OUT/kernels_gpu.json
 #      (REPORT_COPY=benchmarks/results/kernels_gpu.json: a copy there too)
+#   d. benchmarks/delta_stages.py: the delta rule's stages apart, the WY prepare's kernels beside
+#      its XLA solve, and the whole op on backends gpu, auto and xla         -> $OUT/delta_stages.json
 # Each stage is time-boxed with `timeout` and writes its JSON as it goes, so a slow compile still
 # leaves output; a stage that fails or times out does not stop the next.
 # SMALL=1 (or --small): toy sizes, on any machine (the CPU dry run of the whole script).
-# Budgets in seconds: KERNELS_TIMEOUT (230; KERNELS_DEADLINE, default 50 less: no new timing
+# Budgets in seconds: KERNELS_TIMEOUT (200; KERNELS_DEADLINE, default 50 less: no new timing
 # starts after it), TRAIN_TIMEOUT (210 for both configs, of which TRAIN_RESERVE, 85, is kept for
-# the second). Other knobs: ITERS (10), TRAIN_STEPS (5), TRAIN_BACKENDS (auto,xla), KERNELS_ARGS,
+# the second), DELTA_TIMEOUT (60). Other knobs: ITERS (10), TRAIN_STEPS (5), TRAIN_BACKENDS (auto,xla), KERNELS_ARGS,
 # TRAIN_ARGS (extra flags). The H200 compiled the GDN hybrid's step in 48 s (2026-12-04).
 set -uo pipefail
 [ "${1:-}" = "--small" ] && SMALL=1
@@ -27,7 +29,7 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 # A rerun on the same (still warm) machine skips the compiles of the first run.
 export JAX_COMPILATION_CACHE_DIR=${JAX_COMPILATION_CACHE_DIR:-/tmp/lasp_jax_compile_cache}
 
-KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-${BENCH_TIMEOUT:-230}}
+KERNELS_TIMEOUT=${KERNELS_TIMEOUT:-${BENCH_TIMEOUT:-200}}
 KERNELS_DEADLINE=${KERNELS_DEADLINE:-${DEADLINE:-$((KERNELS_TIMEOUT - 50))}}
 TRAIN_TIMEOUT=${TRAIN_TIMEOUT:-210}
 TRAIN_RESERVE=${TRAIN_RESERVE:-85}
@@ -81,3 +83,9 @@ python3 benchmarks/gpu_report.py --kernels "$OUT/kernels.json" --train "$OUT/tra
   --out "$OUT/kernels_gpu.json" ${REPORT_COPY:+--copy-to "$REPORT_COPY"} 2>&1 \
   | tee "$OUT/report.log"
 stage_done "c. report" "${PIPESTATUS[0]}"
+
+echo "== d. delta-rule stages (timeout ${DELTA_TIMEOUT:-60}s)"
+# shellcheck disable=SC2086
+timeout "${DELTA_TIMEOUT:-60}" python3 benchmarks/delta_stages.py $small_flag \
+  --iters "${ITERS:-10}" --out "$OUT/delta_stages.json" 2>&1 | tee "$OUT/delta_stages.log"
+stage_done "d. delta stages" "${PIPESTATUS[0]}"

@@ -349,8 +349,9 @@ def _sm90_exports(variants, shape):
   Linear attention: each block-size variant without and with a per-token decay, bf16, gradients
   of q, k, v, the decay and the initial state. The delta rule (Gated DeltaNet: per-token decay)
   through ``chunk_delta_rule(backend="gpu")``: bf16 inputs (bf16 dot operands in the state pass,
-  what models run) and float32 inputs (float32 IEEE operands, for comparison); only its state-pass
-  kernels are kept, its output stage being the linear-attention kernels with a per-token decay.
+  what models run) and float32 inputs (float32 IEEE operands, for comparison); only its WY-prepare
+  and state-pass kernels are kept, its output stage being the linear-attention kernels with a
+  per-token decay.
   """
   bsz, n, h, dk, dv = shape
   sds = jax.ShapeDtypeStruct
@@ -385,7 +386,7 @@ def _sm90_exports(variants, shape):
            delta_rule(chunk),
            (sds((bsz, n, h, dk), dtype), sds((bsz, n, h, dk), dtype), sds((bsz, n, h, dv), dtype),
             sds((bsz, n, h), dtype), g, s0),
-           lambda kernel: kernel.startswith("delta_state_pass"))
+           lambda kernel: kernel.startswith(("delta_state_pass", "delta_prepare")))
 
 
 def _find_ptxas():

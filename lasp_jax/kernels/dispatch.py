@@ -8,7 +8,8 @@ on CUDA cores: 10x slower than XLA, measured). Update an entry only from a side-
 
 Families:
 - ``"linear_attention"``: ``lasp_jax.kernels.linear_attention`` (and the delta rule's output stage);
-- ``"delta_state_pass"``: the delta rule's sequential state pass (``lasp_jax.kernels.delta_rule``).
+- ``"delta_state_pass"``: the delta rule's sequential state pass (``lasp_jax.kernels.delta_rule``);
+- ``"delta_prepare"``: the delta rule's chunk-parallel WY stage (GPU kernels only; TPU: XLA).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 BACKENDS = ("xla", "tpu", "gpu")   # what an explicit backend= may name; "auto" resolves here
-FAMILIES = ("linear_attention", "delta_state_pass")
+FAMILIES = ("linear_attention", "delta_state_pass", "delta_prepare")
 
 # (device-kind prefix, family) -> backend. Device kinds as jax.Device.device_kind prints them.
 TABLE = {
@@ -29,9 +30,14 @@ TABLE = {
     # scan 41.1 ms (both with the Pallas output stage; all-XLA 51.4 ms). The float32-operand
     # Pallas pass took 522.9 ms (shared/measurements/h200-2026-12-04.md): see _GPU_DTYPES.
     ("NVIDIA H200", "delta_state_pass"): "gpu",
+    # H200, 2026-12-04 (benchmarks/results/delta_stages.json): the WY stage in XLA takes 13.0 ms of
+    # the op's 26.2 ms fwd+bwd. Its Pallas kernels (pallas_gpu.prepare_chunks_gpu) have not run on
+    # a GPU yet: XLA until benchmarks/delta_stages.py measures them faster.
+    ("NVIDIA H200", "delta_prepare"): "xla",
     # Hopper like the H200 (same SMs, less bandwidth); the H200 figures are the only ones we have.
     ("NVIDIA H100", "linear_attention"): "gpu",
     ("NVIDIA H100", "delta_state_pass"): "gpu",
+    ("NVIDIA H100", "delta_prepare"): "xla",
 }
 
 _PLATFORM_DEFAULT = {

@@ -342,7 +342,7 @@ def _delta_segments(q_s, k_s, v_s, beta_s, g_s, prefix, split, scale, chunk_size
   segment's ``(M, E)`` summary (``Dk x Dk`` transition) through the exchange, then the state pass
   and the output from the incoming state."""
   with jax.named_scope("lasp2_delta_prepare"):
-    chunks = delta_api.prepare(k_s, v_s, beta_s, g_s, chunk_size=chunk_size)
+    chunks = delta_api.prepare(k_s, v_s, beta_s, g_s, chunk_size=chunk_size, backend=backend)
   with jax.named_scope("lasp2_state_exchange"):
     m, e = delta_ref.segment_summary(chunks)
     s_in, s_final = prefix(exchange_lib.DeltaSummary(split(m), split(e)))

@@ -209,7 +209,8 @@ def test_float64_beta_is_refused():
 
 @pytest.mark.parametrize("backend", ["gpu", pytest.param("tpu", marks=pytest.mark.slow)])
 def test_pallas_state_pass_and_output_kernels_match_xla(backend):
-  """The whole op with the Pallas state pass and linear-attention kernels (interpret mode)."""
+  """The whole op with the Pallas WY prepare (GPU), state pass and linear-attention kernels
+  (interpret mode)."""
   q, k, v, beta, g, s0, ct = make_inputs("token", dv=16)
   ids = segment_ids()
 
@@ -219,6 +220,9 @@ def test_pallas_state_pass_and_output_kernels_match_xla(backend):
         interpret=True if name != "xla" else None)
     return jax.jit(functools.partial(grads_and_outputs, fn))(q, k, v, beta, g, s0, ct,
                                                              jnp.ones_like(s0))
+  if backend == "gpu":   # the WY stage on its kernels too (the TPU has none: XLA)
+    assert "delta_prepare_fwd" in str(jax.make_jaxpr(lambda *a: delta_rule.chunk_delta_rule(
+        *a, chunk_size=CHUNK, backend="gpu", interpret=True))(q, k, v, beta, g))
   assert_matches(run(backend), run("xla"), tol=1e-5, what=backend)
 
 

@@ -1,5 +1,6 @@
-"""The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunked WY form in XLA, Pallas state-pass
-kernels, and the linear-attention kernels for the output (design §11)."""
+"""The delta rule (DeltaNet, Gated DeltaNet, KDA): the chunked WY form in XLA, Pallas kernels for
+the WY prepare (GPU) and the state pass, and the linear-attention kernels for the output (design
+§11)."""
 
 from lasp_jax.kernels.delta_rule.api import (apply, check_beta, chunk_delta_rule, prepare,
                                     validate_inputs)

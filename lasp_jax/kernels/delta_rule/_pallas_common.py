@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from lasp_jax.kernels._checks import check_float_array
-from lasp_jax.kernels._pallas_util import matmul
+from lasp_jax.kernels._pallas_util import matmul, matmul_split
 
 F32 = jnp.float32
 
@@ -71,6 +71,105 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
   dw = -matmul(du_tot, s, "nt", dtype)
   ds_prev = a_col * ds - matmul(w, du_tot, "tn", dtype)
   return dw, du_tot, dk_end, dlg_col, ds_prev
+
+
+# ------------------------------------------------------------ stage 1: the WY prepare, per chunk
+#
+# With ``A = strict_tril(diag(beta) (K K^T) * Wd)`` (``Wd_ij = e^{b_i - b_j}`` inside a segment,
+# ``linear_attention._pallas_common.chunk_decay``), ``T = (I + A)^{-1}``, ``R_K = diag(beta qd) K``
+# and ``R_V = diag(beta) V``: ``W = T R_K``, ``U0 = T R_V``, ``K_end = diag(kd) K`` (``reference``
+# module docstring). Backward, with ``dR = T^T dSol`` and ``dA = -strict_tril(dR Sol^T)``:
+#     dK  = dKK K + dKK^T K + diag(beta qd) dR_K + diag(kd) dK_end,  dKK = dA * beta * Wd
+#     dV  = diag(beta) dR_V
+#     dbeta_i = sum_j dA_ij (KK^T Wd)_ij + qd_i <k_i, dR_K_i> + <v_i, dR_V_i>
+#     db_i = sum_j dA_ij A_ij - sum_j dA_ji A_ji + beta_i qd_i <k_i, dR_K_i> - kd_i <k_i, dK_end_i>
+#            (+ sum_j kd_j <k_j, dK_end_j> at the chunk's last token)
+# ``db`` is the cotangent of the chunk prefix sums ``b``; XLA's autodiff of ``chunk_prefix`` turns it
+# into the gates' gradient.
+
+
+def unit_lower_inverse(a):
+  """``(I + a)^{-1}`` of a strictly lower-triangular float32 ``a (C, C)`` by forward substitution.
+
+  Row ``r`` of the inverse is ``e_r - sum_{j<r} a_rj T_j``: ``C - 1`` steps of selects and sums on
+  the tile, in float32 (no matmul whose operands would round the inverse). A row reads only
+  earlier rows, as the recurrence does.
+  """
+  c = a.shape[0]
+  rows = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+  cols = jax.lax.broadcasted_iota(jnp.int32, (c, c), 1)
+  a_t = a.T                                                     # column r: row r of a
+
+  def body(r, t):
+    a_r = jnp.sum(jnp.where(cols == r, a_t, 0.0), axis=1, keepdims=True)      # (C, 1)
+    return jnp.where(rows == r, t - jnp.sum(a_r * t, axis=0, keepdims=True), t)
+
+  return jax.lax.fori_loop(1, c, body, jnp.where(rows == cols, 1.0, 0.0).astype(F32))
+
+
+def _prepare_terms(k, decay, dtype):
+  """``(K K^T (C, C), the strict mask times Wd (C, C), qd (C, 1), kd (C, 1))``."""
+  c = k.shape[0]
+  kk = matmul(k, k, "nt", dtype)
+  strict = jax.lax.broadcasted_iota(jnp.int32, (c, c), 0) > jax.lax.broadcasted_iota(
+      jnp.int32, (c, c), 1)
+  wd = jnp.where(strict, decay.weights, 0.0)
+  return kk, wd, decay.q_scale, decay.k_scale
+
+
+def prepare_chunk(k, v, beta_col, decay, dtype=F32):
+  """One chunk of stage 1: ``(w (C, Dk), u0 (C, Dv), k_end (C, Dk), t (C, C))``, float32.
+
+  ``k (C, Dk)``, ``v (C, Dv)`` in the inputs' dtype; ``beta_col (C, 1)`` float32; ``decay`` the
+  chunk's ``linear_attention._pallas_common.Decay``. ``dtype`` bf16: the solve's dots take split
+  bf16 operands (``matmul_split``: the inverse is not bf16-representable), ``K K^T`` plain bf16
+  (exact products of bf16 inputs, float32 sums).
+  """
+  kk, wd, qd, kd = _prepare_terms(k, decay, dtype)
+  t = unit_lower_inverse(beta_col * kk * wd)
+  kf = k.astype(F32)
+  w = matmul_split(t, beta_col * qd * kf, "nn", dtype)
+  u0 = matmul_split(t, beta_col * v.astype(F32), "nn", dtype)
+  return w, u0, kd * kf, t
+
+
+def prepare_chunk_bwd_values(v, beta_col, t, du0, dtype=F32):
+  """The value side of one chunk's stage-1 backward: ``(dv (C, Dv), its part of dbeta (C,),
+  dR_V R_V^T (C, C))``, float32. The kernel stores ``dv`` before the key side runs: one
+  ``C x Dv`` tile fewer held in registers."""
+  vf = v.astype(F32)
+  dr = matmul(t, du0, "tn", dtype)                                 # dR_V
+  return beta_col * dr, jnp.sum(vf * dr, axis=1), matmul(dr, beta_col * vf, "nt", dtype)
+
+
+def prepare_chunk_bwd_keys(k, beta_col, decay, t, dw, dk_end, dbeta, x, dtype=F32):
+  """The rest of one chunk's stage-1 backward (formulas above) from
+  :func:`prepare_chunk_bwd_values`' ``dbeta`` and ``x``: ``(dk (C, Dk), dbeta (C,), db (C,))``,
+  float32; ``t`` as :func:`prepare_chunk` returned it.
+
+  ``dR Sol^T = (dR R^T) T^T``: ``C x C`` products instead of re-forming ``W`` and ``U0`` (two
+  ``C x D`` tiles that spill registers on sm_90).
+  """
+  c = k.shape[0]
+  kf = k.astype(F32)
+  dr = matmul(t, dw, "tn", dtype)                                  # dR_K
+  qd, kd = decay.q_scale, decay.k_scale
+  x = x + matmul(dr, beta_col * qd * kf, "nt", dtype)
+  s_k = jnp.sum(kf * dr, axis=1)                                   # <k_i, dR_K_i>
+  dk = beta_col * qd * dr + kd * dk_end
+  end = kd[:, 0] * jnp.sum(kf * dk_end, axis=1)                    # kd_i <k_i, dK_end_i>
+  # dA on every pair; each use below multiplies it by Wd, zero off the strict lower triangle.
+  da = -matmul(x, t, "nt", dtype)
+  kk, wd, _, _ = _prepare_terms(k, decay, dtype)
+  kk_wd = kk * wd
+  dkk = da * beta_col * wd
+  pa = da * beta_col * kk_wd                                       # dA_ij A_ij
+  last = jax.lax.broadcasted_iota(jnp.int32, (c,), 0) == c - 1
+  dk = dk + matmul(dkk, k, "nn", dtype) + matmul(dkk, k, "tn", dtype)
+  dbeta = dbeta + jnp.sum(da * kk_wd, axis=1) + qd[:, 0] * s_k
+  db = (jnp.sum(pa, axis=1) - jnp.sum(pa, axis=0) + beta_col[:, 0] * qd[:, 0] * s_k - end
+        + jnp.where(last, jnp.sum(end), 0.0))
+  return dk, dbeta, db
 
 
 # ---------------------------------------------------------------- XLA-side glue around the kernels

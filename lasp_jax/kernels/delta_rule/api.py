@@ -1,7 +1,8 @@
 """Public entry point of the delta-rule kernels: validates inputs, picks a backend per stage.
 
 The delta rule runs in three stages (``reference`` module docstring): the WY solve per chunk
-(XLA: batched ``c x c`` triangular solves and matmuls, which XLA tiles well on every backend), the
+(XLA: batched ``c x c`` triangular solves and matmuls; or the chunk-parallel Triton kernels of
+``pallas_gpu`` on a GPU), the
 sequential state pass over chunks (XLA ``lax.scan`` or the Pallas kernels of ``pallas_tpu`` /
 ``pallas_gpu``, forward and backward) and the output, which is diagonal-decay linear attention with
 the corrected values ``U`` (``lasp_jax.kernels.linear_attention``: XLA or its Pallas kernels).
@@ -73,14 +74,31 @@ def _state_pass(backend):
   return pallas_gpu.delta_state_pass_gpu
 
 
-def prepare(k, v, beta, log_decay=None, *, chunk_size=64) -> reference.DeltaChunks:
+def prepare(k, v, beta, log_decay=None, *, chunk_size=64, backend="xla",
+            interpret=None) -> reference.DeltaChunks:
   """Stage 1 on validated inputs: ``reference.prepare_chunks`` with the decay in per-token form.
 
-  ``log_decay`` already holds any document resets (``la_api.reset_log_decay``).
+  ``log_decay`` already holds any document resets (``la_api.reset_log_decay``). ``backend``:
+  ``"gpu"`` runs the Triton kernels (``pallas_gpu.prepare_chunks_gpu``) where they tile the
+  inputs (a scalar decay per token, power-of-two sizes), ``"auto"`` as the dispatch table says;
+  everything else (and ``"tpu"``, which has no prepare kernel) runs on XLA.
   """
   bsz, n, h, _ = k.shape
   g = la_ref.per_token_log_decay(log_decay, bsz, n, h)
-  return reference.prepare_chunks(k, v, beta, g, reference.chunk_len(chunk_size, g))
+  chunk = reference.chunk_len(chunk_size, g)
+  if backend in (None, "auto"):
+    backend = dispatch.auto_backend("delta_prepare", k.dtype)
+  if backend == "gpu":
+    from lasp_jax.kernels.delta_rule import pallas_gpu
+    try:
+      pallas_gpu.check_prepare_shapes(k, v, g, chunk)
+    except (ValueError, TypeError):
+      backend = "xla"
+  if backend != "gpu":
+    return reference.prepare_chunks(k, v, beta, g, chunk)
+  if interpret is None:
+    interpret = la_api.default_backend() != "gpu"
+  return pallas_gpu.prepare_chunks_gpu(k, v, beta, g, chunk, interpret=interpret)
 
 
 def apply(q, k, chunks, log_decay=None, *, scale=1.0, initial_state=None, chunk_size=64,
@@ -183,7 +201,8 @@ def chunk_delta_rule(q, k, v, beta, log_decay=None, *, scale=1.0, initial_state=
   q, k, v, beta = (la_ref.finite_values(x) for x in (q, k, v, beta))
   log_decay = la_ref.finite_log_decay(log_decay)
   initial_state = None if initial_state is None else la_ref.finite_values(initial_state)
-  chunks = prepare(k, v, beta, log_decay, chunk_size=chunk_size)
+  chunks = prepare(k, v, beta, log_decay, chunk_size=chunk_size, backend=backend,
+                   interpret=interpret)
   o, s_final = apply(q, k, chunks, log_decay, scale=scale, initial_state=initial_state,
                      chunk_size=chunk_size, backend=backend, interpret=interpret)
   return la_ref.mark_nonfinite_outputs(o, s_final, *raw, token_bad=beta_bad,

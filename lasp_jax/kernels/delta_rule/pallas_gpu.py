@@ -1,4 +1,6 @@
-"""The delta rule's state pass (stage 2) as Pallas Triton kernels (GPU; interpret mode on CPU).
+"""The delta rule's WY prepare (stage 1) and state pass (stage 2) as Pallas Triton kernels (GPU;
+interpret mode on CPU). Stage 1 is chunk-parallel (its section at the end of this module); the
+rest of this docstring is stage 2.
 
 A program owns one (batch, head) and a block of ``block_v`` value channels, and walks the chunks
 in a ``fori_loop`` carrying that ``(Dk, block_v)`` slice of the float32 state (or its cotangent)
@@ -24,6 +26,7 @@ cores, float32 accumulation and state: 26.2 ms, against 52.1 ms all-XLA;
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -33,7 +36,9 @@ from jax.experimental.pallas import triton as plgpu
 
 from lasp_jax.kernels._pallas_util import is_pow2_at_least_16
 from lasp_jax.kernels.delta_rule import _pallas_common as common
+from lasp_jax.kernels.delta_rule import reference
 from lasp_jax.kernels.delta_rule._pallas_common import F32
+from lasp_jax.kernels.linear_attention import _pallas_common as la_common
 
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -45,6 +50,7 @@ NUM_STAGES = 2
 # Hence the default block_v (:func:`default_block_v`) and the bound on C * Dk in check_shapes.
 # jaxlib's bundled Triton may differ a little; no GPU has run these kernels yet.
 MAX_CHUNK_TIMES_DK = 128 * 128
+PREPARE_NUM_WARPS = 8
 
 
 def default_block_v(c: int, dk: int, dv: int) -> int:
@@ -255,3 +261,154 @@ def delta_state_pass_gpu(w, u0, k_end, gamma, s0=None, *, interpret: bool = Fals
                       block_v=bv, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                       dtype=jnp.dtype(operand_dtype))
   return common.run(w, u0, k_end, gamma, s0, cfg)
+
+
+# ------------------------------------------------------------------ stage 1: the WY prepare
+#
+# Chunk-parallel: grid (B, H, NC), one program per chunk, reading k, v in their (B, N, H, D)
+# layout and writing w, u0, k_end in the state pass's (B, H, NC, C, D) one. The forward also
+# writes the chunk's inverse T (float32, C x C): the backward reads it instead of repeating the
+# C - 1 substitution steps. Decays: none, (H,) or (B, N, H), through the per-chunk prefix sums of
+# the linear-attention kernels (``linear_attention._pallas_common.chunk_prefix``; no decay is a
+# zero gate, exp(0) = 1 exactly); a per-channel (KDA) decay stays on the XLA path.
+
+
+def check_prepare_shapes(k, v, g, chunk):
+  """Raises ValueError/TypeError for inputs the prepare kernels cannot tile, naming the value."""
+  dk, dv = k.shape[-1], v.shape[-1]
+  for name, val in (("the chunk size C", chunk), ("head dim Dk", dk), ("head dim Dv", dv)):
+    if not is_pow2_at_least_16(val):
+      raise ValueError(f"backend 'gpu' needs {name} to be a power of two >= 16 (Triton tiles), "
+                       f"got {val}")
+  if g is not None and g.shape[-1] != 1:
+    raise ValueError(f"backend 'gpu' prepares scalar decays per token only, got a per-channel "
+                     f"decay of shape {tuple(g.shape)}: use backend 'xla'")
+  if k.dtype not in (jnp.float32, jnp.bfloat16):
+    raise TypeError(f"backend 'gpu' takes float32 or bfloat16 inputs, got {k.dtype}")
+  bsz, n, h, _ = k.shape
+  for name, size in (("k", k.size), ("v", v.size), ("the chunk inverses", bsz * h * n * chunk)):
+    if size >= 2 ** 31:   # the Triton lowering computes element offsets in int32
+      raise ValueError(f"backend 'gpu' indexes with int32 offsets: {name} has {size} elements, "
+                       f"at most 2**31 - 1 allowed; split the batch")
+
+
+def _chunk_decay(b_ref, seg_ref, c):
+  b, seg = b_ref[...], seg_ref[...]
+  last = pl.ds(c - 1, 1)
+  return la_common.chunk_decay(b[None, :], seg[None, :], columns=(
+      b[:, None], seg[:, None], b_ref[last][None, :], seg_ref[last][None, :]))
+
+
+def _prepare_kernel(k_ref, v_ref, beta_ref, b_ref, seg_ref, w_ref, u0_ref, kend_ref, t_ref, *,
+                    c, dtype):
+  w, u0, k_end, t = common.prepare_chunk(k_ref[...], v_ref[...], beta_ref[...][:, None],
+                                         _chunk_decay(b_ref, seg_ref, c), dtype)
+  w_ref[...], u0_ref[...], kend_ref[...], t_ref[...] = w, u0, k_end, t
+
+
+def _prepare_bwd_kernel(k_ref, v_ref, beta_ref, b_ref, seg_ref, t_ref, dw_ref, du0_ref, dkend_ref,
+                        dk_ref, dv_ref, dbeta_ref, db_ref, *, c, dtype):
+  beta_col, t = beta_ref[...][:, None], t_ref[...]
+  dv, dbeta, x = common.prepare_chunk_bwd_values(v_ref[...], beta_col, t, du0_ref[...], dtype)
+  dv_ref[...] = dv.astype(dv_ref.dtype)
+  dk, dbeta, db = common.prepare_chunk_bwd_keys(
+      k_ref[...], beta_col, _chunk_decay(b_ref, seg_ref, c), t, dw_ref[...], dkend_ref[...],
+      dbeta, x, dtype)
+  dk_ref[...] = dk.astype(dk_ref.dtype)
+  dbeta_ref[...], db_ref[...] = dbeta, db
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareConfig:
+  chunk: int
+  dtype: object
+  interpret: bool
+  num_warps: int = PREPARE_NUM_WARPS
+  num_stages: int = NUM_STAGES
+
+
+def _tokens(c, d=None):
+  """Block: chunk ``n`` of one (batch, head) of a ``(B, N, H[, D])`` array."""
+  if d is None:
+    return pl.BlockSpec((None, c, None), lambda b, h, n: (b, n, h))
+  return pl.BlockSpec((None, c, None, d), lambda b, h, n: (b, n, h, 0))
+
+
+def _chunk(c, d):
+  """Block: chunk ``n`` of one (batch, head) of a ``(B, H, NC, C, D)`` array."""
+  return pl.BlockSpec((None, None, None, c, d), lambda b, h, n: (b, h, n, 0, 0))
+
+
+def _prepare_call(kernel, name, cfg, grid, args, in_specs, out_specs, out_shape):
+  return pl.pallas_call(
+      functools.partial(kernel, c=cfg.chunk, dtype=cfg.dtype),
+      grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+      interpret=cfg.interpret, name=name)(*args)
+
+
+def _prepare_forward(k, v, beta, b, seg, cfg):
+  bsz, n, h, dk = k.shape
+  dv, c = v.shape[-1], cfg.chunk
+  nc = n // c
+  out = lambda d: jax.ShapeDtypeStruct((bsz, h, nc, c, d), F32)  # noqa: E731
+  return _prepare_call(
+      _prepare_kernel, "delta_prepare_fwd", cfg, (bsz, h, nc), (k, v, beta, b, seg),
+      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c), _tokens(c)],
+      [_chunk(c, dk), _chunk(c, dv), _chunk(c, dk), _chunk(c, c)],
+      [out(dk), out(dv), out(dk), out(c)])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _prepare_vjp(k, v, beta, b, seg, cfg):
+  w, u0, k_end, _ = _prepare_forward(k, v, beta, b, seg, cfg)
+  return w, u0, k_end
+
+
+def _prepare_fwd(k, v, beta, b, seg, cfg):
+  w, u0, k_end, t = _prepare_forward(k, v, beta, b, seg, cfg)
+  return (w, u0, k_end), (k, v, beta, b, seg, t)
+
+
+def _prepare_bwd(cfg, res, cotangents):
+  k, v, beta, b, seg, t = res
+  dw, du0, dk_end = (x.astype(F32) for x in cotangents)
+  bsz, n, h, dk = k.shape
+  dv, c = v.shape[-1], cfg.chunk
+  d_k, d_v, d_beta, d_b = _prepare_call(
+      _prepare_bwd_kernel, "delta_prepare_bwd", cfg, (bsz, h, n // c),
+      (k, v, beta, b, seg, t, dw, du0, dk_end),
+      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c), _tokens(c), _chunk(c, c),
+       _chunk(c, dk), _chunk(c, dv), _chunk(c, dk)],
+      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c)],
+      [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
+       jax.ShapeDtypeStruct(beta.shape, F32), jax.ShapeDtypeStruct(b.shape, F32)])
+  return d_k, d_v, d_beta.astype(beta.dtype), d_b, jnp.zeros_like(seg)
+
+
+_prepare_vjp.defvjp(_prepare_fwd, _prepare_bwd)
+
+
+def prepare_chunks_gpu(k, v, beta, g, chunk, *, interpret: bool = False, operand_dtype=None):
+  """Stage 1 of the delta rule (``reference.prepare_chunks``) through the Triton kernels.
+
+  Args:
+    k: ``(B, N, H, Dk)``; v: ``(B, N, H, Dv)``, float32 or bfloat16; beta: ``(B, N, H)``.
+    g: None or the clamped per-token log-decay ``(B, N, H, 1)`` (``la_ref.per_token_log_decay``).
+    chunk: tokens per chunk, a power of two >= 16 dividing N; Dk, Dv powers of two >= 16.
+    interpret: run in the Pallas interpreter (CPU).
+    operand_dtype: the dots' operands; None: k's dtype. bfloat16: tensor cores, the solve's dots
+      split into bf16 heads and tails (``_pallas_util.matmul_split``); float32: IEEE.
+
+  Returns:
+    ``reference.DeltaChunks``, float32, differentiable in k, v, beta and g.
+  """
+  check_prepare_shapes(k, v, g, chunk)
+  bsz, n, h, _ = k.shape
+  gate = jnp.zeros((bsz, n, h), F32) if g is None else g[..., 0].astype(F32)
+  b, seg = la_common.chunk_prefix(gate, chunk)
+  cfg = PrepareConfig(chunk=chunk, dtype=jnp.dtype(operand_dtype or k.dtype),
+                      interpret=bool(interpret))
+  w, u0, k_end = _prepare_vjp(k, v, beta.astype(F32), b, seg, cfg)
+  gamma = jnp.sum(gate.reshape(bsz, n // chunk, chunk, h), axis=2).transpose(0, 2, 1)[..., None]
+  return reference.DeltaChunks(w=w, u0=u0, k_end=k_end, gamma=gamma)
