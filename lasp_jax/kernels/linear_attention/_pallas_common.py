@@ -81,6 +81,11 @@ class BlockSizes:
     split_backward: GPU only: compute dk (grid over Dk blocks) and dv (grid over Dv blocks) in
       two kernels with a slice of ``dS`` each, instead of one kernel holding all of ``dS``: more
       programs and fewer registers per program, for more re-reads of the inputs.
+    chunk_parallel_backward: GPU only, with a decay: two light sequential passes write the state
+      before and the state cotangent after every chunk to HBM, then one kernel per chunk (grid
+      ``(B, H, NC)``) computes dq, dk, dv and the decay rows (:func:`parallel_bwd_chunk`): the
+      decay's elementwise work and reductions leave the latency-bound sequential loops, for
+      ``2 B H NC Dk Dv`` stored floats (fla's layout of the backward).
   """
   chunk_size: int = 64
   block_k: int | None = None
@@ -88,6 +93,7 @@ class BlockSizes:
   num_warps: int | None = None
   num_stages: int | None = None
   split_backward: bool = False
+  chunk_parallel_backward: bool = False
 
 
 # A gate at or below this is a reset (``reference.RESET_LOG_DECAY``: its exp underflows float32).
@@ -299,6 +305,35 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
   return dv, ds_prev
 
 
+def parallel_bwd_chunk(q, k, v, do, s_before, ds_after, decay, emit, *, scale, dtype):
+  """One chunk of the chunk-parallel backward from its stored states (the formulas of the module
+  docstring with ``S`` the state before the chunk and ``dS`` the cotangent of the one after it).
+
+  ``s_before``/``ds_after`` may be refs: they are read (``[...]``) where first needed, and
+  ``emit(name, value)`` receives each result as soon as it is final, so the kernel stores it and
+  its tile is dead (spills on sm_90 at 8 warps: 856 B with every tile loaded up front, 56 B so): ``"dv"``, ``"dk"``, ``"dq"`` (float32 ``(c, D)``), ``"in_chunk"``,
+  ``"k_state"``, ``"flux"``, ``"q_state"`` (float32 ``(c,)``: :class:`DecayRows` and
+  ``q_i . (dq's state part)_i``).
+  """
+  c = q.shape[0]
+  mask = causal_mask(c)
+  scores = matmul(q, k, "nt", dtype)
+  ds_after = ds_after[...]
+  emit("dv", scale * matmul(_weights(scores, decay, mask), do, "tn", dtype)
+       + matmul(_decayed_keys(k, decay), ds_after, "nn", dtype))
+  dp = matmul(do, v, "nt", dtype)
+  da = _weights(dp, decay, mask)
+  dk_state = matmul(v, ds_after, "nt", dtype) * decay.k_scale
+  emit("dk", scale * matmul(da, q, "tn", dtype) + dk_state)
+  s_before = s_before[...]
+  rows = decay_rows(scores, dp, decay, k, dk_state, s_before, ds_after, scale=scale)
+  for name, value in zip(rows._fields, rows):
+    emit(name, value)
+  inter = scale * matmul(do, s_before, "nt", dtype) * decay.q_scale
+  emit("dq", scale * matmul(da, k, "nn", dtype) + inter)
+  emit("q_state", row_dot(q, inter))
+
+
 # ---------------------------------------------------------------- XLA-side glue around the kernels
 
 
@@ -363,6 +398,9 @@ class Config:
   block_sizes: BlockSizes
   scale: float
   interpret: object   # bool, or pltpu.InterpretParams (hashable) for the TPU kernels
+  # With a decay, instead of dq then dkv when set:
+  # ``decay_backward(q, k, v, do, decay, s0, ds_final, cfg) -> (dq, dk, dv, ds0, dg)``.
+  decay_backward: Callable | None = None
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -404,8 +442,11 @@ def _bwd(cfg, res, cotangents):
   ds_final = ref.finite_values(ds_final.astype(F32))
   q, k, v, g, s0 = jax.lax.cond(bad, _finite_inputs, lambda *a: a, q, k, v, g, s0)
   decay = None if g is None else chunk_prefix(g, cfg.block_sizes.chunk_size)
-  dq, aux = cfg.dq(q, k, v, do, decay, s0, cfg)
-  dk, dv, ds0, dg = cfg.dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg)
+  if decay is not None and cfg.decay_backward is not None:
+    dq, dk, dv, ds0, dg = cfg.decay_backward(q, k, v, do, decay, s0, ds_final, cfg)
+  else:
+    dq, aux = cfg.dq(q, k, v, do, decay, s0, cfg)
+    dk, dv, ds0, dg = cfg.dkv(q, k, v, do, decay, ds_final, s_final, aux, cfg)
   return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg, ds0)
 
 

@@ -33,12 +33,14 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lasp_jax.kernels._pallas_util import is_pow2_at_least_16
+from lasp_jax.kernels._pallas_util import is_pow2_at_least_16, matmul
 from lasp_jax.kernels.linear_attention import _pallas_common as common
 from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
 # split_backward: H200, 2026-12-04 (benchmarks/results/kernels_gpu_sweep.json), B8 N8192 H16 D128
 # bf16 fwd+bwd: no decay 1.54 ms split vs 2.53 ms fused, per-token decay 7.51 vs 7.87 ms.
+# The chunk-parallel backward's kernel holds q, k, v, dO and two (Dk, Dv) states per program.
+PARALLEL_BWD_NUM_WARPS = 8
 DEFAULT_BLOCK_SIZES = BlockSizes(chunk_size=64, block_k=64, block_v=64, num_warps=4, num_stages=2,
                                  split_backward=True)
 
@@ -175,6 +177,56 @@ def _dv_kernel(*refs, has_decay, nc, c, scale, dtype):
     return ds
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
+
+
+def _chunk_states_kernel(*refs, has_decay, nc, c, scale, dtype):
+  """The state before every chunk, for the chunk-parallel backward (a Dv slice per program)."""
+  del scale
+  (k_ref, v_ref, s0_ref), decay_refs, (st_ref,) = _split(refs, 3, has_decay)
+  dk = k_ref.shape[-1]
+
+  def body(i, s):
+    start = pl.multiple_of(i * c, c)
+    rows = pl.ds(start, c)
+    st_ref[pl.ds(pl.multiple_of(i * dk, dk), dk), :] = s.astype(st_ref.dtype)
+    return common._state_step(s, k_ref[rows, :], v_ref[rows, :],
+                              _chunk_decay(decay_refs, start, c), dtype)
+
+  jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
+
+
+def _chunk_dstates_kernel(*refs, has_decay, nc, c, scale, dtype):
+  """The state cotangent after every chunk, walking back from ``dS_final``, and ``dS0``."""
+  (q_ref, do_ref, dsf_ref), decay_refs, (dst_ref, ds0_ref) = _split(refs, 3, has_decay)
+  dk = q_ref.shape[-1]
+
+  def body(j, ds):
+    n = nc - 1 - j
+    start = pl.multiple_of(n * c, c)
+    rows = pl.ds(start, c)
+    dst_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = ds.astype(dst_ref.dtype)
+    decay = _chunk_decay(decay_refs, start, c)
+    return (scale * matmul(common._decayed_queries(q_ref[rows, :], decay), do_ref[rows, :], "tn",
+                           dtype) + common._decay_state(ds, decay))
+
+  ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
+
+
+def _parallel_bwd_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, dst_ref, b_ref, seg_ref,
+                         dq_ref, dk_ref, dv_ref, qs_ref, inc_ref, ks_ref, flux_ref, *, c, scale,
+                         dtype):
+  b, seg = b_ref[...], seg_ref[...]
+  last = pl.ds(c - 1, 1)
+  decay = common.chunk_decay(b[None, :], seg[None, :], columns=(
+      b[:, None], seg[:, None], b_ref[last][None, :], seg_ref[last][None, :]))
+  out = dict(dq=dq_ref, dk=dk_ref, dv=dv_ref, q_state=qs_ref, in_chunk=inc_ref, k_state=ks_ref,
+             flux=flux_ref)
+
+  def emit(name, value):
+    out[name][...] = value.astype(out[name].dtype)
+
+  common.parallel_bwd_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], st_ref, dst_ref,
+                            decay, emit, scale=scale, dtype=dtype)
 
 
 # ------------------------------------------------------------------------- pallas_call builders
@@ -348,6 +400,47 @@ def _dv_split(q, k, do, decay, ds_final, cfg):
                  jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)]))
 
 
+def decay_backward(q, k, v, do, decay, s0, ds_final, cfg):
+  """The chunk-parallel backward (``BlockSizes.chunk_parallel_backward``): ``(dq, dk, dv, dS0,
+  dg)``. Two sequential passes over Dv slices write the state before every chunk and the state
+  cotangent after it, ``(B, H, NC * Dk, Dv)`` in the inputs' dtype each; one program per chunk
+  then reads both."""
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  c = cfg.block_sizes.chunk_size
+  nc = n // c
+  bv = cfg.block_sizes.block_v or dv
+  states_shape = jax.ShapeDtypeStruct((bsz, h, nc * dk, dv), q.dtype)
+  states_spec = pl.BlockSpec((None, None, nc * dk, bv), lambda b, h, j: (b, h, 0, j))
+  st = _call(_chunk_states_kernel, "linear_attention_states", q, decay, cfg,
+             grid=(bsz, h, dv // bv),
+             in_specs=[_seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)], args=[k, v, s0],
+             out_specs=[states_spec], out_shape=[states_shape])[0]
+  dst, ds0 = _call(_chunk_dstates_kernel, "linear_attention_dstates", q, decay, cfg,
+                   grid=(bsz, h, dv // bv),
+                   in_specs=[_seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
+                   args=[q, do, ds_final], out_specs=[states_spec, _state(dk, bv, 1)],
+                   out_shape=[states_shape, jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
+  tokens = lambda d: pl.BlockSpec((None, c, None, d), lambda b, h, i: (b, i, h, 0))  # noqa: E731
+  per_token = pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
+  state = pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, i, 0))
+  row = jax.ShapeDtypeStruct((bsz, n, h), F32)
+  dq_, dk_, dv_, q_state, *rows = pl.pallas_call(
+      functools.partial(_parallel_bwd_kernel, c=c, scale=cfg.scale, dtype=q.dtype),
+      grid=(bsz, h, nc),
+      in_specs=[tokens(dk), tokens(dk), tokens(dv), tokens(dv), state, state, per_token,
+                per_token],
+      out_specs=[tokens(dk), tokens(dk), tokens(dv)] + [per_token] * 4,
+      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)] + [row] * 4,
+      compiler_params=plgpu.CompilerParams(num_warps=PARALLEL_BWD_NUM_WARPS,
+                                           num_stages=cfg.block_sizes.num_stages),
+      interpret=cfg.interpret, name="linear_attention_bwd_chunks",
+  )(q, k, v, do, st, dst, *decay)
+  dg = common.decay_grad_flux(c, q_state, common.DecayRows(*rows))
+  return dq_, dk_, dv_, ds0, dg
+
+
 def chunk_linear_attention_gpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
                                block_sizes: BlockSizes | None = None, interpret: bool = False):
   """Causal chunked linear attention through the Triton kernels.
@@ -370,4 +463,5 @@ def chunk_linear_attention_gpu(q, k, v, log_decay=None, *, scale=1.0, initial_st
   check_shapes(q, v, bs)
   return common.run(q, k, v, log_decay, initial_state, common.Config(
       forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale),
-      interpret=bool(interpret)))
+      interpret=bool(interpret),
+      decay_backward=decay_backward if bs.chunk_parallel_backward else None))
