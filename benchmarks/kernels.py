@@ -232,8 +232,9 @@ def check_compiled(backend, interpret, configs):
     entry = (pallas_gpu.chunk_linear_attention_gpu if backend == "gpu"
              else pallas_tpu.chunk_linear_attention_tpu)
     variants = [("default", bs)]
-    if backend == "gpu" and decay != "none" and not bs.chunk_parallel_backward:
-      variants.append(("chunk-parallel-bwd", dataclasses.replace(bs, chunk_parallel_backward=True)))
+    parallel = dataclasses.replace(bs, chunk_parallel_forward=True, chunk_parallel_backward=True)
+    if backend == "gpu" and decay != "none" and parallel != bs:
+      variants.append(("chunk-parallel", parallel))
 
     def run_xla(q, k, v, g, s0):
       with jax.default_matmul_precision("highest"):
@@ -638,10 +639,11 @@ def main(argv=None):
     default = dataclasses.replace(default, chunk_size=args.chunk)
   variants = [("pallas", default)]
   # Not yet measured on a GPU: timed right after the default, before the sweep (issue 22).
-  parallel_bwd = [("pallas chunk-parallel-bwd",
-                   dataclasses.replace(default, chunk_parallel_backward=True))]
-  if backend != "gpu" or default.chunk_parallel_backward:
-    parallel_bwd = []
+  chunk_parallel = [
+      ("pallas chunk-parallel-bwd", dataclasses.replace(default, chunk_parallel_backward=True)),
+      ("pallas chunk-parallel", dataclasses.replace(default, chunk_parallel_forward=True,
+                                                    chunk_parallel_backward=True))]
+  chunk_parallel = [(n, bs) for n, bs in chunk_parallel if backend == "gpu" and bs != default]
   if backend == "gpu" and (not args.small or args.compile_sm90) and not args.no_sweep:
     variants += [
         ("pallas split-bwd", dataclasses.replace(default, split_backward=True)),
@@ -655,7 +657,7 @@ def main(argv=None):
     other_bwd = ("pallas fused-bwd" if default.split_backward else "pallas split-bwd",
                  dataclasses.replace(default, split_backward=not default.split_backward))
     unique = {}
-    for name, bs in [variants[0], other_bwd] + parallel_bwd + variants[1:]:
+    for name, bs in [variants[0], other_bwd] + chunk_parallel + variants[1:]:
       unique.setdefault(bs, name)
     shape = tuple(int(x) for x in args.shape.split(",")) if args.shape else MAIN_SHAPE
     return compile_sm90([(name, bs) for bs, name in unique.items()], shape, args.out)
@@ -663,7 +665,7 @@ def main(argv=None):
   main_shape = SMALL_SHAPES[0] if args.small else MAIN_SHAPE
   # The delta rule before the block-size sweep: its time is a target of the device check.
   jobs = [(main_shape, "none", variants[:1], True), (main_shape, "token", variants[:1], True),
-          (main_shape, "token", parallel_bwd, False),
+          (main_shape, "token", chunk_parallel, False),
           (main_shape, "token", [("delta-pallas", default)], "delta"),
           (main_shape, "head", variants[:1], True),
           (main_shape, "none", variants[1:], False), (main_shape, "token", variants[1:], False)]

@@ -189,32 +189,39 @@ CHUNK_PARALLEL_CASES = [
 
 
 @pytest.mark.parametrize("name,case", CHUNK_PARALLEL_CASES)
-def test_gpu_chunk_parallel_backward_passes_the_exactness_cases(monkeypatch, name, case):
-  """``BlockSizes.chunk_parallel_backward`` (stored states, one program per chunk) as the GPU
-  default, through the same float64 checks as the sequential backward."""
+def test_gpu_chunk_parallel_passes_the_exactness_cases(monkeypatch, name, case):
+  """``BlockSizes.chunk_parallel_forward`` and ``chunk_parallel_backward`` (stored states, one
+  program per chunk) as the GPU default, through the same float64 checks as the sequential
+  kernels."""
   bs = pallas_gpu.DEFAULT_BLOCK_SIZES
-  monkeypatch.setattr(pallas_gpu, "DEFAULT_BLOCK_SIZES",
-                      dataclasses.replace(bs, chunk_parallel_backward=True))
+  monkeypatch.setattr(pallas_gpu, "DEFAULT_BLOCK_SIZES", dataclasses.replace(
+      bs, chunk_parallel_forward=True, chunk_parallel_backward=True))
   q, k, v, g, s0 = _data(3, 1, 64, 1, 32, 32, "token")
   grad = jax.grad(lambda q: jnp.sum(kernels.chunk_linear_attention(
       q, k, v, g, chunk_size=16, backend="gpu", interpret=True)[0]))
-  assert "linear_attention_bwd_chunks" in str(jax.make_jaxpr(grad)(q))
+  jaxpr = str(jax.make_jaxpr(grad)(q))
+  assert "linear_attention_fwd_chunks" in jaxpr and "linear_attention_bwd_chunks" in jaxpr
   case()
 
 
-def test_gpu_chunk_parallel_backward_with_channel_blocks_is_exact():
-  """The state passes over two Dv blocks each, Dk != Dv, an initial state: float64 recurrence."""
+@pytest.mark.parametrize("forward", [True, False])
+def test_gpu_chunk_parallel_with_channel_blocks_is_exact(forward):
+  """The state passes over two Dv blocks each, Dk != Dv, an initial state, the chunk-parallel
+  backward with either forward: float64 recurrence."""
   q, k, v, g, s0 = _data(5, 2, 64, 2, 32, 64, "token")
-  bs = pallas_gpu.BlockSizes(chunk_size=16, block_k=16, block_v=32, chunk_parallel_backward=True)
+  bs = pallas_gpu.BlockSizes(chunk_size=16, block_k=16, block_v=32, chunk_parallel_forward=forward,
+                             chunk_parallel_backward=True)
 
   def fn(q, k, v, g, s0):
     return pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0, block_sizes=bs,
                                                  interpret=True)
   weights = (np.cos(np.arange(v.size)).reshape(v.shape), np.ones(s0.shape))
-  got = jax.grad(_loss(fn, weights), argnums=(0, 1, 2, 3, 4))(q, k, v, g, s0)
-  want = f64(lambda *a: jax.grad(_loss(lambda q, k, v, g, s0: linear_recurrence(
-      q, k, v, g, initial_state=s0), weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0)
-  for name, a, b in zip(("dq", "dk", "dv", "dg", "ds0"), got, want):
+  got = (*fn(q, k, v, g, s0), *jax.grad(_loss(fn, weights), argnums=(0, 1, 2, 3, 4))(
+      q, k, v, g, s0))
+  ref = lambda q, k, v, g, s0: linear_recurrence(q, k, v, g, initial_state=s0)  # noqa: E731
+  want = (*f64(ref, q, k, v, g, s0), *f64(lambda *a: jax.grad(
+      _loss(ref, weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0))
+  for name, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "ds0"), got, want):
     assert rel_err(a, b) < 2e-4, (name, rel_err(a, b))
 
 

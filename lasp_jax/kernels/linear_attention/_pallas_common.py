@@ -86,6 +86,9 @@ class BlockSizes:
       ``(B, H, NC)``) computes dq, dk, dv and the decay rows (:func:`parallel_bwd_chunk`): the
       decay's elementwise work and reductions leave the latency-bound sequential loops, for
       ``2 B H NC Dk Dv`` stored floats (fla's layout of the backward).
+    chunk_parallel_forward: GPU only, with a decay: the forward likewise, a sequential pass
+      writing the state before every chunk, then one program per chunk for the output
+      (:func:`output_chunk`).
   """
   chunk_size: int = 64
   block_k: int | None = None
@@ -94,6 +97,7 @@ class BlockSizes:
   num_stages: int | None = None
   split_backward: bool = False
   chunk_parallel_backward: bool = False
+  chunk_parallel_forward: bool = False
 
 
 # A gate at or below this is a reset (``reference.RESET_LOG_DECAY``: its exp underflows float32).
@@ -208,14 +212,21 @@ def nonfinite_flag(o):
   return jnp.max(jnp.max(bad, axis=1, keepdims=True), axis=0, keepdims=True)
 
 
-def forward_chunk(q, k, v, s, decay, *, scale, dtype):
-  """One chunk forward: returns ``(o (c, Dv') f32, S_new)``; ``v``/``s`` may be a Dv slice."""
+def output_chunk(q, k, v, s, decay, *, scale, dtype):
+  """One chunk's output ``(c, Dv')`` float32 from the state ``s`` before it; ``v``/``s`` may be
+  a Dv slice."""
   c = q.shape[0]
   mask = causal_mask(c)
   a = _weights(matmul(q, k, "nt", dtype), decay, mask)
   o = scale * (matmul(a, ref.finite_values(v), "nn", dtype)
                + matmul(_decayed_queries(q, decay), s, "nn", dtype))
-  return ref.mask_nonfinite_values(o, v, axis=0), _state_step(s, k, v, decay, dtype)
+  return ref.mask_nonfinite_values(o, v, axis=0)
+
+
+def forward_chunk(q, k, v, s, decay, *, scale, dtype):
+  """One chunk forward: returns ``(o (c, Dv') f32, S_new)``; ``v``/``s`` may be a Dv slice."""
+  return (output_chunk(q, k, v, s, decay, scale=scale, dtype=dtype),
+          _state_step(s, k, v, decay, dtype))
 
 
 def dq_chunk(k, v, do, s, decay, *, scale, dtype):
@@ -398,8 +409,10 @@ class Config:
   block_sizes: BlockSizes
   scale: float
   interpret: object   # bool, or pltpu.InterpretParams (hashable) for the TPU kernels
-  # With a decay, instead of dq then dkv when set:
+  # With a decay, instead of ``forward`` / dq then dkv when set:
+  # ``decay_forward(q, k, v, decay, s0, cfg) -> (o, s_final, flag)``;
   # ``decay_backward(q, k, v, do, decay, s0, ds_final, cfg) -> (dq, dk, dv, ds0, dg)``.
+  decay_forward: Callable | None = None
   decay_backward: Callable | None = None
 
 
@@ -412,6 +425,8 @@ def linear_attention_vjp(q, k, v, g, s0, cfg: Config):
 
 def _forward(q, k, v, g, s0, cfg):
   decay = None if g is None else chunk_prefix(g, cfg.block_sizes.chunk_size)
+  if decay is not None and cfg.decay_forward is not None:
+    return cfg.decay_forward(q, k, v, decay, s0, cfg)
   return cfg.forward(q, k, v, decay, s0, cfg)
 
 

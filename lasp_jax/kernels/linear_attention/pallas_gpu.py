@@ -40,7 +40,7 @@ from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 # split_backward: H200, 2026-12-04 (benchmarks/results/kernels_gpu_sweep.json), B8 N8192 H16 D128
 # bf16 fwd+bwd: no decay 1.54 ms split vs 2.53 ms fused, per-token decay 7.51 vs 7.87 ms.
 # The chunk-parallel backward's kernel holds q, k, v, dO and two (Dk, Dv) states per program.
-PARALLEL_BWD_NUM_WARPS = 8
+CHUNK_PARALLEL_NUM_WARPS = 8
 DEFAULT_BLOCK_SIZES = BlockSizes(chunk_size=64, block_k=64, block_v=64, num_warps=4, num_stages=2,
                                  split_backward=True)
 
@@ -180,9 +180,10 @@ def _dv_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _chunk_states_kernel(*refs, has_decay, nc, c, scale, dtype):
-  """The state before every chunk, for the chunk-parallel backward (a Dv slice per program)."""
+  """The state before every chunk and the final state, for the chunk-parallel passes (a Dv slice
+  per program)."""
   del scale
-  (k_ref, v_ref, s0_ref), decay_refs, (st_ref,) = _split(refs, 3, has_decay)
+  (k_ref, v_ref, s0_ref), decay_refs, (st_ref, sf_ref) = _split(refs, 3, has_decay)
   dk = k_ref.shape[-1]
 
   def body(i, s):
@@ -192,7 +193,23 @@ def _chunk_states_kernel(*refs, has_decay, nc, c, scale, dtype):
     return common._state_step(s, k_ref[rows, :], v_ref[rows, :],
                               _chunk_decay(decay_refs, start, c), dtype)
 
-  jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
+  sf_ref[...] = jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
+
+
+def _chunk_decay_of(b_ref, seg_ref, c):
+  """The decay of the one chunk a chunk-parallel program holds (its ``(c,)`` prefix sums)."""
+  b, seg = b_ref[...], seg_ref[...]
+  last = pl.ds(c - 1, 1)
+  return common.chunk_decay(b[None, :], seg[None, :], columns=(
+      b[:, None], seg[:, None], b_ref[last][None, :], seg_ref[last][None, :]))
+
+
+def _parallel_fwd_kernel(q_ref, k_ref, v_ref, st_ref, b_ref, seg_ref, o_ref, flag_ref, *, c,
+                         scale, dtype):
+  o = common.output_chunk(q_ref[...], k_ref[...], v_ref[...], st_ref[...],
+                          _chunk_decay_of(b_ref, seg_ref, c), scale=scale, dtype=dtype)
+  o_ref[...] = o.astype(o_ref.dtype)
+  flag_ref[...] = common.nonfinite_flag(o)
 
 
 def _chunk_dstates_kernel(*refs, has_decay, nc, c, scale, dtype):
@@ -215,10 +232,7 @@ def _chunk_dstates_kernel(*refs, has_decay, nc, c, scale, dtype):
 def _parallel_bwd_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, dst_ref, b_ref, seg_ref,
                          dq_ref, dk_ref, dv_ref, qs_ref, inc_ref, ks_ref, flux_ref, *, c, scale,
                          dtype):
-  b, seg = b_ref[...], seg_ref[...]
-  last = pl.ds(c - 1, 1)
-  decay = common.chunk_decay(b[None, :], seg[None, :], columns=(
-      b[:, None], seg[:, None], b_ref[last][None, :], seg_ref[last][None, :]))
+  decay = _chunk_decay_of(b_ref, seg_ref, c)
   out = dict(dq=dq_ref, dk=dk_ref, dv=dv_ref, q_state=qs_ref, in_chunk=inc_ref, k_state=ks_ref,
              flux=flux_ref)
 
@@ -400,6 +414,69 @@ def _dv_split(q, k, do, decay, ds_final, cfg):
                  jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)]))
 
 
+def _chunk_states(q, k, v, decay, s0, cfg):
+  """``(the state before every chunk (B, H, NC * Dk, Dv) in q's dtype, s_final float32)``."""
+  bsz, n, h, dk = q.shape
+  dv = v.shape[-1]
+  nc = n // cfg.block_sizes.chunk_size
+  bv = cfg.block_sizes.block_v or dv
+  return _call(_chunk_states_kernel, "linear_attention_states", q, decay, cfg,
+               grid=(bsz, h, dv // bv),
+               in_specs=[_seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)], args=[k, v, s0],
+               out_specs=[_states_rows(nc, dk, bv), _state(dk, bv, 1)],
+               out_shape=[jax.ShapeDtypeStruct((bsz, h, nc * dk, dv), q.dtype),
+                          jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
+
+
+def _states_rows(nc, dk, bv):
+  """Block: one (batch, head)'s per-chunk states ``(NC * Dk, Dv)``, value-channel block ``j``."""
+  return pl.BlockSpec((None, None, nc * dk, bv), lambda b, h, j: (b, h, 0, j))
+
+
+def _chunk_parallel_call(kernel, name, q, decay, cfg, *, args, in_specs, out_specs, out_shape):
+  """One program per chunk, grid ``(B, H, NC)``; the decay's ``(b, seg)`` come last."""
+  bsz, n, h, _ = q.shape
+  c = cfg.block_sizes.chunk_size
+  per_token = pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
+  return pl.pallas_call(
+      functools.partial(kernel, c=c, scale=cfg.scale, dtype=q.dtype),
+      grid=(bsz, h, n // c), in_specs=[*in_specs, per_token, per_token],
+      out_specs=out_specs, out_shape=out_shape,
+      compiler_params=plgpu.CompilerParams(num_warps=CHUNK_PARALLEL_NUM_WARPS,
+                                           num_stages=cfg.block_sizes.num_stages),
+      interpret=cfg.interpret, name=name)(*args, *decay)
+
+
+def _chunk_tokens(c, d=None):
+  """Block: chunk ``i`` of one (batch, head) of a ``(B, N, H[, D])`` array."""
+  if d is None:
+    return pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
+  return pl.BlockSpec((None, c, None, d), lambda b, h, i: (b, i, h, 0))
+
+
+def _chunk_state(dk, dv):
+  """Block: chunk ``i``'s ``(Dk, Dv)`` state of a ``(B, H, NC * Dk, Dv)`` array."""
+  return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, i, 0))
+
+
+def decay_forward(q, k, v, decay, s0, cfg):
+  """The chunk-parallel forward (``BlockSizes.chunk_parallel_forward``): ``(o, s_final, flag)``
+  as :func:`forward`'s, ``flag`` per chunk."""
+  bsz, n, h, dk = q.shape
+  dv, c = v.shape[-1], cfg.block_sizes.chunk_size
+  st, s_final = _chunk_states(q, k, v, decay, s0, cfg)
+  o, flag = _chunk_parallel_call(
+      _parallel_fwd_kernel, "linear_attention_fwd_chunks", q, decay, cfg,
+      args=[q, k, v, st],
+      in_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv),
+                _chunk_state(dk, dv)],
+      out_specs=[_chunk_tokens(c, dv),
+                 pl.BlockSpec((None, None, None, 1, 1), lambda b, h, i: (b, h, i, 0, 0))],
+      out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
+                 jax.ShapeDtypeStruct((bsz, h, n // c, 1, 1), F32)])
+  return o, s_final, flag
+
+
 def decay_backward(q, k, v, do, decay, s0, ds_final, cfg):
   """The chunk-parallel backward (``BlockSizes.chunk_parallel_backward``): ``(dq, dk, dv, dS0,
   dg)``. Two sequential passes over Dv slices write the state before every chunk and the state
@@ -410,33 +487,23 @@ def decay_backward(q, k, v, do, decay, s0, ds_final, cfg):
   c = cfg.block_sizes.chunk_size
   nc = n // c
   bv = cfg.block_sizes.block_v or dv
-  states_shape = jax.ShapeDtypeStruct((bsz, h, nc * dk, dv), q.dtype)
-  states_spec = pl.BlockSpec((None, None, nc * dk, bv), lambda b, h, j: (b, h, 0, j))
-  st = _call(_chunk_states_kernel, "linear_attention_states", q, decay, cfg,
-             grid=(bsz, h, dv // bv),
-             in_specs=[_seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)], args=[k, v, s0],
-             out_specs=[states_spec], out_shape=[states_shape])[0]
+  st, _ = _chunk_states(q, k, v, decay, s0, cfg)
   dst, ds0 = _call(_chunk_dstates_kernel, "linear_attention_dstates", q, decay, cfg,
                    grid=(bsz, h, dv // bv),
                    in_specs=[_seq(n, dk), _seq(n, bv, True), _state(dk, bv, 1)],
-                   args=[q, do, ds_final], out_specs=[states_spec, _state(dk, bv, 1)],
-                   out_shape=[states_shape, jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
-  tokens = lambda d: pl.BlockSpec((None, c, None, d), lambda b, h, i: (b, i, h, 0))  # noqa: E731
-  per_token = pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
-  state = pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, i, 0))
+                   args=[q, do, ds_final], out_specs=[_states_rows(nc, dk, bv), _state(dk, bv, 1)],
+                   out_shape=[jax.ShapeDtypeStruct(st.shape, q.dtype),
+                              jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)])
   row = jax.ShapeDtypeStruct((bsz, n, h), F32)
-  dq_, dk_, dv_, q_state, *rows = pl.pallas_call(
-      functools.partial(_parallel_bwd_kernel, c=c, scale=cfg.scale, dtype=q.dtype),
-      grid=(bsz, h, nc),
-      in_specs=[tokens(dk), tokens(dk), tokens(dv), tokens(dv), state, state, per_token,
-                per_token],
-      out_specs=[tokens(dk), tokens(dk), tokens(dv)] + [per_token] * 4,
+  dq_, dk_, dv_, q_state, *rows = _chunk_parallel_call(
+      _parallel_bwd_kernel, "linear_attention_bwd_chunks", q, decay, cfg,
+      args=[q, k, v, do, st, dst],
+      in_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv),
+                _chunk_tokens(c, dv), _chunk_state(dk, dv), _chunk_state(dk, dv)],
+      out_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv)]
+      + [_chunk_tokens(c)] * 4,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
-                 jax.ShapeDtypeStruct(v.shape, v.dtype)] + [row] * 4,
-      compiler_params=plgpu.CompilerParams(num_warps=PARALLEL_BWD_NUM_WARPS,
-                                           num_stages=cfg.block_sizes.num_stages),
-      interpret=cfg.interpret, name="linear_attention_bwd_chunks",
-  )(q, k, v, do, st, dst, *decay)
+                 jax.ShapeDtypeStruct(v.shape, v.dtype)] + [row] * 4)
   dg = common.decay_grad_flux(c, q_state, common.DecayRows(*rows))
   return dq_, dk_, dv_, ds0, dg
 
@@ -464,4 +531,5 @@ def chunk_linear_attention_gpu(q, k, v, log_decay=None, *, scale=1.0, initial_st
   return common.run(q, k, v, log_decay, initial_state, common.Config(
       forward=forward, dq=dq, dkv=dkv, block_sizes=bs, scale=float(scale),
       interpret=bool(interpret),
+      decay_forward=decay_forward if bs.chunk_parallel_forward else None,
       decay_backward=decay_backward if bs.chunk_parallel_backward else None))
