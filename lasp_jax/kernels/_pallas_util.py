@@ -58,6 +58,14 @@ def chunk_block(block, nc: int, reverse: bool) -> pl.BlockSpec:
   return pl.BlockSpec(block, lambda b, h, i: (b, h, i, *rest))
 
 
+def chunk_tokens(c: int, d: int | None = None) -> pl.BlockSpec:
+  """A chunk-parallel program's block on the grid ``(b, h, i)``: chunk ``i`` of one (batch, head)
+  of a ``(B, N, H)`` or ``(B, N, H, D)`` array, read in place (no transpose to head-major)."""
+  if d is None:
+    return pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
+  return pl.BlockSpec((None, c, None, d), lambda b, h, i: (b, i, h, 0))
+
+
 def state_block(dk: int, dv: int) -> pl.BlockSpec:
   """A ``(B, H, Dk, Dv)`` state, one ``(Dk, Dv)`` block per ``(b, h)``, the same at every chunk."""
   return pl.BlockSpec((None, None, dk, dv), lambda b, h, i: (b, h, 0, 0))

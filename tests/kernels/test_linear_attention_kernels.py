@@ -177,14 +177,16 @@ def test_gpu_split_backward_and_channel_blocks_are_exact():
 
 
 CHUNK_PARALLEL_CASES = [
-    ("packed documents, token decay", lambda: test_packed_documents_restart_the_state("gpu", "token")),
+    ("packed documents, token decay",
+     lambda: test_packed_documents_restart_the_state("gpu", "token")),
     pytest.param("-inf gates", lambda: test_hard_reset_gate_is_exact("gpu", "-inf"),
                  marks=pytest.mark.slow),
     ("bf16 (H,) decay gradient", lambda: test_bfloat16_head_decay_gradient()),
     pytest.param("bf16 token decay", lambda: test_bfloat16_token_decay("gpu"),
                  marks=pytest.mark.slow),
-    pytest.param("NaN in a document", lambda: test_nan_in_a_document_stays_in_it_forward_and_backward(
-        "gpu", "-inf gate"), marks=pytest.mark.slow),
+    pytest.param("NaN in a document",
+                 lambda: test_nan_in_a_document_stays_in_it_forward_and_backward("gpu", "-inf gate"),
+                 marks=pytest.mark.slow),
 ]
 
 
@@ -204,7 +206,7 @@ def test_gpu_chunk_parallel_passes_the_exactness_cases(monkeypatch, name, case):
   case()
 
 
-@pytest.mark.parametrize("forward", [True, False])
+@pytest.mark.parametrize("forward", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_gpu_chunk_parallel_with_channel_blocks_is_exact(forward):
   """The state passes over two Dv blocks each, Dk != Dv, an initial state, the chunk-parallel
   backward with either forward: float64 recurrence."""

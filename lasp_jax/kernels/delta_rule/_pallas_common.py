@@ -84,8 +84,8 @@ def reverse_chunk(w, k_end, u, du, a_col, s, ds, dtype=F32):
 #     dbeta_i = sum_j dA_ij (KK^T Wd)_ij + qd_i <k_i, dR_K_i> + <v_i, dR_V_i>
 #     db_i = sum_j dA_ij A_ij - sum_j dA_ji A_ji + beta_i qd_i <k_i, dR_K_i> - kd_i <k_i, dK_end_i>
 #            (+ sum_j kd_j <k_j, dK_end_j> at the chunk's last token)
-# ``db`` is the cotangent of the chunk prefix sums ``b``; XLA's autodiff of ``chunk_prefix`` turns it
-# into the gates' gradient.
+# ``db`` is the cotangent of the chunk prefix sums ``b``; XLA's autodiff of ``chunk_prefix`` turns
+# it into the gates' gradient.
 
 
 def unit_lower_inverse(a):

@@ -34,11 +34,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lasp_jax.kernels._pallas_util import is_pow2_at_least_16
+from lasp_jax.kernels._pallas_util import chunk_tokens, is_pow2_at_least_16
 from lasp_jax.kernels.delta_rule import _pallas_common as common
 from lasp_jax.kernels.delta_rule import reference
 from lasp_jax.kernels.delta_rule._pallas_common import F32
 from lasp_jax.kernels.linear_attention import _pallas_common as la_common
+from lasp_jax.kernels.linear_attention import pallas_gpu as la_gpu
 
 NUM_WARPS = 4
 NUM_STAGES = 2
@@ -292,17 +293,10 @@ def check_prepare_shapes(k, v, g, chunk):
                        f"at most 2**31 - 1 allowed; split the batch")
 
 
-def _chunk_decay(b_ref, seg_ref, c):
-  b, seg = b_ref[...], seg_ref[...]
-  last = pl.ds(c - 1, 1)
-  return la_common.chunk_decay(b[None, :], seg[None, :], columns=(
-      b[:, None], seg[:, None], b_ref[last][None, :], seg_ref[last][None, :]))
-
-
 def _prepare_kernel(k_ref, v_ref, beta_ref, b_ref, seg_ref, w_ref, u0_ref, kend_ref, t_ref, *,
                     c, dtype):
   w, u0, k_end, t = common.prepare_chunk(k_ref[...], v_ref[...], beta_ref[...][:, None],
-                                         _chunk_decay(b_ref, seg_ref, c), dtype)
+                                         la_gpu.decay_of_chunk(b_ref, seg_ref, c), dtype)
   w_ref[...], u0_ref[...], kend_ref[...], t_ref[...] = w, u0, k_end, t
 
 
@@ -311,9 +305,9 @@ def _prepare_bwd_kernel(k_ref, v_ref, beta_ref, b_ref, seg_ref, t_ref, dw_ref, d
   beta_col, t = beta_ref[...][:, None], t_ref[...]
   dv, dbeta, x = common.prepare_chunk_bwd_values(v_ref[...], beta_col, t, du0_ref[...], dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
-  dk, dbeta, db = common.prepare_chunk_bwd_keys(
-      k_ref[...], beta_col, _chunk_decay(b_ref, seg_ref, c), t, dw_ref[...], dkend_ref[...],
-      dbeta, x, dtype)
+  decay = la_gpu.decay_of_chunk(b_ref, seg_ref, c)
+  dk, dbeta, db = common.prepare_chunk_bwd_keys(k_ref[...], beta_col, decay, t, dw_ref[...],
+                                                dkend_ref[...], dbeta, x, dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dbeta_ref[...], db_ref[...] = dbeta, db
 
@@ -325,13 +319,6 @@ class PrepareConfig:
   interpret: bool
   num_warps: int = PREPARE_NUM_WARPS
   num_stages: int = NUM_STAGES
-
-
-def _tokens(c, d=None):
-  """Block: chunk ``n`` of one (batch, head) of a ``(B, N, H[, D])`` array."""
-  if d is None:
-    return pl.BlockSpec((None, c, None), lambda b, h, n: (b, n, h))
-  return pl.BlockSpec((None, c, None, d), lambda b, h, n: (b, n, h, 0))
 
 
 def _chunk(c, d):
@@ -354,7 +341,7 @@ def _prepare_forward(k, v, beta, b, seg, cfg):
   out = lambda d: jax.ShapeDtypeStruct((bsz, h, nc, c, d), F32)  # noqa: E731
   return _prepare_call(
       _prepare_kernel, "delta_prepare_fwd", cfg, (bsz, h, nc), (k, v, beta, b, seg),
-      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c), _tokens(c)],
+      [chunk_tokens(c, dk), chunk_tokens(c, dv)] + [chunk_tokens(c)] * 3,
       [_chunk(c, dk), _chunk(c, dv), _chunk(c, dk), _chunk(c, c)],
       [out(dk), out(dv), out(dk), out(c)])
 
@@ -378,9 +365,9 @@ def _prepare_bwd(cfg, res, cotangents):
   d_k, d_v, d_beta, d_b = _prepare_call(
       _prepare_bwd_kernel, "delta_prepare_bwd", cfg, (bsz, h, n // c),
       (k, v, beta, b, seg, t, dw, du0, dk_end),
-      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c), _tokens(c), _chunk(c, c),
+      [chunk_tokens(c, dk), chunk_tokens(c, dv)] + [chunk_tokens(c)] * 3 + [_chunk(c, c),
        _chunk(c, dk), _chunk(c, dv), _chunk(c, dk)],
-      [_tokens(c, dk), _tokens(c, dv), _tokens(c), _tokens(c)],
+      [chunk_tokens(c, dk), chunk_tokens(c, dv), chunk_tokens(c), chunk_tokens(c)],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        jax.ShapeDtypeStruct(beta.shape, F32), jax.ShapeDtypeStruct(b.shape, F32)])
   return d_k, d_v, d_beta.astype(beta.dtype), d_b, jnp.zeros_like(seg)

@@ -322,7 +322,8 @@ def parallel_bwd_chunk(q, k, v, do, s_before, ds_after, decay, emit, *, scale, d
 
   ``s_before``/``ds_after`` may be refs: they are read (``[...]``) where first needed, and
   ``emit(name, value)`` receives each result as soon as it is final, so the kernel stores it and
-  its tile is dead (spills on sm_90 at 8 warps: 856 B with every tile loaded up front, 56 B so): ``"dv"``, ``"dk"``, ``"dq"`` (float32 ``(c, D)``), ``"in_chunk"``,
+  its tile is dead (spills on sm_90 at 8 warps: 856 B with every tile loaded up front, 56 B so):
+  ``"dv"``, ``"dk"``, ``"dq"`` (float32 ``(c, D)``), ``"in_chunk"``,
   ``"k_state"``, ``"flux"``, ``"q_state"`` (float32 ``(c,)``: :class:`DecayRows` and
   ``q_i . (dq's state part)_i``).
   """

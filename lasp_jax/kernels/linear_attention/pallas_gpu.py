@@ -33,7 +33,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lasp_jax.kernels._pallas_util import is_pow2_at_least_16, matmul
+from lasp_jax.kernels._pallas_util import chunk_tokens, is_pow2_at_least_16, matmul
 from lasp_jax.kernels.linear_attention import _pallas_common as common
 from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
@@ -196,8 +196,9 @@ def _chunk_states_kernel(*refs, has_decay, nc, c, scale, dtype):
   sf_ref[...] = jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
 
 
-def _chunk_decay_of(b_ref, seg_ref, c):
-  """The decay of the one chunk a chunk-parallel program holds (its ``(c,)`` prefix sums)."""
+def decay_of_chunk(b_ref, seg_ref, c):
+  """:class:`common.Decay` of the one chunk a chunk-parallel program holds, from the refs of its
+  ``(c,)`` prefix sums (:func:`common.chunk_prefix`)."""
   b, seg = b_ref[...], seg_ref[...]
   last = pl.ds(c - 1, 1)
   return common.chunk_decay(b[None, :], seg[None, :], columns=(
@@ -207,7 +208,7 @@ def _chunk_decay_of(b_ref, seg_ref, c):
 def _parallel_fwd_kernel(q_ref, k_ref, v_ref, st_ref, b_ref, seg_ref, o_ref, flag_ref, *, c,
                          scale, dtype):
   o = common.output_chunk(q_ref[...], k_ref[...], v_ref[...], st_ref[...],
-                          _chunk_decay_of(b_ref, seg_ref, c), scale=scale, dtype=dtype)
+                          decay_of_chunk(b_ref, seg_ref, c), scale=scale, dtype=dtype)
   o_ref[...] = o.astype(o_ref.dtype)
   flag_ref[...] = common.nonfinite_flag(o)
 
@@ -232,7 +233,7 @@ def _chunk_dstates_kernel(*refs, has_decay, nc, c, scale, dtype):
 def _parallel_bwd_kernel(q_ref, k_ref, v_ref, do_ref, st_ref, dst_ref, b_ref, seg_ref,
                          dq_ref, dk_ref, dv_ref, qs_ref, inc_ref, ks_ref, flux_ref, *, c, scale,
                          dtype):
-  decay = _chunk_decay_of(b_ref, seg_ref, c)
+  decay = decay_of_chunk(b_ref, seg_ref, c)
   out = dict(dq=dq_ref, dk=dk_ref, dv=dv_ref, q_state=qs_ref, in_chunk=inc_ref, k_state=ks_ref,
              flux=flux_ref)
 
@@ -437,21 +438,13 @@ def _chunk_parallel_call(kernel, name, q, decay, cfg, *, args, in_specs, out_spe
   """One program per chunk, grid ``(B, H, NC)``; the decay's ``(b, seg)`` come last."""
   bsz, n, h, _ = q.shape
   c = cfg.block_sizes.chunk_size
-  per_token = pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
   return pl.pallas_call(
       functools.partial(kernel, c=c, scale=cfg.scale, dtype=q.dtype),
-      grid=(bsz, h, n // c), in_specs=[*in_specs, per_token, per_token],
+      grid=(bsz, h, n // c), in_specs=[*in_specs, chunk_tokens(c), chunk_tokens(c)],
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=CHUNK_PARALLEL_NUM_WARPS,
                                            num_stages=cfg.block_sizes.num_stages),
       interpret=cfg.interpret, name=name)(*args, *decay)
-
-
-def _chunk_tokens(c, d=None):
-  """Block: chunk ``i`` of one (batch, head) of a ``(B, N, H[, D])`` array."""
-  if d is None:
-    return pl.BlockSpec((None, c, None), lambda b, h, i: (b, i, h))
-  return pl.BlockSpec((None, c, None, d), lambda b, h, i: (b, i, h, 0))
 
 
 def _chunk_state(dk, dv):
@@ -468,9 +461,9 @@ def decay_forward(q, k, v, decay, s0, cfg):
   o, flag = _chunk_parallel_call(
       _parallel_fwd_kernel, "linear_attention_fwd_chunks", q, decay, cfg,
       args=[q, k, v, st],
-      in_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv),
+      in_specs=[chunk_tokens(c, dk), chunk_tokens(c, dk), chunk_tokens(c, dv),
                 _chunk_state(dk, dv)],
-      out_specs=[_chunk_tokens(c, dv),
+      out_specs=[chunk_tokens(c, dv),
                  pl.BlockSpec((None, None, None, 1, 1), lambda b, h, i: (b, h, i, 0, 0))],
       out_shape=[jax.ShapeDtypeStruct(v.shape, q.dtype),
                  jax.ShapeDtypeStruct((bsz, h, n // c, 1, 1), F32)])
@@ -498,10 +491,10 @@ def decay_backward(q, k, v, do, decay, s0, ds_final, cfg):
   dq_, dk_, dv_, q_state, *rows = _chunk_parallel_call(
       _parallel_bwd_kernel, "linear_attention_bwd_chunks", q, decay, cfg,
       args=[q, k, v, do, st, dst],
-      in_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv),
-                _chunk_tokens(c, dv), _chunk_state(dk, dv), _chunk_state(dk, dv)],
-      out_specs=[_chunk_tokens(c, dk), _chunk_tokens(c, dk), _chunk_tokens(c, dv)]
-      + [_chunk_tokens(c)] * 4,
+      in_specs=[chunk_tokens(c, dk), chunk_tokens(c, dk), chunk_tokens(c, dv),
+                chunk_tokens(c, dv), _chunk_state(dk, dv), _chunk_state(dk, dv)],
+      out_specs=[chunk_tokens(c, dk), chunk_tokens(c, dk), chunk_tokens(c, dv)]
+      + [chunk_tokens(c)] * 4,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(k.shape, k.dtype),
                  jax.ShapeDtypeStruct(v.shape, v.dtype)] + [row] * 4)
   dg = common.decay_grad_flux(c, q_state, common.DecayRows(*rows))
