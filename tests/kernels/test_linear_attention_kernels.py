@@ -160,6 +160,28 @@ def test_bfloat16_head_decay_gradient():
   assert rel_err(np.asarray(dg, np.float64), want) < 2e-2
 
 
+def test_tpu_bfloat16_head_decay_gradient_over_a_long_row():
+  """The TPU kernels' (H,) decay gradient at N = 4096 from bf16 inputs: as the suffix sum of
+  q.dq - k.dk over the row it was 2.5e-2 off here; from the chunk-local sums (column sums of P and
+  the flux per chunk, ``_pallas_common.dkv_chunk_lanes``) 1.6e-3 (the GPU kernels 5.9e-3, the XLA
+  path 6.5e-3)."""
+  rng = np.random.default_rng(4)
+  n, d = 4096, 128
+  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)
+             for s in (d ** -0.5, d ** -0.5, 1.0))
+  g = jnp.asarray([-0.01, -0.1], jnp.float32)
+  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))
+
+  def loss(fn):
+    return lambda q, k, v, g: jnp.sum(fn(q, k, v, g)[0].astype(jnp.float32) * w)
+
+  kernel = functools.partial(kernels.chunk_linear_attention, chunk_size=64, backend="tpu",
+                             interpret=True)
+  dg = jax.grad(loss(kernel), argnums=3)(q, k, v, g)
+  want = f64(lambda *a: jax.grad(loss(linear_recurrence), argnums=3)(*a), q, k, v, g)
+  assert rel_err(np.asarray(dg, np.float64), want) < 5e-3
+
+
 def test_gpu_split_backward_and_channel_blocks_are_exact():
   """Dk/Dv split over two programs each, dk and dv from separate kernels."""
   q, k, v, g, s0 = _data(3, 1, 64, 1, 32, 32, "token")

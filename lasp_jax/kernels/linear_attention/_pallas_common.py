@@ -49,8 +49,9 @@ Backward (two kernels, both recompute rather than store per-chunk states):
   roundings: an ``(H,)`` decay's dg was 16% off on an H200), so the GPU kernels sum ``dg_t`` over
   the pairs ``j < t <= i`` chunk by chunk instead (:func:`decay_grad_flux`; the dq pass stores the
   state before each chunk, in the input dtype, for the dkv pass's ``<a S_n, dS_{n+1}>``), and dq,
-  dk leave in the input dtype. The TPU kernels still use the suffix sum
-  (:func:`decay_grad_suffix`). Below the floor the clamp makes the gradient 0 (-inf included), the
+  dk leave in the input dtype. The TPU kernels take the same chunk-local sums from the column
+  sums of ``P`` and the flux (:func:`dkv_chunk_lanes`) and the row sums ``q.dq``, ``k.dk`` of
+  their float32 gradients. Below the floor the clamp makes the gradient 0 (-inf included), the
   exact value.
 """
 
@@ -288,6 +289,26 @@ def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
   return dk, dv, ds_prev, rows
 
 
+def dkv_chunk_lanes(q, k, v, do, ds, decay, s_before, *, scale, dtype):
+  """:func:`dkv_chunk` with a decay, its decay parts in the forms a Mosaic kernel stores without
+  a relayout: ``(dk, dv, dS before the chunk, col_p (1, c), flux (1, 1))``, ``col_p`` the column
+  sums of ``P`` (a sublane reduction, so lanes) and ``flux`` as in :class:`DecayRows`. With the
+  row sums ``q.dq`` and ``k.dk`` of the float32 gradients (XLA), they give the chunk-local sums of
+  :func:`decay_grad_flux`: ``in_chunk + q_state = q.dq - col_p`` and ``k_state = k.dk - col_p``,
+  since ``q_i.dq_i = rowsum(P)_i + q_state_i`` and ``k_j.dk_j = colsum(P)_j + k_state_j``."""
+  c = q.shape[0]
+  mask = causal_mask(c)
+  scores, dp = matmul(q, k, "nt", dtype), matmul(do, v, "nt", dtype)
+  da = _weights(dp, decay, mask)
+  dv = (scale * matmul(_weights(scores, decay, mask), do, "tn", dtype)
+        + matmul(_decayed_keys(k, decay), ds, "nn", dtype))
+  dk, _, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  col_p = jnp.sum(jnp.where(mask, scale * scores * da, 0.0), axis=0, keepdims=True)
+  total = jnp.sum(jnp.sum(s_before.astype(F32) * ds, axis=1, keepdims=True), axis=0,
+                  keepdims=True)
+  return dk, dv, ds_prev, col_p, decay.chunk * total
+
+
 def dk_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
   """Reverse pass for a Dk slice: ``q``/``k``/``ds``/``s_before`` hold channels ``kb``.
 
@@ -363,14 +384,6 @@ def per_token_decay(log_decay, batch, seq_len, heads):
 def row_dot(x, y_f32):
   """``sum_d x_d y_d`` per row, float32: ``(c, D) x (c, D) -> (c,)``."""
   return jnp.sum(x.astype(F32) * y_f32, axis=1)
-
-
-def decay_grad_suffix(qdq, kdk, s_final, ds_final):
-  """``dg (B, N, H)`` as the suffix sum of ``dL/dB_i = q_i.dq_i - k_i.dk_i`` (+ the final state
-  at i = N) over the whole row: what the TPU kernels use. It cancels badly from bf16 operands
-  (module docstring); the GPU kernels use :func:`decay_grad_flux`."""
-  db = (qdq - kdk).at[:, -1].add(jnp.sum(s_final * ds_final, axis=(-2, -1)))
-  return jnp.flip(jnp.cumsum(jnp.flip(db, 1), axis=1), 1)
 
 
 def decay_grad_flux(chunk_size, q_state, rows: DecayRows):

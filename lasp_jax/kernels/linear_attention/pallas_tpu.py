@@ -3,8 +3,10 @@
 Grid ``(B, H, N / chunk_size)`` with the chunk axis last and ``"arbitrary"`` (sequential): the
 float32 state (or its cotangent) lives in a VMEM scratch buffer across chunk steps, initialised at
 the first step and written out at the last, the pattern of JAX's TPU flash attention. Three kernels
-(math in ``_pallas_common``): forward; ``dq`` (forward over chunks, recomputing the state);
-``dk, dv`` (backward over chunks via a reversed index map, carrying ``dS``).
+(math in ``_pallas_common``): forward; ``dq`` (forward over chunks, recomputing the state; with a
+decay it also writes the state before every chunk); ``dk, dv`` (backward over chunks via a
+reversed index map, carrying ``dS``; with a decay it reads those states and writes the column
+sums of ``P`` and the flux per chunk, for the chunk-local decay gradient of the GPU kernels).
 
 Mosaic blocks must have their last two dims divisible by (8, 128) or equal to the array's, so the
 kernels work on ``(B, H, N, D)`` (a transpose in XLA around the calls): a block is one chunk of one
@@ -87,12 +89,14 @@ def _forward_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (k_ref, v_ref, do_ref, s0_ref), decay_refs, (dq_ref, s_scr) = _split(refs, 4, has_decay)
+  (k_ref, v_ref, do_ref, s0_ref), decay_refs, (dq_ref, *st_ref, s_scr) = _split(refs, 4, has_decay)
 
   @pl.when(pl.program_id(2) == 0)
   def _():
     s_scr[...] = s0_ref[...]
 
+  if has_decay:   # the state before the chunk, for the dkv pass's flux term of dg
+    st_ref[0][...] = s_scr[...].astype(st_ref[0].dtype)
   decay = _chunk_decay(decay_refs)
   dq, _, s = common.dq_chunk(k_ref[...], v_ref[...], do_ref[...], s_scr[...], decay,
                              scale=scale, dtype=dtype)
@@ -101,8 +105,9 @@ def _dq_kernel(*refs, has_decay, nc, c, scale, dtype):
 
 
 def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
-  (q_ref, k_ref, v_ref, do_ref, dsf_ref), decay_refs, (dk_ref, dv_ref, ds0_ref, ds_scr) = _split(
-      refs, 5, has_decay)
+  ins, decay_refs, (dk_ref, dv_ref, ds0_ref, *decay_out, ds_scr) = _split(
+      refs, 6 if has_decay else 5, has_decay)
+  q_ref, k_ref, v_ref, do_ref, dsf_ref = ins[:5]
   j = pl.program_id(2)   # step j handles chunk nc - 1 - j (the index maps reverse it)
 
   @pl.when(j == 0)
@@ -110,8 +115,13 @@ def _dkv_kernel(*refs, has_decay, nc, c, scale, dtype):
     ds_scr[...] = dsf_ref[...]
 
   decay = _chunk_decay(decay_refs)
-  dk, dv, ds, _ = common.dkv_chunk(q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...],
-                                   decay, scale=scale, dtype=dtype)
+  chunk = (q_ref[...], k_ref[...], v_ref[...], do_ref[...], ds_scr[...], decay)
+  if has_decay:
+    dk, dv, ds, col_p, flux = common.dkv_chunk_lanes(*chunk, ins[5][...], scale=scale,
+                                                     dtype=dtype)
+    decay_out[0][...], decay_out[1][...] = col_p, flux
+  else:
+    dk, dv, ds, _ = common.dkv_chunk(*chunk, scale=scale, dtype=dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
   ds_scr[...] = ds
@@ -175,8 +185,14 @@ def forward(q, k, v, g, s0, cfg):
   return _bhnd(o_t), s_final, flag
 
 
+def _per_chunk(rows, cols, nc, reverse):
+  """One chunk's ``(rows, cols)`` block of a ``(B, H, NC, rows, cols)`` array."""
+  return chunk_block((None, None, None, rows, cols), nc, reverse)
+
+
 def dq(q, k, v, do, g, s0, cfg):
-  """``(dq (B, N, H, Dk) in k's dtype, q.dq (B, N, H) float32 or None)``.
+  """``(dq (B, N, H, Dk) in k's dtype, aux)``: None without a decay, else ``(q.dq (B, N, H)
+  float32, the state before every chunk (B, H, NC, Dk, Dv) in k's dtype)``.
 
   ``q`` is only read (in XLA) for the decay gradient's row sums; the kernel takes k, v, dO."""
   bsz, n, h, dk = k.shape
@@ -184,14 +200,18 @@ def dq(q, k, v, do, g, s0, cfg):
   c = cfg.block_sizes.chunk_size
   nc = n // c
   k_t = _bhnd(k)
-  dq_t = _call(
+  out_specs = [_chunk_spec(c, dk, nc, False)]
+  out_shape = [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype)]
+  if g is not None:
+    out_specs.append(_per_chunk(dk, dv, nc, False))
+    out_shape.append(jax.ShapeDtypeStruct((bsz, h, nc, dk, dv), k.dtype))
+  dq_t, *states = _call(
       _dq_kernel, cfg, k_t, g, (k_t, _bhnd(v), _bhnd(do), s0),
       [_chunk_spec(c, dk, nc, False)] + [_chunk_spec(c, dv, nc, False)] * 2
       + [state_block(dk, dv)],
-      _chunk_spec(c, dk, nc, False),
-      jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
-      [pltpu.VMEM((dk, dv), F32)])
-  return _with_row_sum(q, _bhnd(dq_t), g)
+      out_specs, out_shape, [pltpu.VMEM((dk, dv), F32)])
+  dq_, qdq = _with_row_sum(q, _bhnd(dq_t), g)
+  return dq_, (None if g is None else (qdq, states[0]))
 
 
 def _with_row_sum(x, dx, g):
@@ -202,26 +222,39 @@ def _with_row_sum(x, dx, g):
   return dx.astype(x.dtype), jnp.sum(x.astype(F32) * dx, axis=-1)
 
 
-def dkv(q, k, v, do, g, ds_final, s_final, qdq, cfg):
-  """``(dk, dv, d initial_state, dg)``: dk, dv in the input dtype, dS0 float32, ``dg`` by
-  ``common.decay_grad_suffix`` from ``qdq`` (:func:`dq`'s row sums) or None without a decay."""
+def dkv(q, k, v, do, g, ds_final, s_final, aux, cfg):
+  """``(dk, dv, d initial_state, dg)``: dk, dv in the input dtype, dS0 float32, ``dg`` (None
+  without a decay) by ``common.decay_grad_flux`` from :func:`dq`'s ``aux`` and this pass's column
+  sums and flux (``common.dkv_chunk_lanes``)."""
+  del s_final   # the final state's part of dg is the last chunk's flux
   bsz, n, h, dk = q.shape
   dv = v.shape[-1]
   c = cfg.block_sizes.chunk_size
   nc = n // c
   q_t = _bhnd(q)
-  dk_t, dv_t, ds0 = _call(
-      _dkv_kernel, cfg, q_t, g, (q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final),
-      [_chunk_spec(c, dk, nc, True)] * 2 + [_chunk_spec(c, dv, nc, True)] * 2
-      + [state_block(dk, dv)],
-      [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), state_block(dk, dv)],
-      [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
-       jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
-       jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)],
-      [pltpu.VMEM((dk, dv), F32)], reverse=True)
+  ins = [q_t, _bhnd(k), _bhnd(v), _bhnd(do), ds_final]
+  in_specs = ([_chunk_spec(c, dk, nc, True)] * 2 + [_chunk_spec(c, dv, nc, True)] * 2
+              + [state_block(dk, dv)])
+  out_specs = [_chunk_spec(c, dk, nc, True), _chunk_spec(c, dv, nc, True), state_block(dk, dv)]
+  out_shape = [jax.ShapeDtypeStruct((bsz, h, n, dk), F32 if g is not None else k.dtype),
+               jax.ShapeDtypeStruct((bsz, h, n, dv), v.dtype),
+               jax.ShapeDtypeStruct((bsz, h, dk, dv), F32)]
+  if g is not None:
+    ins.append(aux[1])
+    in_specs.append(_per_chunk(dk, dv, nc, True))
+    out_specs += [_per_chunk(1, c, nc, True), _per_chunk(1, 1, nc, True)]
+    out_shape += [jax.ShapeDtypeStruct((bsz, h, nc, 1, c), F32),
+                  jax.ShapeDtypeStruct((bsz, h, nc, 1, 1), F32)]
+  dk_t, dv_t, ds0, *decay_out = _call(_dkv_kernel, cfg, q_t, g, ins, in_specs, out_specs,
+                                      out_shape, [pltpu.VMEM((dk, dv), F32)], reverse=True)
   dk_, kdk = _with_row_sum(k, _bhnd(dk_t), g)
-  dg = None if g is None else common.decay_grad_suffix(qdq, kdk, s_final, ds_final)
-  return dk_, _bhnd(dv_t), ds0, dg
+  if g is None:
+    return dk_, _bhnd(dv_t), ds0, None
+  col_p, flux = decay_out
+  per_token = lambda x: _bhnd(jnp.broadcast_to(x, (bsz, h, nc, 1, c)).reshape(bsz, h, n))  # noqa
+  col_p, flux = per_token(col_p), per_token(flux)
+  rows = common.DecayRows(in_chunk=jnp.zeros_like(col_p), k_state=kdk - col_p, flux=flux)
+  return dk_, _bhnd(dv_t), ds0, common.decay_grad_flux(c, aux[0] - col_p, rows)
 
 
 def chunk_linear_attention_tpu(q, k, v, log_decay=None, *, scale=1.0, initial_state=None,
