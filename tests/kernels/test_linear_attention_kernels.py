@@ -5,7 +5,6 @@ carried between tiles and the reversed walk of the backward pass all matter.
 """
 
 import contextlib
-import dataclasses
 import functools
 
 import jax
@@ -196,57 +195,6 @@ def test_gpu_split_backward_and_channel_blocks_are_exact():
       q, k, v, g, initial_state=s0), weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0)
   for a, b in zip(got, want):
     assert rel_err(a, b) < 2e-4
-
-
-CHUNK_PARALLEL_CASES = [
-    ("packed documents, token decay",
-     lambda: test_packed_documents_restart_the_state("gpu", "token")),
-    pytest.param("-inf gates", lambda: test_hard_reset_gate_is_exact("gpu", "-inf"),
-                 marks=pytest.mark.slow),
-    ("bf16 (H,) decay gradient", lambda: test_bfloat16_head_decay_gradient()),
-    pytest.param("bf16 token decay", lambda: test_bfloat16_token_decay("gpu"),
-                 marks=pytest.mark.slow),
-    pytest.param("NaN in a document",
-                 lambda: test_nan_in_a_document_stays_in_it_forward_and_backward("gpu", "-inf gate"),
-                 marks=pytest.mark.slow),
-]
-
-
-@pytest.mark.parametrize("name,case", CHUNK_PARALLEL_CASES)
-def test_gpu_chunk_parallel_passes_the_exactness_cases(monkeypatch, name, case):
-  """``BlockSizes.chunk_parallel_forward`` and ``chunk_parallel_backward`` (stored states, one
-  program per chunk) as the GPU default, through the same float64 checks as the sequential
-  kernels."""
-  bs = pallas_gpu.DEFAULT_BLOCK_SIZES
-  monkeypatch.setattr(pallas_gpu, "DEFAULT_BLOCK_SIZES", dataclasses.replace(
-      bs, chunk_parallel_forward=True, chunk_parallel_backward=True))
-  q, k, v, g, s0 = _data(3, 1, 64, 1, 32, 32, "token")
-  grad = jax.grad(lambda q: jnp.sum(kernels.chunk_linear_attention(
-      q, k, v, g, chunk_size=16, backend="gpu", interpret=True)[0]))
-  jaxpr = str(jax.make_jaxpr(grad)(q))
-  assert "linear_attention_fwd_chunks" in jaxpr and "linear_attention_bwd_chunks" in jaxpr
-  case()
-
-
-@pytest.mark.parametrize("forward", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_gpu_chunk_parallel_with_channel_blocks_is_exact(forward):
-  """The state passes over two Dv blocks each, Dk != Dv, an initial state, the chunk-parallel
-  backward with either forward: float64 recurrence."""
-  q, k, v, g, s0 = _data(5, 2, 64, 2, 32, 64, "token")
-  bs = pallas_gpu.BlockSizes(chunk_size=16, block_k=16, block_v=32, chunk_parallel_forward=forward,
-                             chunk_parallel_backward=True)
-
-  def fn(q, k, v, g, s0):
-    return pallas_gpu.chunk_linear_attention_gpu(q, k, v, g, initial_state=s0, block_sizes=bs,
-                                                 interpret=True)
-  weights = (np.cos(np.arange(v.size)).reshape(v.shape), np.ones(s0.shape))
-  got = (*fn(q, k, v, g, s0), *jax.grad(_loss(fn, weights), argnums=(0, 1, 2, 3, 4))(
-      q, k, v, g, s0))
-  ref = lambda q, k, v, g, s0: linear_recurrence(q, k, v, g, initial_state=s0)  # noqa: E731
-  want = (*f64(ref, q, k, v, g, s0), *f64(lambda *a: jax.grad(
-      _loss(ref, weights), argnums=(0, 1, 2, 3, 4))(*a), q, k, v, g, s0))
-  for name, a, b in zip(("o", "final_state", "dq", "dk", "dv", "dg", "ds0"), got, want):
-    assert rel_err(a, b) < 2e-4, (name, rel_err(a, b))
 
 
 def test_interpret_defaults_to_cpu_and_per_channel_decay_uses_xla():
