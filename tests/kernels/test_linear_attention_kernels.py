@@ -131,7 +131,8 @@ def test_square_scores_refuse_what_they_cannot_run():
   assert kernels.linear_attention.resolve_backend("auto", q, v, scores="square") == "xla"
 
 
-@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+# gpu: slow; its default-run bf16 decay case is test_bfloat16_head_decay_gradient (the same kernels).
+@pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.slow), "tpu"])
 def test_bfloat16_token_decay(backend):
   d = HEAD_DIM[backend]
   _check(backend, *_data(2, 1, 64, 1, d, d, "token", jnp.bfloat16), 16, 3e-2)
@@ -266,7 +267,8 @@ def test_lowers_for_the_real_hardware(backend, platform, target):
 
 
 @pytest.mark.parametrize("dk, dv", [
-    pytest.param(64, 128, marks=pytest.mark.slow), (128, 96), (16, 40)])
+    pytest.param(64, 128, marks=pytest.mark.slow), pytest.param(128, 96, marks=pytest.mark.slow),
+    (16, 40)])
 def test_tpu_head_dims_off_the_lane_tiling(dk, dv):
   """Head dims that are not multiples of 128 (zero-padded to one, exact) on the TPU kernels:
   forward, final state and every gradient against the float64 recurrence."""

@@ -44,12 +44,14 @@ from lasp_jax.kernels.linear_attention import pallas_gpu as la_gpu
 NUM_WARPS = 4
 NUM_STAGES = 2
 # Shared memory per block that Triton 3.9 reports compiling the reverse kernel (the largest) for
-# sm_90 at 4 warps, 2 stages, from jax.export's Triton IR; the H100/H200 limit is 232448 bytes:
+# sm_90 at 4 warps, 2 stages, from jax.export's Triton IR; the H100/H200 limit is 232448 bytes.
+# With the default block_v (2026-12-05): C=64, Dk=128, block_v 64: 147456; C=128, Dk=128,
+# block_v 32: 204800; C=64, Dk=256, block_v 32: 229376. An earlier version of the kernel:
 #   C=64,  Dk=128: block_v 32: 122880, 64: 180224, 128: 294912
 #   C=128, Dk=128: block_v 32: 212992, 64: 294912;   C=64, Dk=256: block_v 32: 221184, 64: 311296
 #   C=128, Dk=256: block_v 16: 319488 (nothing fits)
 # Hence the default block_v (:func:`default_block_v`) and the bound on C * Dk in check_shapes.
-# jaxlib's bundled Triton may differ a little; no GPU has run these kernels yet.
+# jaxlib's bundled Triton may differ a little.
 MAX_CHUNK_TIMES_DK = 128 * 128
 PREPARE_NUM_WARPS = 8
 
@@ -112,14 +114,14 @@ def _reverse_kernel(w_ref, k_ref, u_ref, du_ref, lg_ref, st_ref, dsf_ref,
     n = nc - 1 - j
     rows = pl.ds(pl.multiple_of(n * c, c), c)
     state_rows = pl.ds(pl.multiple_of(n * dk, dk), dk)
-    dw, du0, dk_end, dlg_col, ds = common.reverse_chunk(
-        w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], du_ref[rows, :],
-        _decay_col(lg_ref, n, dk), st_ref[state_rows, :], ds, dtype)
-    dw_ref[rows, :] = dw
-    du0_ref[rows, :] = du0
-    dk_ref[rows, :] = dk_end
-    dlg_ref[state_rows] = jnp.sum(dlg_col, axis=1)       # (Dk, 1) -> (Dk,)
-    return ds
+    def emit(name, value):
+      if name == "dlg":
+        dlg_ref[state_rows] = jnp.sum(value, axis=1)       # (Dk, 1) -> (Dk,)
+      else:
+        {"dw": dw_ref, "du0": du0_ref, "dk_end": dk_ref}[name][rows, :] = value
+
+    return common.reverse_chunk(w_ref[rows, :], k_ref[rows, :], u_ref[rows, :], du_ref[rows, :],
+                                _decay_col(lg_ref, n, dk), st_ref[state_rows, :], ds, emit, dtype)
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...])
 

@@ -98,13 +98,14 @@ def _reverse_kernel(w_ref, k_ref, u_ref, du_ref, lg_ref, st_ref, dsf_ref,
   def _():
     ds_scr[...] = dsf_ref[...]
 
-  dw, du0, dk, dlg_col, ds = common.reverse_chunk(
-      w_ref[...], k_ref[...], u_ref[...], du_ref[...], _decay_col(lg_ref), st_ref[...],
-      ds_scr[...])
-  dw_ref[...] = dw
-  du0_ref[...] = du0
-  dk_ref[...] = dk
-  dlg_ref[...] = _col_to_row(dlg_col)
+  def emit(name, value):
+    if name == "dlg":
+      dlg_ref[...] = _col_to_row(value)
+    else:
+      {"dw": dw_ref, "du0": du0_ref, "dk_end": dk_ref}[name][...] = value
+
+  ds = common.reverse_chunk(w_ref[...], k_ref[...], u_ref[...], du_ref[...], _decay_col(lg_ref),
+                            st_ref[...], ds_scr[...], emit)
   ds_scr[...] = ds
 
   @pl.when(j == nc - 1)
