@@ -49,7 +49,8 @@ _PLATFORM_DEFAULT = {
 
 # Input dtypes for which a family's GPU kernel may be picked: the delta state pass runs float32
 # inputs as IEEE dots on CUDA cores, 10x slower than XLA (522.9 vs 51.4 ms, the H200 run above).
-_GPU_DTYPES = {"delta_state_pass": ("bfloat16",)}
+# The WY prepare's float32 dots are IEEE too (its sm_90 compile spills 24 KB per thread).
+_GPU_DTYPES = {"delta_state_pass": ("bfloat16",), "delta_prepare": ("bfloat16",)}
 
 
 def default_backend() -> str:

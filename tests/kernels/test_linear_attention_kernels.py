@@ -131,8 +131,9 @@ def test_square_scores_refuse_what_they_cannot_run():
   assert kernels.linear_attention.resolve_backend("auto", q, v, scores="square") == "xla"
 
 
-# gpu: slow; its default-run bf16 decay case is test_bfloat16_head_decay_gradient (the same kernels).
-@pytest.mark.parametrize("backend", [pytest.param("gpu", marks=pytest.mark.slow), "tpu"])
+# Slow: the default run's bf16 decay cases are test_bfloat16_head_decay_gradient (GPU) and
+# test_tpu_bfloat16_head_decay_gradient_over_a_long_row (TPU), through the same kernels.
+@pytest.mark.parametrize("backend", [pytest.param(b, marks=pytest.mark.slow) for b in ("gpu", "tpu")])
 def test_bfloat16_token_decay(backend):
   d = HEAD_DIM[backend]
   _check(backend, *_data(2, 1, 64, 1, d, d, "token", jnp.bfloat16), 16, 3e-2)
@@ -161,16 +162,16 @@ def test_bfloat16_head_decay_gradient():
 
 
 def test_tpu_bfloat16_head_decay_gradient_over_a_long_row():
-  """The TPU kernels' (H,) decay gradient at N = 4096 from bf16 inputs: as the suffix sum of
-  q.dq - k.dk over the row it was 2.5e-2 off here; from the chunk-local sums (column sums of P and
-  the flux per chunk, ``_pallas_common.dkv_chunk_lanes``) 1.6e-3 (the GPU kernels 5.9e-3, the XLA
-  path 6.5e-3)."""
+  """The TPU kernels' (H,) decay gradient at N = 4096 from bf16 inputs (a gate of -0.1): as the
+  suffix sum of q.dq - k.dk over the row it was 0.21 off here; from the chunk-local sums (column
+  sums of P and the flux per chunk, ``_pallas_common.dkv_chunk_lanes``) 4.4e-3. (With a second
+  head of gate -0.01: 2.5e-2 before, 1.6e-3 after, the GPU kernels 5.9e-3, the XLA path 6.5e-3.)"""
   rng = np.random.default_rng(4)
   n, d = 4096, 128
-  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)[:, :, 1:]
              for s in (d ** -0.5, d ** -0.5, 1.0))
-  g = jnp.asarray([-0.01, -0.1], jnp.float32)
-  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))
+  g = jnp.asarray([-0.1], jnp.float32)
+  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))[:, :, 1:]
 
   def loss(fn):
     return lambda q, k, v, g: jnp.sum(fn(q, k, v, g)[0].astype(jnp.float32) * w)
@@ -179,7 +180,7 @@ def test_tpu_bfloat16_head_decay_gradient_over_a_long_row():
                              interpret=True)
   dg = jax.grad(loss(kernel), argnums=3)(q, k, v, g)
   want = f64(lambda *a: jax.grad(loss(linear_recurrence), argnums=3)(*a), q, k, v, g)
-  assert rel_err(np.asarray(dg, np.float64), want) < 5e-3
+  assert rel_err(np.asarray(dg, np.float64), want) < 1e-2
 
 
 def test_gpu_split_backward_and_channel_blocks_are_exact():
