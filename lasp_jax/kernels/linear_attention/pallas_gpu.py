@@ -10,6 +10,12 @@ grid axis sequentially the way Mosaic does). Three kernels (math in ``_pallas_co
   ``BlockSizes.split_backward``, a ``dk`` kernel over Dk blocks (rows of ``dS``) and a ``dv`` kernel
   over Dv blocks (columns of ``dS``).
 
+With a decay and ``BlockSizes.chunk_parallel_forward`` / ``chunk_parallel_backward`` (not yet timed
+on a GPU, so off by default), the sequential kernels only carry states (``states``: the state
+before every chunk; ``dstates``: the cotangent after it) into HBM and one program per chunk, grid
+``(B, H, NC)``, does the rest (``fwd_chunks``: the output; ``bwd_chunks``: dq, dk, dv and the
+decay rows).
+
 Measured on an H200 (``benchmarks/results/kernels_gpu.json``, B8 N8192 H16 D128 bf16 fwd+bwd):
 no decay 1.52 ms (45% of the roofline, 8.6x the XLA path), per-token decay 5.88 ms (3.0x XLA).
 With a decay, the kernels read per-chunk prefix sums (``_pallas_common.chunk_prefix``) as rows and
