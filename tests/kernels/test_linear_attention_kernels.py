@@ -139,26 +139,31 @@ def test_bfloat16_token_decay(backend):
   _check(backend, *_data(2, 1, 64, 1, d, d, "token", jnp.bfloat16), 16, 3e-2)
 
 
+def _bf16_head_decay_dg_error(backend, n, d, heads):
+  """Relative error of the (H,) decay's gradient from bf16 inputs (chunk 64) against the float64
+  recurrence: two heads of gates ``[-0.01, -0.1]`` drawn, ``heads`` of them kept."""
+  rng = np.random.default_rng(4)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)[:, :, heads]
+             for s in (d ** -0.5, d ** -0.5, 1.0))
+  g = jnp.asarray([-0.01, -0.1], jnp.float32)[heads]
+  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))[:, :, heads]
+
+  def loss(fn):
+    return lambda q, k, v, g: jnp.sum(fn(q, k, v, g)[0].astype(jnp.float32) * w)
+
+  kernel = functools.partial(kernels.chunk_linear_attention, chunk_size=64, backend=backend,
+                             interpret=True)
+  dg = jax.grad(loss(kernel), argnums=3)(q, k, v, g)
+  want = f64(lambda *a: jax.grad(loss(linear_recurrence), argnums=3)(*a), q, k, v, g)
+  return rel_err(np.asarray(dg, np.float64), want)
+
+
 def test_bfloat16_head_decay_gradient():
   """The (H,) decay's gradient sums dL/dB over every token, which cancels: built as a suffix sum
   of q.dq - k.dk from bf16 operands it was 4.5e-2 off here (1.6e-1 on an H200 at N 8192); the
   chunk-local flux form (``_pallas_common.decay_grad_flux``) gives 1.1e-2 (the XLA path 5.6e-3:
   what is left is the bf16 rounding of the kernels' dot operands)."""
-  rng = np.random.default_rng(4)
-  n, d = 512, 64
-  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)
-             for s in (d ** -0.5, d ** -0.5, 1.0))
-  g = jnp.asarray([-0.01, -0.1], jnp.float32)
-  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))
-
-  def loss(fn):
-    return lambda q, k, v, g: jnp.sum(fn(q, k, v, g)[0].astype(jnp.float32) * w)
-
-  kernel = functools.partial(kernels.chunk_linear_attention, chunk_size=64, backend="gpu",
-                             interpret=True)
-  dg = jax.grad(loss(kernel), argnums=3)(q, k, v, g)
-  want = f64(lambda *a: jax.grad(loss(linear_recurrence), argnums=3)(*a), q, k, v, g)
-  assert rel_err(np.asarray(dg, np.float64), want) < 2e-2
+  assert _bf16_head_decay_dg_error("gpu", 512, 64, slice(None)) < 2e-2
 
 
 def test_tpu_bfloat16_head_decay_gradient_over_a_long_row():
@@ -166,21 +171,7 @@ def test_tpu_bfloat16_head_decay_gradient_over_a_long_row():
   suffix sum of q.dq - k.dk over the row it was 0.21 off here; from the chunk-local sums (column
   sums of P and the flux per chunk, ``_pallas_common.dkv_chunk_lanes``) 4.4e-3. (With a second
   head of gate -0.01: 2.5e-2 before, 1.6e-3 after, the GPU kernels 5.9e-3, the XLA path 6.5e-3.)"""
-  rng = np.random.default_rng(4)
-  n, d = 4096, 128
-  q, k, v = (jnp.asarray(rng.standard_normal((1, n, 2, d)) * s, jnp.bfloat16)[:, :, 1:]
-             for s in (d ** -0.5, d ** -0.5, 1.0))
-  g = jnp.asarray([-0.1], jnp.float32)
-  w = jnp.asarray(rng.standard_normal((1, n, 2, d)))[:, :, 1:]
-
-  def loss(fn):
-    return lambda q, k, v, g: jnp.sum(fn(q, k, v, g)[0].astype(jnp.float32) * w)
-
-  kernel = functools.partial(kernels.chunk_linear_attention, chunk_size=64, backend="tpu",
-                             interpret=True)
-  dg = jax.grad(loss(kernel), argnums=3)(q, k, v, g)
-  want = f64(lambda *a: jax.grad(loss(linear_recurrence), argnums=3)(*a), q, k, v, g)
-  assert rel_err(np.asarray(dg, np.float64), want) < 1e-2
+  assert _bf16_head_decay_dg_error("tpu", 4096, 128, slice(1, 2)) < 1e-2
 
 
 def test_gpu_split_backward_and_channel_blocks_are_exact():
