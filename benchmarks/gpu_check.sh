@@ -15,8 +15,8 @@
 # SMALL=1 (or --small): toy sizes, on any machine (the CPU dry run of the whole script).
 # Budgets in seconds: KERNELS_TIMEOUT (200; KERNELS_DEADLINE, default 50 less: no new timing
 # starts after it), TRAIN_TIMEOUT (210 for both configs, of which TRAIN_RESERVE, 85, is kept for
-# the second), DELTA_TIMEOUT (60). Other knobs: ITERS (10), TRAIN_STEPS (5), TRAIN_BACKENDS (auto,xla), KERNELS_ARGS,
-# TRAIN_ARGS (extra flags). The H200 compiled the GDN hybrid's step in 48 s (2026-12-04).
+# the second), DELTA_TIMEOUT (60). Other knobs: ITERS (10), TRAIN_STEPS (5), TRAIN_BACKENDS
+# (auto,xla), KERNELS_ARGS, TRAIN_ARGS (extra flags). The H200 compiled the GDN hybrid's step in 48 s (2026-12-04).
 set -uo pipefail
 [ "${1:-}" = "--small" ] && SMALL=1
 SMALL=${SMALL:-0}

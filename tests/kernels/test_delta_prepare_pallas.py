@@ -140,6 +140,14 @@ def test_shapes_the_kernels_cannot_tile_are_named(shapes, g_shape, dtype, match)
                                   None, 24)
 
 
+def test_a_chunk_that_does_not_divide_n_or_mismatched_v_is_named():
+  k = jnp.zeros((1, 64, 2, 16))
+  with pytest.raises(ValueError, match="C=128 must divide the sequence length N=64"):
+    pallas_gpu.prepare_chunks_gpu(k, jnp.zeros((1, 64, 2, 32)), jnp.zeros((1, 64, 2)), None, 128)
+  with pytest.raises(ValueError, match=r"v must have k's \(B, N, H\) = \(1, 64, 2\)"):
+    pallas_gpu.prepare_chunks_gpu(k, jnp.zeros((1, 32, 2, 32)), jnp.zeros((1, 64, 2)), None, 16)
+
+
 def test_lowers_for_the_real_hardware():
   """Cross-lowers fwd+bwd at a production-like size for an H100: the Triton lowering of both
   kernels, which interpret mode never touches (not the backend compile: no GPU here)."""

@@ -289,6 +289,10 @@ def check_prepare_shapes(k, v, g, chunk):
   if k.dtype not in (jnp.float32, jnp.bfloat16):
     raise TypeError(f"backend 'gpu' takes float32 or bfloat16 inputs, got {k.dtype}")
   bsz, n, h, _ = k.shape
+  if v.shape[:3] != k.shape[:3]:
+    raise ValueError(f"v must have k's (B, N, H) = {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+  if n % chunk:
+    raise ValueError(f"the chunk size C={chunk} must divide the sequence length N={n}")
   for name, size in (("k", k.size), ("v", v.size), ("the chunk inverses", bsz * h * n * chunk)):
     if size >= 2 ** 31:   # the Triton lowering computes element offsets in int32
       raise ValueError(f"backend 'gpu' indexes with int32 offsets: {name} has {size} elements, "
@@ -372,7 +376,7 @@ def _prepare_bwd(cfg, res, cotangents):
       [chunk_tokens(c, dk), chunk_tokens(c, dv), chunk_tokens(c), chunk_tokens(c)],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype),
        jax.ShapeDtypeStruct(beta.shape, F32), jax.ShapeDtypeStruct(b.shape, F32)])
-  return d_k, d_v, d_beta.astype(beta.dtype), d_b, jnp.zeros_like(seg)
+  return d_k, d_v, d_beta, d_b, jnp.zeros_like(seg)
 
 
 _prepare_vjp.defvjp(_prepare_fwd, _prepare_bwd)

@@ -201,9 +201,14 @@ def _decay_state(s, decay):
   return s if decay is None else decay.chunk * s
 
 
-def _state_step(s, k, v, decay, dtype):
+def state_step(s, k, v, decay, dtype):
   """``S_new = a S + (k * kd)^T v``."""
   return matmul(_decayed_keys(k, decay), v, "tn", dtype) + _decay_state(s, decay)
+
+
+def state_cotangent_step(q, do, ds, decay, *, scale, dtype):
+  """``dS`` before a chunk from ``dS`` after it: ``a dS + scale (q qd)^T dO``."""
+  return scale * matmul(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
 
 
 def nonfinite_flag(o):
@@ -227,7 +232,33 @@ def output_chunk(q, k, v, s, decay, *, scale, dtype):
 def forward_chunk(q, k, v, s, decay, *, scale, dtype):
   """One chunk forward: returns ``(o (c, Dv') f32, S_new)``; ``v``/``s`` may be a Dv slice."""
   return (output_chunk(q, k, v, s, decay, scale=scale, dtype=dtype),
-          _state_step(s, k, v, decay, dtype))
+          state_step(s, k, v, decay, dtype))
+
+
+def _dq_state(do, s, decay, *, scale, dtype):
+  """dq's state part ``scale qd (dO S^T)``."""
+  inter = matmul(do, s, "nt", dtype)
+  return scale * (inter if decay is None else inter * decay.q_scale)
+
+
+def _dk_state(v, ds, decay, dtype):
+  """dk's state part ``kd (v dS^T)``."""
+  dk_state = matmul(v, ds, "nt", dtype)
+  return dk_state if decay is None else dk_state * decay.k_scale
+
+
+def _dv(scores, k, do, ds, decay, mask, *, scale, dtype):
+  """``dv = scale [(q k^T) * W]^T dO + (k kd) dS`` from the chunk's ``scores = q k^T``."""
+  return (scale * matmul(_weights(scores, decay, mask), do, "tn", dtype)
+          + matmul(_decayed_keys(k, decay), ds, "nn", dtype))
+
+
+def _flux(decay, s_before, ds_after):
+  """``<a S_n, dS_{n+1}>`` as ``(1, 1)`` (lane then sublane sums, which Mosaic and Triton both
+  lower)."""
+  total = jnp.sum(jnp.sum(s_before.astype(F32) * ds_after, axis=1, keepdims=True), axis=0,
+                  keepdims=True)
+  return decay.chunk * total
 
 
 def dq_chunk(k, v, do, s, decay, *, scale, dtype):
@@ -236,20 +267,17 @@ def dq_chunk(k, v, do, s, decay, *, scale, dtype):
   c = do.shape[0]
   mask = causal_mask(c)
   da = _weights(matmul(do, v, "nt", dtype), decay, mask)
-  inter = matmul(do, s, "nt", dtype)
-  inter = scale * (inter if decay is None else inter * decay.q_scale)
+  inter = _dq_state(do, s, decay, scale=scale, dtype=dtype)
   dq = scale * matmul(da, k, "nn", dtype) + inter
-  return dq, inter, _state_step(s, k, v, decay, dtype)
+  return dq, inter, state_step(s, k, v, decay, dtype)
 
 
 def _dk_and_ds(q, v, do, ds, da, decay, *, scale, dtype):
   """``dk = scale da^T q + kd (v dS^T)``, its state part ``kd (v dS^T)``, and ``dS`` before the
   chunk: ``a dS + scale (q qd)^T dO``."""
-  dk_state = matmul(v, ds, "nt", dtype)
-  if decay is not None:
-    dk_state = dk_state * decay.k_scale
+  dk_state = _dk_state(v, ds, decay, dtype)
   dk = scale * matmul(da, q, "tn", dtype) + dk_state
-  ds_prev = scale * matmul(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
+  ds_prev = state_cotangent_step(q, do, ds, decay, scale=scale, dtype=dtype)
   return dk, dk_state, ds_prev
 
 
@@ -266,23 +294,27 @@ def decay_rows(scores, dp, decay, k, dk_state, s_before, ds_after, *, scale):
   and ``ds_after`` (the cotangent of the state after it) the same slice's; slices add up."""
   c = scores.shape[0]
   p = jnp.where(causal_mask(c), scale * scores * dp * decay.weights, 0.0)
-  flux = decay.chunk * jnp.sum(s_before.astype(F32) * ds_after, keepdims=True)
   return DecayRows(in_chunk=jnp.sum(p, axis=1) - jnp.sum(p, axis=0),
                    k_state=jnp.sum(k.astype(F32) * dk_state, axis=1),
-                   flux=jnp.broadcast_to(flux[0], (c,)))
+                   flux=jnp.broadcast_to(_flux(decay, s_before, ds_after)[0], (c,)))
+
+
+def _dkv(q, k, v, do, ds, decay, mask, *, scale, dtype):
+  """The reverse pass's chunk: ``(dk, dk's state part, dv, dS before the chunk, scores, dp,
+  da)``."""
+  scores, dp = matmul(q, k, "nt", dtype), matmul(do, v, "nt", dtype)
+  da = _weights(dp, decay, mask)
+  dv = _dv(scores, k, do, ds, decay, mask, scale=scale, dtype=dtype)
+  dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  return dk, dk_state, dv, ds_prev, scores, dp, da
 
 
 def dkv_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
   """One chunk of the reverse ``dk, dv`` pass: returns ``(dk, dv, dS before the chunk, rows)``;
   ``rows``: :class:`DecayRows` when ``s_before`` (the state before the chunk) is given, else
   None."""
-  c = q.shape[0]
-  mask = causal_mask(c)
-  scores, dp = matmul(q, k, "nt", dtype), matmul(do, v, "nt", dtype)
-  a = _weights(scores, decay, mask)
-  da = _weights(dp, decay, mask)
-  dv = scale * matmul(a, do, "tn", dtype) + matmul(_decayed_keys(k, decay), ds, "nn", dtype)
-  dk, dk_state, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  dk, dk_state, dv, ds_prev, scores, dp, _ = _dkv(q, k, v, do, ds, decay, causal_mask(q.shape[0]),
+                                                  scale=scale, dtype=dtype)
   rows = None
   if decay is not None and s_before is not None:
     rows = decay_rows(scores, dp, decay, k, dk_state, s_before, ds, scale=scale)
@@ -296,17 +328,10 @@ def dkv_chunk_lanes(q, k, v, do, ds, decay, s_before, *, scale, dtype):
   row sums ``q.dq`` and ``k.dk`` of the float32 gradients (XLA), they give the chunk-local sums of
   :func:`decay_grad_flux`: ``in_chunk + q_state = q.dq - col_p`` and ``k_state = k.dk - col_p``,
   since ``q_i.dq_i = rowsum(P)_i + q_state_i`` and ``k_j.dk_j = colsum(P)_j + k_state_j``."""
-  c = q.shape[0]
-  mask = causal_mask(c)
-  scores, dp = matmul(q, k, "nt", dtype), matmul(do, v, "nt", dtype)
-  da = _weights(dp, decay, mask)
-  dv = (scale * matmul(_weights(scores, decay, mask), do, "tn", dtype)
-        + matmul(_decayed_keys(k, decay), ds, "nn", dtype))
-  dk, _, ds_prev = _dk_and_ds(q, v, do, ds, da, decay, scale=scale, dtype=dtype)
+  mask = causal_mask(q.shape[0])
+  dk, _, dv, ds_prev, scores, _, da = _dkv(q, k, v, do, ds, decay, mask, scale=scale, dtype=dtype)
   col_p = jnp.sum(jnp.where(mask, scale * scores * da, 0.0), axis=0, keepdims=True)
-  total = jnp.sum(jnp.sum(s_before.astype(F32) * ds, axis=1, keepdims=True), axis=0,
-                  keepdims=True)
-  return dk, dv, ds_prev, col_p, decay.chunk * total
+  return dk, dv, ds_prev, col_p, _flux(decay, s_before, ds)
 
 
 def dk_chunk(q, k, v, do, ds, decay, *, scale, dtype, s_before=None):
@@ -331,9 +356,8 @@ def dv_chunk(q, k, do, ds, decay, *, scale, dtype):
   Returns ``(dv[:, vb], dS[:, vb] before the chunk)``; v is not needed.
   """
   mask = causal_mask(q.shape[0])
-  a = _weights(matmul(q, k, "nt", dtype), decay, mask)
-  dv = scale * matmul(a, do, "tn", dtype) + matmul(_decayed_keys(k, decay), ds, "nn", dtype)
-  ds_prev = scale * matmul(_decayed_queries(q, decay), do, "tn", dtype) + _decay_state(ds, decay)
+  dv = _dv(matmul(q, k, "nt", dtype), k, do, ds, decay, mask, scale=scale, dtype=dtype)
+  ds_prev = state_cotangent_step(q, do, ds, decay, scale=scale, dtype=dtype)
   return dv, ds_prev
 
 
@@ -343,7 +367,7 @@ def parallel_bwd_chunk(q, k, v, do, s_before, ds_after, decay, emit, *, scale, d
 
   ``s_before``/``ds_after`` may be refs: they are read (``[...]``) where first needed, and
   ``emit(name, value)`` receives each result as soon as it is final, so the kernel stores it and
-  its tile is dead (spills on sm_90 at 8 warps: 856 B with every tile loaded up front, 56 B so):
+  its tile is dead (spills on sm_90 at 8 warps: 856 B with every tile loaded up front, 60 B so):
   ``"dv"``, ``"dk"``, ``"dq"`` (float32 ``(c, D)``), ``"in_chunk"``,
   ``"k_state"``, ``"flux"``, ``"q_state"`` (float32 ``(c,)``: :class:`DecayRows` and
   ``q_i . (dq's state part)_i``).
@@ -352,17 +376,16 @@ def parallel_bwd_chunk(q, k, v, do, s_before, ds_after, decay, emit, *, scale, d
   mask = causal_mask(c)
   scores = matmul(q, k, "nt", dtype)
   ds_after = ds_after[...]
-  emit("dv", scale * matmul(_weights(scores, decay, mask), do, "tn", dtype)
-       + matmul(_decayed_keys(k, decay), ds_after, "nn", dtype))
+  emit("dv", _dv(scores, k, do, ds_after, decay, mask, scale=scale, dtype=dtype))
   dp = matmul(do, v, "nt", dtype)
   da = _weights(dp, decay, mask)
-  dk_state = matmul(v, ds_after, "nt", dtype) * decay.k_scale
+  dk_state = _dk_state(v, ds_after, decay, dtype)
   emit("dk", scale * matmul(da, q, "tn", dtype) + dk_state)
   s_before = s_before[...]
   rows = decay_rows(scores, dp, decay, k, dk_state, s_before, ds_after, scale=scale)
   for name, value in zip(rows._fields, rows):
     emit(name, value)
-  inter = scale * matmul(do, s_before, "nt", dtype) * decay.q_scale
+  inter = _dq_state(do, s_before, decay, scale=scale, dtype=dtype)
   emit("dq", scale * matmul(da, k, "nn", dtype) + inter)
   emit("q_state", row_dot(q, inter))
 

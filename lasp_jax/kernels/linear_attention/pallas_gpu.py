@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from lasp_jax.kernels._pallas_util import chunk_tokens, is_pow2_at_least_16, matmul
+from lasp_jax.kernels._pallas_util import chunk_tokens, is_pow2_at_least_16
 from lasp_jax.kernels.linear_attention import _pallas_common as common
 from lasp_jax.kernels.linear_attention._pallas_common import F32, BlockSizes
 
@@ -196,7 +196,7 @@ def _chunk_states_kernel(*refs, has_decay, nc, c, scale, dtype):
     start = pl.multiple_of(i * c, c)
     rows = pl.ds(start, c)
     st_ref[pl.ds(pl.multiple_of(i * dk, dk), dk), :] = s.astype(st_ref.dtype)
-    return common._state_step(s, k_ref[rows, :], v_ref[rows, :],
+    return common.state_step(s, k_ref[rows, :], v_ref[rows, :],
                               _chunk_decay(decay_refs, start, c), dtype)
 
   sf_ref[...] = jax.lax.fori_loop(0, nc, body, s0_ref[...].astype(F32))
@@ -230,8 +230,8 @@ def _chunk_dstates_kernel(*refs, has_decay, nc, c, scale, dtype):
     rows = pl.ds(start, c)
     dst_ref[pl.ds(pl.multiple_of(n * dk, dk), dk), :] = ds.astype(dst_ref.dtype)
     decay = _chunk_decay(decay_refs, start, c)
-    return (scale * matmul(common._decayed_queries(q_ref[rows, :], decay), do_ref[rows, :], "tn",
-                           dtype) + common._decay_state(ds, decay))
+    return common.state_cotangent_step(q_ref[rows, :], do_ref[rows, :], ds, decay, scale=scale,
+                                       dtype=dtype)
 
   ds0_ref[...] = jax.lax.fori_loop(0, nc, body, dsf_ref[...].astype(F32))
 
